@@ -1,0 +1,26 @@
+"""t5like: JAX/Flax NNX transformer language models, sharded training and scaling laws."""
+from setuptools import find_packages, setup
+
+# Ranges are the ones we have tested. JAX's sharding API and Flax NNX change between
+# minor releases, so those two are pinned to one minor version.
+setup(
+    name="t5like",
+    version="0.1.0",
+    description="Encoder, decoder and encoder-decoder transformers in JAX/Flax NNX, with scaling-law tools.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["t5like", "t5like.*", "experiments", "launch"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "datasets>=5.2,<6",
+        "sentencepiece>=0.2.3,<0.3",
+        "numpy>=2.0,<3",
+        "scipy>=1.13,<2",
+        "matplotlib>=3.9,<4",
+        "tensorboardX>=2.6,<3",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={"dev": ["pytest>=8,<10"]},
+)
