@@ -1,0 +1,115 @@
+"""Data configuration: one typed dataclass, checked before any slow work starts."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+
+SOURCES = ("stdlib", "files", "hub")
+FORMATS = ("text", "json", "jsonl", "parquet", "csv")
+OBJECTIVES = ("lm", "prefix_lm", "span_corruption", "mlm")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenised and what the model is trained to predict.
+
+    Errors name fields as `data.<field>`, the name the trainer's config gives this dataclass.
+    """
+
+    # Where the documents come from.
+    source: str = "stdlib"  # stdlib: the Python standard library's .py files (offline, every machine has them)
+    paths: tuple[str, ...] = ()  # source="files": files, directories or globs; source="hub": optional data_files
+    format: str = "text"  # source="files": text (one file = one document) | json | jsonl | parquet | csv
+    text_field: str = "text"  # column holding the document text (json/jsonl/parquet/csv and hub)
+    hub_name: str = ""  # source="hub": anything datasets.load_dataset accepts ("allenai/c4", or "json" + paths)
+    hub_config: str = ""
+    hub_split: str = "train"
+    hub_validation_split: str = "validation"
+    streaming: bool = True  # hub only: stream instead of downloading the whole dataset first
+    shuffle_buffer: int = 10_000  # hub only: documents in the streaming shuffle buffer
+    cache_dir: str = ""  # HF datasets cache for loaded/tokenised local data; "" = the HF default
+    max_files: int = 0  # cap on the number of files read (stdlib/files); 0 = all
+    validation_fraction: float = 0.02  # documents held out for source=stdlib/files, chosen by hash
+
+    # Tokenizer.
+    tokenizer_path: str = ""  # an existing SentencePiece .model; "" = train one into WORKDIR/tokenizer/
+    tokenizer_train_chars: int = 5_000_000  # text used to train SentencePiece (~20 s on 2 cores)
+    num_sentinels: int = 100  # ids reserved at the top of the vocab (T5 sentinels; the first is MLM's mask)
+
+    # What each row of a batch is.
+    objective: str = "lm"
+    seq_len: int = 128  # decoder length (lm, prefix_lm) or encoder length (span_corruption, mlm)
+    target_len: int = 0  # span_corruption decoder length; 0 = derive from noise_density as T5 does
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    mlm_probability: float = 0.15
+
+    shuffle: bool = True
+    # Processes for datasets.map when tokenising local data. SentencePiece already encodes each batch on
+    # all cores, and >1 forks a process that may have JAX running, so raise it only for big corpora.
+    num_proc: int = 1
+
+    def __post_init__(self):
+        # Configs often come from JSON/YAML/argparse, which give lists.
+        if isinstance(self.paths, list):
+            self.paths = tuple(self.paths)
+
+    def validate(self) -> "DataConfig":
+        """Raise ValueError/FileNotFoundError naming the first bad field; return self so calls chain."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, want = getattr(self, f.name), hints[f.name]
+            if want is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif want is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif want in (str, bool):
+                ok = isinstance(value, want)
+            else:  # tuple[str, ...]
+                ok = isinstance(value, tuple) and all(isinstance(p, str) for p in value)
+            if not ok:
+                fix = "a tuple of path strings, e.g. ('data/*.txt',)" if f.name == "paths" else want.__name__
+                raise ValueError(f"data.{f.name}={value!r} has the wrong type; expected {fix}")
+
+        _one_of("source", self.source, SOURCES)
+        _one_of("format", self.format, FORMATS)
+        _one_of("objective", self.objective, OBJECTIVES)
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.paths is empty but data.source='files'; set data.paths=('corpus/*.txt',) "
+                             "or use data.source='stdlib'")
+        if self.source == "hub" and not self.hub_name:
+            raise ValueError("data.hub_name is empty but data.source='hub'; set it, e.g. data.hub_name='allenai/c4'")
+        if not self.text_field:
+            raise ValueError("data.text_field is empty; set it to the column holding the text, e.g. 'text'")
+        if self.tokenizer_path and not os.path.isfile(self.tokenizer_path):
+            raise FileNotFoundError(f"data.tokenizer_path={self.tokenizer_path!r} does not exist; give an existing "
+                                    "SentencePiece .model, or leave it empty to train one into WORKDIR/tokenizer/")
+
+        _in_range("noise_density", self.noise_density, 0, 1)
+        _in_range("mlm_probability", self.mlm_probability, 0, 1)
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"data.validation_fraction={self.validation_fraction} must be in [0, 1); try 0.02")
+        if self.mean_noise_span_length < 1:
+            raise ValueError(f"data.mean_noise_span_length={self.mean_noise_span_length} must be >= 1; T5 uses 3.0")
+        for name, low in (("seq_len", 2), ("num_proc", 1), ("tokenizer_train_chars", 1), ("shuffle_buffer", 1),
+                          ("max_files", 0), ("target_len", 0), ("num_sentinels", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= {low}")
+        if self.objective in ("span_corruption", "mlm") and self.num_sentinels < 1:
+            raise ValueError(f"data.num_sentinels=0 but data.objective={self.objective!r} needs reserved ids "
+                             "(sentinels / the mask id); set data.num_sentinels=100")
+        if self.objective == "span_corruption":
+            from t5like.data.objectives import span_corruption_lengths  # lazy: objectives imports nothing from here
+            span_corruption_lengths(self)  # raises if seq_len/target_len/num_sentinels do not fit together
+        return self
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"data.{name}={value!r} is not one of {allowed}")
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> None:
+    if not low < value < high:
+        raise ValueError(f"data.{name}={value} must be strictly between {low} and {high}; T5/BERT use 0.15")

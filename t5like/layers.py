@@ -1,0 +1,300 @@
+"""Transformer building blocks in Flax NNX.
+
+Shape suffixes: B batch, T query length, S key length, D d_model, N query heads, K kv heads,
+H head dim, F d_ff, V vocab. Every parameter carries `logical_axes` metadata that
+`t5like.sharding` maps onto the mesh; activations are constrained through a `Sharder`.
+
+Modules hold only parameters and static settings (plain trees, no shared references).
+Dropout takes an explicit PRNG key per call rather than an `nnx.Rngs` inside the module, so that
+layers stacked under `lax.scan` stay pure functions of (params, inputs, key).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t5like.config import ModelConfig
+from t5like.sharding import Sharder
+
+Array = jax.Array
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype, stddev: float = 1.0,
+          init: str = "normal") -> nnx.Param:
+    if init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (stddev * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=names)
+
+
+def dropout(x: Array, rate: float, rng: Optional[Array]) -> Array:
+    """Inverted dropout; a None key (eval, decoding) is the identity."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+# Embeddings and positions --------------------------------------------------------------------------
+
+class Embed(nnx.Module):
+    """Token embedding; `attend` reuses it as the output projection when embeddings are tied."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        stddev = cfg.d_model ** -0.5 if cfg.scale_embeddings else 0.02
+        self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                               dtype_of(cfg.param_dtype), stddev)
+        self.scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, ids_BL: Array, shard: Sharder) -> Array:
+        # All-gather the table before the lookup, as FSDP does for every weight. A lookup partitioned
+        # over the table (its scatter-add gradient especially) while ids are sharded over the same mesh
+        # axes made XLA's SPMD partitioner rematerialise, and gave wrong gradients on a 2x2x2 CPU mesh.
+        table_VD = shard(self.embedding[...], (None, None))
+        x_BLD = jnp.take(table_VD, ids_BL, axis=0).astype(self.dtype)
+        return x_BLD * self.scale if self.scale != 1.0 else x_BLD
+
+    def attend(self, x_BLD: Array) -> Array:
+        return jnp.einsum("bld,vd->blv", x_BLD, self.embedding[...].astype(self.dtype))
+
+
+def sinusoidal_positions(positions_BL: Array, d_model: int) -> Array:
+    """Vaswani et al. 2017: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same)."""
+    i = jnp.arange(d_model // 2, dtype=jnp.float32)
+    angles_BLI = positions_BL[..., None].astype(jnp.float32) / (10000.0 ** (2.0 * i / d_model))
+    pe = jnp.stack([jnp.sin(angles_BLI), jnp.cos(angles_BLI)], axis=-1)  # interleave sin, cos
+    return pe.reshape(*positions_BL.shape, 2 * (d_model // 2))
+
+
+class LearnedPositions(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.table = param(rngs, (cfg.max_len, cfg.d_model), (None, "embed"), dtype_of(cfg.param_dtype), 0.02)
+
+    def __call__(self, positions_BL: Array) -> Array:
+        return jnp.take(self.table[...], positions_BL, axis=0)
+
+
+def apply_rope(x_BLNH: Array, positions_BL: Array, theta: float) -> Array:
+    """Rotary embedding, rotate-half form (GPT-NeoX / Llama layout)."""
+    half = x_BLNH.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BLH = positions_BL[..., None].astype(jnp.float32) * freqs
+    sin, cos = jnp.sin(angles_BLH)[:, :, None, :], jnp.cos(angles_BLH)[:, :, None, :]
+    x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNH.dtype)
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """T5's log-bucketing of (key position - query position).
+
+    Half the buckets (per direction) are exact offsets; the rest grow logarithmically up to
+    `max_distance`, beyond which everything shares the last bucket.
+    """
+    n = -relative_position
+    bucket = jnp.zeros_like(n)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (n < 0).astype(n.dtype) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    eps = jnp.finfo(jnp.float32).eps
+    large = max_exact + (jnp.log(n.astype(jnp.float32) / max_exact + eps) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(n.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(is_small, n, large)
+
+
+class RelativePositionBias(nnx.Module):
+    """One table per stack, shared by all its layers (as in T5)."""
+
+    def __init__(self, cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+        self.table = param(rngs, (cfg.relative_buckets, cfg.num_heads), ("relative_buckets", "heads"),
+                           dtype_of(cfg.param_dtype), 0.1)
+        self.bidirectional = bidirectional
+        self.num_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
+
+    def __call__(self, q_positions_BT: Array, k_positions_BS: Array) -> Array:
+        rel_BTS = k_positions_BS[:, None, :] - q_positions_BT[:, :, None]
+        buckets = relative_position_bucket(rel_BTS, self.bidirectional, self.num_buckets, self.max_distance)
+        bias_BTSN = jnp.take(self.table[...].astype(jnp.float32), buckets, axis=0)
+        return bias_BTSN.transpose(0, 3, 1, 2)  # [B, N, T, S]
+
+
+# Masks ----------------------------------------------------------------------------------------------
+
+def attention_mask(q_segment_ids_BT: Array, k_segment_ids_BS: Array, *, causal: bool,
+                   prefix_BT: Optional[Array] = None) -> Array:
+    """Boolean [B, 1, T, S]: True where query t may attend to key s.
+
+    Tokens attend only within their own packed segment. Padding (segment 0) attends to padding,
+    which keeps every softmax row non-empty; its outputs carry zero loss weight.
+    Prefix-LM: inside the prefix attention is bidirectional, after it causal.
+    """
+    mask = q_segment_ids_BT[:, :, None] == k_segment_ids_BS[:, None, :]
+    if causal:
+        t, s = q_segment_ids_BT.shape[1], k_segment_ids_BS.shape[1]
+        allowed = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
+        if prefix_BT is not None:
+            p = prefix_BT.astype(bool)
+            allowed = allowed[None] | (p[:, :, None] & p[:, None, :])
+        mask = mask & allowed
+    return mask[:, None, :, :]
+
+
+# Attention, MLP, norms ------------------------------------------------------------------------------
+
+class Attention(nnx.Module):
+    """Multi-head attention with num_kv_heads for GQA/MQA; self- or cross-attention."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        pd = dtype_of(cfg.param_dtype)
+        self.query = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd, (D * H) ** -0.5)
+        self.key = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, D ** -0.5)
+        self.value = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, D ** -0.5)
+        self.out = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd, (N * H) ** -0.5)
+        self.use_bias = cfg.use_bias
+        if cfg.use_bias:
+            self.query_bias = param(rngs, (N, H), ("heads", "head_dim"), pd, init="zeros")
+            self.key_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), pd, init="zeros")
+            self.value_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), pd, init="zeros")
+            self.out_bias = param(rngs, (D,), ("embed",), pd, init="zeros")
+        self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
+        self.dtype = dtype_of(cfg.dtype)
+        self.impl = cfg.attention_impl
+
+    def _w(self, p):
+        return p[...].astype(self.dtype)
+
+    def project_query(self, x_BTD: Array, positions_BT: Optional[Array], shard: Sharder) -> Array:
+        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self._w(self.query))
+        if self.use_bias:
+            q_BTNH = q_BTNH + self._w(self.query_bias)
+        if self.rope_theta is not None:
+            q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope_theta)
+        return shard(q_BTNH, ("batch", "length", "act_heads", None))
+
+    def project_kv(self, x_BSD: Array, positions_BS: Optional[Array], shard: Sharder) -> tuple[Array, Array]:
+        k_BSKH = jnp.einsum("bsd,dkh->bskh", x_BSD, self._w(self.key))
+        v_BSKH = jnp.einsum("bsd,dkh->bskh", x_BSD, self._w(self.value))
+        if self.use_bias:
+            k_BSKH, v_BSKH = k_BSKH + self._w(self.key_bias), v_BSKH + self._w(self.value_bias)
+        if self.rope_theta is not None:
+            k_BSKH = apply_rope(k_BSKH, positions_BS, self.rope_theta)
+        names = ("batch", "length", "act_kv_heads", None)
+        return shard(k_BSKH, names), shard(v_BSKH, names)
+
+    def attend(self, q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array,
+               bias_BNTS: Optional[Array], shard: Sharder) -> Array:
+        # The T5 bias is added to the logits before softmax; jax.nn.dot_product_attention takes it as `bias`.
+        bias = None if bias_BNTS is None else bias_BNTS.astype(q_BTNH.dtype)
+        o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias, mask=mask_B1TS,
+                                              implementation=self.impl)
+        o_BTNH = shard(o_BTNH, ("batch", "length", "act_heads", None))
+        y_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, self._w(self.out))
+        if self.use_bias:
+            y_BTD = y_BTD + self._w(self.out_bias)
+        return shard(y_BTD, ("batch", "length", "act_embed"))
+
+    def __call__(self, x_BTD: Array, context_BSD: Array, *, mask_B1TS: Array, shard: Sharder,
+                 bias_BNTS: Optional[Array] = None, q_positions_BT: Optional[Array] = None,
+                 k_positions_BS: Optional[Array] = None) -> Array:
+        q = self.project_query(x_BTD, q_positions_BT, shard)
+        k, v = self.project_kv(context_BSD, k_positions_BS, shard)
+        return self.attend(q, k, v, mask_B1TS, bias_BNTS, shard)
+
+
+ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gated_gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "swiglu": jax.nn.silu,
+}
+
+
+class MLP(nnx.Module):
+    """Feed-forward: act(x W_i) W_o, or the gated form act(x W_i0) * (x W_i1) W_o."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, F, pd = cfg.d_model, cfg.d_ff, dtype_of(cfg.param_dtype)
+        self.gated = cfg.activation in ("gated_gelu", "swiglu")
+        self.wi = param(rngs, (D, F), ("embed", "mlp"), pd, D ** -0.5)
+        if self.gated:
+            self.wi_gate = param(rngs, (D, F), ("embed", "mlp"), pd, D ** -0.5)
+        self.wo = param(rngs, (F, D), ("mlp", "embed"), pd, F ** -0.5)
+        self.use_bias = cfg.use_bias
+        if cfg.use_bias:
+            self.wi_bias = param(rngs, (F,), ("mlp",), pd, init="zeros")
+            self.wo_bias = param(rngs, (D,), ("embed",), pd, init="zeros")
+        self.activation = cfg.activation
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, x_BLD: Array, shard: Sharder) -> Array:
+        act = ACTIVATION_FNS[self.activation]
+        h_BLF = jnp.einsum("bld,df->blf", x_BLD, self.wi[...].astype(self.dtype))
+        if self.use_bias:
+            h_BLF = h_BLF + self.wi_bias[...].astype(self.dtype)
+        if self.gated:
+            h_BLF = act(jnp.einsum("bld,df->blf", x_BLD, self.wi_gate[...].astype(self.dtype))) * h_BLF
+        else:
+            h_BLF = act(h_BLF)
+        h_BLF = shard(h_BLF, ("batch", "length", "act_mlp"))
+        y_BLD = jnp.einsum("blf,fd->bld", h_BLF, self.wo[...].astype(self.dtype))
+        if self.use_bias:
+            y_BLD = y_BLD + self.wo_bias[...].astype(self.dtype)
+        return shard(y_BLD, ("batch", "length", "act_embed"))
+
+
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm, computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = dtype_of(cfg.param_dtype)
+        self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, dtype_of(cfg.dtype)
+        self.scale = param(rngs, (cfg.d_model,), ("embed",), pd, init="ones")
+        self.use_bias = cfg.norm == "layernorm" and cfg.use_bias
+        if self.use_bias:
+            self.bias = param(rngs, (cfg.d_model,), ("embed",), pd, init="zeros")
+
+    def __call__(self, x_BLD: Array) -> Array:
+        x = x_BLD.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.use_bias:
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """A plain projection with named axes (output heads, poolers)."""
+
+    def __init__(self, d_in: int, d_out: int, names: tuple[str, str], cfg: ModelConfig, *, rngs: nnx.Rngs,
+                 use_bias: bool):
+        pd = dtype_of(cfg.param_dtype)
+        self.kernel = param(rngs, (d_in, d_out), names, pd, d_in ** -0.5)
+        self.use_bias = use_bias
+        if use_bias:
+            self.bias = param(rngs, (d_out,), (names[1],), pd, init="zeros")
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, x: Array) -> Array:
+        y = x @ self.kernel[...].astype(self.dtype)
+        return y + self.bias[...].astype(self.dtype) if self.use_bias else y

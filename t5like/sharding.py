@@ -1,0 +1,159 @@
+"""Device mesh and the one rules table that maps logical axis names onto it.
+
+Parameters carry logical names (`vocab, embed, mlp, heads, kv_heads, head_dim, layers`) and
+activations are constrained by theirs (`batch, length, act_embed, act_heads, act_mlp, act_vocab`).
+Activation names differ from parameter names so that, under FSDP, `embed` can be sharded in the
+weights while activations keep their embedding dimension whole.
+
+DP, FSDP and TP are choices of mesh shape and rules, never of model code:
+  DP:      mesh data=-1                  (batch over `data`)
+  FSDP:    mesh fsdp=-1                  (batch and weights' `embed` over `fsdp`)
+  TP:      mesh tensor=N                 (heads, mlp and vocab over `tensor`)
+The mesh axes are Auto (GSPMD propagation). JAX >= 0.7 defaults `make_mesh` to Explicit axes,
+so we say which we want.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from t5like.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("relative_buckets", None),
+    ("classes", None),
+)
+
+
+def validate_rules(rules: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """Each rule names existing mesh axes only."""
+    out = []
+    for item in rules:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError(f"mesh.rules entry {item!r} must be a (logical_name, mesh_axes) pair.")
+        name, axes = item
+        for axis in (axes if isinstance(axes, (tuple, list)) else (axes,)):
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(f"mesh.rules maps {name!r} to mesh axis {axis!r}, which does not exist; "
+                                 f"mesh axes are {list(MESH_AXES)} (or None to replicate).")
+        out.append((name, tuple(axes) if isinstance(axes, list) else axes))
+    return tuple(out)
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Resolve -1 and check that the mesh covers exactly the devices there are."""
+    shape = [cfg.data, cfg.fsdp, cfg.tensor]
+    for name, size in zip(MESH_AXES, shape):
+        if size == 0 or size < -1:
+            raise ValueError(f"mesh.{name}={size} must be a positive integer or -1 (all remaining devices).")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh (data, fsdp, tensor)={tuple(shape)} has more than one -1; set all but one.")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh (data, fsdp, tensor)={tuple(shape)}: the fixed axes ({known}) do not divide "
+                             f"the {num_devices} devices; choose sizes whose product divides {num_devices}.")
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh (data, fsdp, tensor)={tuple(shape)} has {math.prod(shape)} devices but "
+                         f"{num_devices} are available; make the product {num_devices}, or use -1 on one axis.")
+    return tuple(shape)
+
+
+def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = mesh_shape(cfg, len(devices))
+    validate_rules(cfg.rules or DEFAULT_RULES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(names: Sequence[Optional[str]], shape: Optional[Sequence[int]], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]]) -> P:
+    """PartitionSpec for an array whose dims carry `names`.
+
+    A mesh axis is skipped when it is already used by an earlier dim, or when it does not divide
+    the dim (e.g. 2 kv heads over tensor=4): that dim is then replicated over it, not padded.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        axes = table.get(name) if name is not None else None
+        axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        kept = []
+        size = None if shape is None else shape[i]
+        for axis in axes:
+            n = mesh.shape[axis]
+            if axis in used or n == 1:
+                continue
+            if size is not None and size % (n * math.prod(mesh.shape[a] for a in kept)):
+                continue
+            kept.append(axis)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharder:
+    """Applies logical-name sharding constraints to activations. `mesh=None` is a no-op."""
+    mesh: Optional[Mesh] = None
+    rules: tuple = DEFAULT_RULES
+
+    def __call__(self, x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+        if self.mesh is None or self.mesh.size == 1:
+            return x
+        spec = logical_to_spec(names, x.shape, self.mesh, self.rules)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+    def named(self, names: Sequence[Optional[str]], shape: Sequence[int]) -> NamedSharding:
+        return NamedSharding(self.mesh, logical_to_spec(names, shape, self.mesh, self.rules))
+
+
+def logical_axes(variable: nnx.Variable) -> tuple:
+    names = variable.get_metadata().get("logical_axes")
+    if names is None:
+        raise ValueError(f"parameter {variable!r} has no logical_axes metadata; every parameter needs one.")
+    return tuple(names)
+
+
+def state_shardings(state: nnx.State, sharder: Sharder) -> Any:
+    """NamedShardings for every variable of an (abstract) model state, from its logical names."""
+    def one(var):
+        value = var.get_value()
+        return var.replace(sharder.named(logical_axes(var), value.shape))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(sharder: Sharder, batch: dict[str, np.ndarray]) -> dict[str, NamedSharding]:
+    """Every batch array is [batch, length]: rows over the batch axes, length replicated."""
+    return {k: sharder.named(("batch",) + (None,) * (np.ndim(v) - 1), np.shape(v)) for k, v in batch.items()}
