@@ -165,3 +165,216 @@ def model_preset(name: str, size: str = "base") -> ModelConfig:
         raise ValueError(f"preset size={size!r} must be 'base' or 'tiny'.")
     cfg = PRESETS[name]
     return _tiny(cfg) if size == "tiny" else cfg
+
+
+# Training configs ---------------------------------------------------------------------------------
+
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("constant", "cosine", "rsqrt", "wsd", "linear")
+DECAY_EXCLUDABLE = ("norm", "bias", "embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    learning_rate: float = 3e-4             # peak
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    end_lr_fraction: float = 0.1            # cosine / linear / wsd end at this fraction of the peak
+    wsd_decay_fraction: float = 0.2         # wsd: the last 20% of steps decay linearly
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1               # decoupled (AdamW); for Adafactor, its weight_decay_rate
+    no_decay: tuple[str, ...] = ("norm", "bias", "embedding")  # parameter kinds exempt from weight decay
+    grad_clip: float = 1.0                  # global-norm clipping; 0 = off
+    grad_accum_steps: int = 1               # microbatches per optimizer step
+    z_loss: float = 0.0                     # coefficient of log(Z)^2 (PaLM uses 1e-4)
+    label_smoothing: float = 0.0
+
+    def validate(self) -> "OptimConfig":
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+        for kind in self.no_decay:
+            _choice("optim.no_decay entry", kind, DECAY_EXCLUDABLE)
+        if self.learning_rate <= 0:
+            raise ValueError(f"optim.learning_rate={self.learning_rate} must be > 0.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0.")
+        _positive("optim.grad_accum_steps", self.grad_accum_steps)
+        for name in ("end_lr_fraction", "wsd_decay_fraction", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be in [0, 1].")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32                    # global, across all hosts and microbatches
+    eval_every: int = 200                   # 0 = only at the end
+    eval_steps: int = 20                    # validation batches per eval
+    log_every: int = 1
+    progress: bool = True                   # a progress bar on stderr
+
+    def validate(self) -> "TrainConfig":
+        _positive("train.steps", self.steps)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.eval_steps", self.eval_steps)
+        _positive("train.log_every", self.log_every)
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every={self.eval_every} must be >= 0 (0 = only at the end).")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500                        # save every N steps (and always at the end)
+    keep: int = 3                           # keep the last K
+    keep_period: int = 0                    # also keep every M-th step forever; 0 = off
+    async_save: bool = True
+    init_from: str = ""                     # another run's workdir: start from its params only (fine-tuning)
+
+    def validate(self) -> "CheckpointConfig":
+        _positive("checkpoint.every", self.every)
+        _positive("checkpoint.keep", self.keep)
+        if self.keep_period < 0:
+            raise ValueError(f"checkpoint.keep_period={self.keep_period} must be >= 0.")
+        return self
+
+
+def _data_config():
+    from t5like.data.config import DataConfig  # data owns its config; imported lazily to keep this light
+    return DataConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: "DataConfig" = dataclasses.field(default_factory=_data_config)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    workdir: str = "runs/default"
+    seed: int = 0
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+        self.checkpoint.validate()
+        objective_family = {"lm": "decoder", "prefix_lm": "decoder", "mlm": "encoder",
+                            "span_corruption": "encoder_decoder"}
+        if objective_family[self.data.objective] != self.model.family:
+            raise ValueError(
+                f"data.objective={self.data.objective!r} trains a {objective_family[self.data.objective]} model, "
+                f"but model.family={self.model.family!r}; objectives per family: {objective_family}.")
+        if self.data.seq_len > self.model.max_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}; "
+                             "raise model.max_len or lower data.seq_len.")
+        if self.train.batch_size % self.optim.grad_accum_steps:
+            raise ValueError(f"train.batch_size={self.train.batch_size} is not divisible by "
+                             f"optim.grad_accum_steps={self.optim.grad_accum_steps}.")
+        if not self.workdir:
+            raise ValueError("workdir='' : set workdir=DIR, where the run's checkpoints and metrics go.")
+        return self
+
+
+# key=value overrides ------------------------------------------------------------------------------
+
+def _field_types(cls) -> dict[str, object]:
+    import typing
+    return typing.get_type_hints(cls, localns={"DataConfig": type(_data_config())})
+
+
+def flat_keys(cfg, prefix: str = "") -> dict[str, object]:
+    """{"train.steps": int, ...} for every leaf field."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            out.update(flat_keys(value, key + "."))
+        else:
+            out[key] = _field_types(type(cfg))[f.name]
+    return out
+
+
+def parse_value(key: str, text: str, typ) -> object:
+    """Parse `text` as `typ`: int, float, bool, str, Optional[...] ('none'), tuple[...] (comma-separated)."""
+    import typing
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if text.lower() in ("none", "null", ""):
+            return None
+        return parse_value(key, text, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        if args and args[-1] is Ellipsis:
+            return tuple(parse_value(key, t.strip(), args[0]) for t in text.split(",") if t.strip())
+        raise ValueError(f"{key} cannot be set from the command line; set it in the experiment module.")
+    try:
+        if typ is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(float(text)) if "e" in text.lower() and float(text).is_integer() else int(text)
+        if typ is float:
+            return float(text)
+        if typ is str:
+            return text
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"{key} has type {typ}, which cannot be set from the command line.")
+    name = getattr(typ, "__name__", str(typ))
+    raise ValueError(f"{key}={text!r} is not a valid {name}; give a {name}, e.g. {key}="
+                     f"{ {'int': '100', 'float': '0.001', 'bool': 'true'}.get(name, 'VALUE') }.")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `dotted.key=value` overrides, checked against the dataclass field types."""
+    import difflib
+    keys = flat_keys(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value; e.g. train.steps=100.")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            near = difflib.get_close_matches(key, list(keys), n=5, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(near)}?" if near else f" Known keys: {', '.join(sorted(keys))}."
+            raise ValueError(f"unknown config key {key!r}.{hint}")
+        value = parse_value(key, text.strip(), keys[key])
+        cfg = _replace_path(cfg, key.split("."), value)
+    return cfg
+
+
+def _replace_path(obj, path: list[str], value):
+    if len(path) == 1:
+        return dataclasses.replace(obj, **{path[0]: value})
+    return dataclasses.replace(obj, **{path[0]: _replace_path(getattr(obj, path[0]), path[1:], value)})
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a (nested) config dataclass from `to_dict` output, e.g. a saved config.json."""
+    types = _field_types(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, typ = data[f.name], types[f.name]
+        if dataclasses.is_dataclass(typ):
+            value = from_dict(typ, value)
+        elif isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
