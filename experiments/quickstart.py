@@ -25,12 +25,17 @@ def config() -> Config:
     )
 
 
+def sample(result: train.Result) -> str:
+    """A short completion from the trained model, through the same path as `python -m t5like.generate`."""
+    from t5like.checkpoint import load_for_inference
+    from t5like.generate import generate_text
+    _, model, tokenizer = load_for_inference(result.config.workdir)
+    return generate_text(model, tokenizer, ["def "], strategy="sample", temperature=0.8, top_k=40,
+                         max_new_tokens=120, seed=0)[0]
+
+
 if __name__ == "__main__":
     result = train.main(config)
-    from t5like.generate import generate_text
-    from t5like.checkpoint import load_for_inference
-
-    cfg, model, tokenizer = load_for_inference(result and config().workdir if False else train.parse_args(config, __import__("sys").argv[1:]).workdir)
-    print(f"\nfinal train loss {result.loss:.3f}, eval loss {result.eval_loss:.3f}\n--- sample ---")
-    print(generate_text(model, tokenizer, ["def "], strategy="sample", temperature=0.8, top_k=40,
-                        max_new_tokens=120, seed=0)[0])
+    print(f"\nfinal train loss {result.loss:.3f}, eval loss {result.eval_loss:.3f} (workdir {result.config.workdir})")
+    print("--- sample: def ... ---")
+    print("def " + sample(result))

@@ -43,20 +43,21 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     cross_block = self_block + norm + attn
     final_norm = norm if cfg.norm_placement == "pre" else 0
     rel = cfg.relative_buckets * N if cfg.position == "relative" else 0
+    emb_norm = norm if cfg.embedding_norm else 0  # one, shared by every stack that embeds tokens
 
     embedding = V * D + (0 if cfg.tie_embeddings else D * V)
     embedding += cfg.max_len * D if cfg.position == "learned" else 0
     if cfg.family == "decoder":
-        body = cfg.num_layers * self_block + final_norm
+        body = cfg.num_layers * self_block + final_norm + emb_norm
         embedding += rel
     elif cfg.family == "encoder":
-        body = cfg.num_layers * self_block + final_norm + (D * D + D) + norm  # MLM transform + its norm
+        body = cfg.num_layers * self_block + final_norm + emb_norm + (D * D + D) + norm  # + MLM transform, norm
         body += V  # MLM output bias
         if cfg.num_classes:
             body += (D * D + D) + (D * cfg.num_classes + cfg.num_classes)
         embedding += rel
     else:
-        body = cfg.num_layers * self_block + cfg.decoder_layers * cross_block + 2 * final_norm
+        body = cfg.num_layers * self_block + cfg.decoder_layers * cross_block + 2 * final_norm + emb_norm
         embedding += 2 * rel
     return {"total": body + embedding, "non_embedding": body, "embedding": embedding}
 

@@ -48,6 +48,7 @@ class ModelConfig:
     use_bias: bool = False
     tie_embeddings: bool = True
     scale_embeddings: bool = False          # multiply token embeddings by sqrt(d_model) (Vaswani et al.)
+    embedding_norm: bool = False            # norm the summed embeddings (BERT); post-norm stacks need one of these two
     dropout: float = 0.0
     relative_buckets: int = 32
     relative_max_distance: int = 128
@@ -138,7 +139,7 @@ PRESETS: dict[str, ModelConfig] = {
     "bert_base": ModelConfig(
         family="encoder", vocab_size=30522, d_model=768, num_heads=12, d_ff=3072, num_layers=12,
         position="learned", activation="gelu", norm="layernorm", norm_placement="post", norm_eps=1e-12,
-        use_bias=True, tie_embeddings=True, dropout=0.1, max_len=512),
+        use_bias=True, tie_embeddings=True, embedding_norm=True, dropout=0.1, max_len=512),
     # Radford et al. 2019 (124M).
     "gpt2_small": ModelConfig(
         family="decoder", vocab_size=50257, d_model=768, num_heads=12, d_ff=3072, num_layers=12,

@@ -15,7 +15,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from t5like import layers as L
 from t5like.config import ModelConfig
@@ -64,6 +64,28 @@ class Block(nnx.Module):
         return shard(x_BTD, ("batch", "length", "act_embed"))
 
 
+    # Decoding: the same residual branches as __call__, with a KV cache and no dropout.
+    def _norm_in(self, x, norm):
+        return x if self.post_norm else norm(x)
+
+    def _add(self, x, y, norm):
+        return norm(x + y) if self.post_norm else x + y
+
+    def decode(self, x_BTD: Array, k_BSKH: Array, v_BSKH: Array, *, index, mask, bias, positions,
+               shard: Sharder, cross_k_BSKH=None, cross_v_BSKH=None, cross_mask=None):
+        """One layer over T new tokens: self-attention against (and into) this layer's cache; cross-attention
+        against the encoder's keys/values, computed once before decoding. Returns (x, k, v)."""
+        y, k_BSKH, v_BSKH = self.attn.attend_cached(self._norm_in(x_BTD, self.attn_norm), positions, k_BSKH, v_BSKH,
+                                                    index, mask_B1TS=mask, bias_BNTS=bias, shard=shard)
+        x_BTD = self._add(x_BTD, y, self.attn_norm)
+        if self.cross:
+            q_BTNH = self.cross_attn.project_query(self._norm_in(x_BTD, self.cross_norm), None, shard)
+            y = self.cross_attn.attend(q_BTNH, cross_k_BSKH, cross_v_BSKH, cross_mask, None, shard)
+            x_BTD = self._add(x_BTD, y, self.cross_norm)
+        x_BTD = self._add(x_BTD, self.mlp(self._norm_in(x_BTD, self.mlp_norm), shard), self.mlp_norm)
+        return shard(x_BTD, ("batch", "length", "act_embed")), k_BSKH, v_BSKH
+
+
 def stacked(make, num_layers: int, rngs: nnx.Rngs):
     """`num_layers` copies of a module, parameters stacked on a leading `layers` axis."""
     @nnx.split_rngs(splits=num_layers)
@@ -105,6 +127,45 @@ class Stack(nnx.Module):
         return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
 
 
+    # Decoding ---------------------------------------------------------------------------------------
+    # The cache of a stack is stacked on the layer axis, like its params, and scanned together with them.
+
+    def empty_cache(self, batch_size: int, length: int, shard: Sharder) -> "KVCache":
+        num_layers, _, K, H = self.layers.attn.key.shape  # [layers, D, K, H]
+        zeros = jnp.zeros((num_layers, batch_size, length, K, H), self.layers.attn.dtype)
+        return KVCache(shard(zeros, KV_CACHE_AXES), shard(zeros, KV_CACHE_AXES))
+
+    def cross_kv(self, encoded_BSD: Array, shard: Sharder) -> "KVCache":
+        """Every layer's cross-attention keys and values of the encoder output, computed once per prompt."""
+        graphdef, params = nnx.split(self.layers)
+
+        def body(_, layer_params):
+            layer = nnx.merge(graphdef, layer_params)
+            return None, layer.cross_attn.project_kv(encoded_BSD, None, shard)
+
+        _, (k, v) = jax.lax.scan(body, None, params)
+        return KVCache(shard(k, KV_CACHE_AXES), shard(v, KV_CACHE_AXES))
+
+    def decode(self, x_BTD: Array, cache: "KVCache", *, index, mask, q_positions_BT, k_positions_BS,
+               shard: Sharder, cross: Optional["KVCache"] = None, cross_mask=None) -> tuple[Array, "KVCache"]:
+        """T new tokens through every layer, writing their keys/values into `cache` at slot `index`."""
+        # T5 bias of each query position against every cache slot (causal buckets in a decoder stack).
+        bias = None if self.relative_bias is None else self.relative_bias(q_positions_BT, k_positions_BS)
+        graphdef, params = nnx.split(self.layers)
+
+        def body(x, xs):
+            layer_params, k, v, cross_k, cross_v = xs
+            layer = nnx.merge(graphdef, layer_params)
+            x, k, v = layer.decode(x, k, v, index=index, mask=mask, bias=bias, positions=q_positions_BT, shard=shard,
+                                   cross_k_BSKH=cross_k, cross_v_BSKH=cross_v, cross_mask=cross_mask)
+            return x, (k, v)
+
+        xs = (params, cache.k, cache.v, None if cross is None else cross.k, None if cross is None else cross.v)
+        x_BTD, (k, v) = jax.lax.scan(body, x_BTD, xs)
+        x_BTD = x_BTD if self.final_norm is None else self.final_norm(x_BTD)
+        return x_BTD, KVCache(shard(k, KV_CACHE_AXES), shard(v, KV_CACHE_AXES))
+
+
 def _segments_and_positions(batch: dict, prefix: str, ids_BL: Array):
     seg = batch.get(f"{prefix}segment_ids")
     pos = batch.get(f"{prefix}positions")
@@ -115,6 +176,63 @@ def _segments_and_positions(batch: dict, prefix: str, ids_BL: Array):
     return seg, pos
 
 
+# Decode caches ----------------------------------------------------------------------------------------
+
+KV_CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer of a stack: k, v [layers, B, S, K, H]."""
+    k: Array
+    v: Array
+
+
+@struct.dataclass
+class DecodeCache:
+    """Everything decoding carries from step to step besides the tokens.
+
+    Prompts are left-padded, so every row writes the same slot at each step; row b's real tokens
+    start at slot start_B[b] and its positions count from there.
+    """
+    self_kv: KVCache                       # [layers, B, S, K, H], S = the static decode length
+    start_B: Array                         # int32 [B]
+    index: Array                           # int32 scalar: the next slot to write
+    cross_kv: Optional[KVCache] = None     # encoder-decoder: [layers, B, S_enc, K, H]
+    encoder_valid_BS: Optional[Array] = None  # encoder-decoder: bool [B, S_enc], False on encoder padding
+
+    @property
+    def length(self) -> int:
+        return self.self_kv.k.shape[2]
+
+    def take(self, rows_B: Array) -> "DecodeCache":
+        """Rows `rows_B` of the cache (beam search: expand prompts into beams, reorder beams)."""
+        def rows(x, axis):
+            return None if x is None else jnp.take(x, rows_B, axis=axis)
+        kv = lambda c: None if c is None else KVCache(rows(c.k, 1), rows(c.v, 1))
+        return DecodeCache(kv(self.self_kv), rows(self.start_B, 0), self.index, kv(self.cross_kv),
+                           rows(self.encoder_valid_BS, 0))
+
+
+def _decode_step(model, ids_BT: Array, cache: DecodeCache, last_only: bool,
+                 prefix: bool = False) -> tuple[Array, DecodeCache]:
+    """T new tokens at slots [cache.index, cache.index + T) -> float32 logits [B, T or 1, V], updated cache.
+    `prefix`: all but the last of them attend to each other bidirectionally (a prefix-LM prompt)."""
+    T, S = ids_BT.shape[1], cache.length
+    slots_T = cache.index + jnp.arange(T, dtype=jnp.int32)
+    # Clamped at 0 so padding slots never index outside a learned position table (NaN in a gather).
+    q_positions_BT = jnp.maximum(slots_T[None, :] - cache.start_B[:, None], 0)
+    k_positions_BS = jnp.maximum(jnp.arange(S, dtype=jnp.int32)[None, :] - cache.start_B[:, None], 0)
+    mask = L.decode_mask(cache.start_B, slots_T, S, prefix_end=slots_T[-1] if prefix else None)
+    cross_mask = None if cache.encoder_valid_BS is None else cache.encoder_valid_BS[:, None, None, :]
+    x = model.embed_tokens(ids_BT, q_positions_BT)
+    x, self_kv = model.decoder.decode(x, cache.self_kv, index=cache.index, mask=mask, q_positions_BT=q_positions_BT,
+                                      k_positions_BS=k_positions_BS, shard=model.shard, cross=cache.cross_kv,
+                                      cross_mask=cross_mask)
+    logits = model.logits(x[:, -1:] if last_only else x)
+    return logits, cache.replace(self_kv=self_kv, index=cache.index + T)
+
+
 class _Base(nnx.Module):
     """Token + absolute position embedding and the output projection, shared by all families."""
 
@@ -122,6 +240,7 @@ class _Base(nnx.Module):
         self.cfg, self.shard = cfg, shard
         self.embed = L.Embed(cfg, rngs=rngs)
         self.learned_positions = L.LearnedPositions(cfg, rngs=rngs) if cfg.position == "learned" else None
+        self.embedding_norm = L.Norm(cfg, rngs=rngs) if cfg.embedding_norm else None
         self.lm_head = None if cfg.tie_embeddings else L.Dense(
             cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs, use_bias=False)
 
@@ -131,6 +250,8 @@ class _Base(nnx.Module):
             x = x + L.sinusoidal_positions(positions_BL, self.cfg.d_model).astype(x.dtype)
         elif self.cfg.position == "learned":
             x = x + self.learned_positions(positions_BL).astype(x.dtype)
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
         x = L.dropout(x, self.cfg.dropout, rng)
         return self.shard(x, ("batch", "length", "act_embed"))
 
@@ -155,6 +276,16 @@ class DecoderOnly(_Base):
         mask = L.attention_mask(seg, seg, causal=True, prefix_BT=batch.get("prefix"))
         x = self.decoder(self.embed_tokens(ids, pos, r[0]), mask=mask, positions=pos, shard=self.shard, rng=r[1])
         return self.logits(x)
+
+    def init_cache(self, start_B: Array, length: int) -> DecodeCache:
+        """An empty cache of `length` slots for left-padded rows whose real tokens start at start_B."""
+        return DecodeCache(self.decoder.empty_cache(start_B.shape[0], length, self.shard),
+                           start_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
+
+    def decode_step(self, ids_BT: Array, cache: DecodeCache, *, last_only: bool = False, prefix: bool = False):
+        """Prefill (T = prompt length) or one decoding step (T = 1): (float32 logits [B, T, V], cache).
+        `prefix=True` prefills as a prefix-LM was trained: the prompt but its last token is bidirectional."""
+        return _decode_step(self, ids_BT, cache, last_only, prefix)
 
 
 class EncoderOnly(_Base):
@@ -220,6 +351,19 @@ class EncoderDecoder(_Base):
     def __call__(self, batch: dict, *, rng: Optional[Array] = None) -> Array:
         r = _split(rng, 2)
         return self.decode(batch, self.encode(batch, rng=r[0]), rng=r[1])
+
+    def init_cache(self, encoder_inputs_BS: Array, encoder_segment_ids_BS: Array, length: int) -> DecodeCache:
+        """Run the encoder once and keep every decoder layer's cross-attention keys/values, plus an empty
+        self-attention cache of `length` slots. Encoder rows are right-padded (segment id 0)."""
+        encoded = self.encode({"encoder_inputs": encoder_inputs_BS, "encoder_segment_ids": encoder_segment_ids_BS})
+        B = encoder_inputs_BS.shape[0]
+        return DecodeCache(self.decoder.empty_cache(B, length, self.shard), jnp.zeros((B,), jnp.int32),
+                           jnp.zeros((), jnp.int32), self.decoder.cross_kv(encoded, self.shard),
+                           encoder_segment_ids_BS > 0)
+
+    def decode_step(self, ids_BT: Array, cache: DecodeCache, *, last_only: bool = False):
+        """Decoder tokens (the first is the start token 0) -> (float32 logits [B, T, V], cache)."""
+        return _decode_step(self, ids_BT, cache, last_only)
 
 
 FAMILIES = {"encoder": EncoderOnly, "decoder": DecoderOnly, "encoder_decoder": EncoderDecoder}

@@ -178,6 +178,7 @@ def global_batch(setup: Setup, local: dict) -> dict:
 
 @dataclasses.dataclass
 class Result:
+    config: Config
     step: int
     loss: float
     eval_loss: float
@@ -203,7 +204,6 @@ def train(cfg: Config) -> Result:
     if cfg.checkpoint.init_from:
         _check_init_from(cfg)
     os.makedirs(cfg.workdir, exist_ok=True)
-    write_config(cfg)
     processes = jax.process_count()
     if cfg.train.batch_size % processes:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {processes} hosts.")
@@ -213,6 +213,7 @@ def train(cfg: Config) -> Result:
     train_iter = make_iterator(cfg.data, tokenizer, "train", batch_size=per_host, seed=cfg.seed)
     eval_iter = make_iterator(cfg.data, tokenizer, "validation", batch_size=per_host, seed=cfg.seed,
                               num_batches=cfg.train.eval_steps)
+    write_config(cfg)  # after the data is known good, so a failed start leaves no run behind
     first_batch_state = train_iter.state()
     setup = build(cfg, next(iter(train_iter)))
     train_iter.restore(first_batch_state)
@@ -287,7 +288,7 @@ def train(cfg: Config) -> Result:
     elif jax.process_index() == 0:
         with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    return Result(step, summary["final_loss"], summary["final_eval_loss"], bool(preempted), summary)
+    return Result(cfg, step, summary["final_loss"], summary["final_eval_loss"], bool(preempted), summary)
 
 
 def _check_init_from(cfg: Config) -> None:
@@ -329,22 +330,22 @@ def parse_args(config_fn: Callable[..., Config], argv: list[str]) -> Config:
     params = inspect.signature(config_fn).parameters
     kwargs, overrides = {}, []
     for arg in argv:
-        key = arg.split("=", 1)[0]
-        if key in params and "." not in key:
-            if "=" not in arg:
-                raise ValueError(f"argument {arg!r} is not key=value; e.g. {key}=...")
-            kwargs[key] = arg.split("=", 1)[1]
+        if "=" not in arg:
+            raise ValueError(f"argument {arg!r} is not key=value; e.g. train.steps=100.")
+        key, value = arg.split("=", 1)
+        if key in params:
+            kwargs[key] = value
         else:
             overrides.append(arg)
-    try:
-        return apply_overrides(config_fn(**kwargs), overrides)
-    except ValueError as e:
-        if "unknown config key" in str(e) and params:
-            key = str(e).split("'")[1]
-            near = difflib.get_close_matches(key, list(params), n=3, cutoff=0.5)
-            extra = f" Experiment arguments: {', '.join(f'{p}=...' for p in params)}."
-            raise ValueError(str(e) + (f" Or the experiment argument {near[0]}=?" if near else "") + extra) from None
-        raise
+    cfg = config_fn(**kwargs)
+    known = list(flat_keys(cfg)) + list(params)
+    for arg in overrides:
+        key = arg.split("=", 1)[0]
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=5, cutoff=0.5)
+            hint = f"did you mean: {', '.join(near)}?" if near else "run with --help to list the keys."
+            raise ValueError(f"unknown config key {key!r}; {hint}")
+    return apply_overrides(cfg, overrides)
 
 
 def main(config_fn: Callable[..., Config], argv: Optional[list[str]] = None) -> Result:
@@ -363,6 +364,10 @@ def main(config_fn: Callable[..., Config], argv: Optional[list[str]] = None) -> 
         result = train(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ConnectionError as e:
+        print(f"error: {e}. This machine cannot reach the Hugging Face hub; use local data (data.source=stdlib or "
+              "data.source=files data.paths=...), or size=tiny where the experiment has it.", file=sys.stderr)
         sys.exit(2)
     if result.preempted:
         sys.exit(PREEMPTED_EXIT_CODE)

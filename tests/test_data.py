@@ -349,6 +349,19 @@ def test_resume_is_exact(small_cfg, tok, objective):
         _it(cfg, tok, batch_size=4).restore(state)
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_eval_pass_pads_with_zero_weight_rows(small_cfg, tok, objective):
+    """More eval batches than validation rows: the pass ends in padding rows that carry no weight,
+    also for the random objectives, whose per-row noise is seeded from the row id."""
+    cfg = dataclasses.replace(small_cfg, objective=objective, validation_fraction=0.5)
+    num_rows = sum(len(b["targets"]) for b in _it(cfg, tok, "validation", batch_size=4))
+    it = _it(cfg, tok, "validation", batch_size=4, num_batches=num_rows // 4 + 3)
+    batches = list(it)
+    assert len(batches) == num_rows // 4 + 3
+    assert batches[-1]["weights"].sum() == 0
+    assert (batches[-1]["targets"] == 0).all()
+
+
 @pytest.mark.parametrize("objective, key", [("span_corruption", "encoder_inputs"), ("mlm", "inputs")])
 def test_random_objective_noise_changes_per_epoch(small_cfg, tok, objective, key):
     # seq_len 64: with a single noise span per row (seq_len 16) T5's mask has no freedom at all.

@@ -32,7 +32,9 @@ def _seed_words(seed: int) -> int:
 
 def _row_rngs(seed: int, epochs: np.ndarray, rows: np.ndarray) -> list[np.random.Generator]:
     """One Generator per row, keyed on (seed, epoch, row): the same row gets fresh noise every epoch."""
-    return [np.random.default_rng([_seed_words(seed), _ROW, int(e), int(r)]) for e, r in zip(epochs, rows)]
+    # Padding rows of an eval pass have id -1; SeedSequence wants non-negative words, so they get 2**32.
+    return [np.random.default_rng([_seed_words(seed), _ROW, int(e), int(r) if r >= 0 else 2 ** 32])
+            for e, r in zip(epochs, rows)]
 
 
 class _EncodeBatch:

@@ -1,0 +1,99 @@
+"""Time the jitted train step on the current devices; print one JSON line.
+
+    python benchmarks/train_step.py --shape gpt2-bench [key=value ...] [--steps 10]
+
+The step is the trainer's own (t5like.train.build), fed random tokens so that data loading is not
+timed. Timing starts after compile and warm-up. MFU = model FLOPs per step (t5like.accounting, causal
+attention halved) / step time / peak. On CPU the peak is one jitted fp32 2048^3 matmul measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from t5like import train
+from t5like.config import Config, ModelConfig, OptimConfig, TrainConfig, apply_overrides
+from t5like.data import DataConfig
+from t5like.metrics import peak_flops_per_device
+
+SHAPES = {
+    # GPT-2-style decoder: 6 layers, d_model 384, 6 heads, d_ff 1536, vocab 8192, seq 256, batch 8, fp32, AdamW.
+    "gpt2-bench": Config(
+        model=ModelConfig(family="decoder", vocab_size=8192, d_model=384, num_heads=6, d_ff=1536, num_layers=6,
+                          max_len=256, position="learned", activation="gelu", norm="layernorm", use_bias=True,
+                          tie_embeddings=True, dropout=0.0, dtype="float32", param_dtype="float32"),
+        data=DataConfig(objective="lm", seq_len=256),
+        optim=OptimConfig(name="adamw"),
+        train=TrainConfig(batch_size=8, steps=1000),
+        workdir="/tmp/t5like-bench"),
+}
+
+
+def random_batch(cfg: Config, rng: np.random.RandomState) -> dict:
+    B, L, V = cfg.train.batch_size // jax.process_count(), cfg.data.seq_len, cfg.model.vocab_size
+    tokens = rng.randint(3, V, (B, L + 1)).astype(np.int32)
+    ones = np.ones((B, L), np.int32)
+    positions = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()
+    if cfg.model.family == "encoder_decoder":
+        T = cfg.data.target_len or L // 4
+        return dict(encoder_inputs=tokens[:, :L], encoder_segment_ids=ones, encoder_positions=positions,
+                    decoder_inputs=tokens[:, :T], targets=tokens[:, 1:T + 1], weights=np.ones((B, T), np.float32),
+                    decoder_segment_ids=ones[:, :T], decoder_positions=positions[:, :T])
+    return dict(inputs=tokens[:, :L], targets=tokens[:, 1:], weights=np.ones((B, L), np.float32),
+                segment_ids=ones, positions=positions)
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compile")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.remat=full")
+    args = parser.parse_args(argv)
+    cfg = apply_overrides(SHAPES[args.shape], args.overrides).validate()
+
+    rng = np.random.RandomState(0)
+    batches = [random_batch(cfg, rng) for _ in range(4)]
+    setup = train.build(cfg, batches[0])
+    batches = [train.global_batch(setup, b) for b in batches]
+    state = setup.init_state()
+    start = time.perf_counter()
+    state, metrics = setup.train_step(state, batches[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    for i in range(args.warmup):
+        state, metrics = setup.train_step(state, batches[i % len(batches)])
+    jax.block_until_ready(metrics)
+
+    times = []
+    for i in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = setup.train_step(state, batches[i % len(batches)])
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+
+    peak, source = peak_flops_per_device()
+    devices = jax.devices()
+    total_peak = peak * (jax.process_count() if devices[0].platform == "cpu" else len(devices))
+    model_flops_per_s = setup.flops_per_step / step_s
+    result = {
+        "shape": args.shape, "overrides": args.overrides, "device": devices[0].device_kind,
+        "num_devices": len(devices), "step_s": step_s, "compile_s": compile_s,
+        "tokens_per_s": setup.tokens_per_step / step_s, "model_flops_per_step": setup.flops_per_step,
+        "model_flops_per_s": model_flops_per_s, "peak_flops_per_s": total_peak, "peak_source": source,
+        "mfu": model_flops_per_s / total_peak, "loss": float(metrics["loss"]),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,284 @@
+"""Training end to end: exact resume after SIGKILL, kill during save, SIGTERM, mesh parity, learning,
+NaN stop, fine-tuning from another run, and bad input that must not touch an existing run."""
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from t5like import train
+from t5like.config import Config
+from t5like.data import DataConfig, get_tokenizer, make_iterator
+from t5like.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = {"decoder": "gpt2_small", "encoder": "bert_base", "encoder_decoder": "t5_base"}
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One tokenizer for every run here, and a compilation cache shared by the subprocesses."""
+    root = tmp_path_factory.mktemp("train")
+    data = DataConfig(source="stdlib", max_files=60, tokenizer_train_chars=300_000)
+    get_tokenizer(data, str(root / "tok"), vocab_size=2048)
+    return {"tokenizer": str(root / "tok" / "tokenizer" / "spm.model"), "cache": str(root / "jax_cache"),
+            "root": root}
+
+
+def fast(shared, *extra):
+    return ["size=tiny", "data.max_files=60", "data.seq_len=64", "train.batch_size=8", "train.eval_steps=2",
+            "train.eval_every=0", "train.progress=false", f"data.tokenizer_path={shared['tokenizer']}",
+            f"train.steps={STEPS}", "checkpoint.every=3", *extra]
+
+
+def launch(shared, family, workdir, *extra):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COMPILATION_CACHE_DIR=shared["cache"], PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", f"experiments.{EXPERIMENTS[family]}", *fast(shared, f"workdir={workdir}", *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_to_end(shared, family, workdir, *extra) -> str:
+    proc = launch(shared, family, workdir, *extra)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def losses(workdir) -> dict[int, float]:
+    """The last logged training loss of each step (a resumed run logs re-done steps again)."""
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def wait_for_step(workdir, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if max(losses(workdir), default=0) >= step:
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.02)
+    raise TimeoutError(f"run did not reach step {step}")
+
+
+@pytest.fixture(scope="module")
+def reference(shared):
+    """Uninterrupted single-device runs, one per family."""
+    runs = {}
+    for family in EXPERIMENTS:
+        workdir = shared["root"] / f"ref_{family}"
+        run_to_end(shared, family, workdir)
+        runs[family] = losses(workdir)
+        assert sorted(runs[family]) == list(range(1, STEPS + 1))
+    return runs
+
+
+@pytest.mark.parametrize("family", sorted(EXPERIMENTS))
+def test_exact_resume_after_sigkill(shared, reference, family):
+    workdir = shared["root"] / f"killed_{family}"
+    kill_at = random.Random(family).randint(5, STEPS - 4)
+    proc = launch(shared, family, workdir)
+    wait_for_step(workdir, kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run_to_end(shared, family, workdir)
+    assert "resumed from" in out
+    got = losses(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(reference[family][step], abs=1e-5), step
+    bitwise = all(got[s] == reference[family][s] for s in got)
+    assert bitwise, "CPU resume should be bitwise identical"
+
+
+def test_kill_during_save_restarts_from_previous_checkpoint(shared, reference):
+    workdir = shared["root"] / "killed_in_save"
+    ckpt = workdir / "checkpoints"
+    proc = launch(shared, "decoder", workdir, "checkpoint.every=1")
+    killed_step = None
+    deadline = time.time() + 300
+    while killed_step is None and time.time() < deadline and proc.poll() is None:
+        if ckpt.is_dir():
+            for name in os.listdir(ckpt):
+                if "orbax-checkpoint-tmp" in name and int(name.split(".")[0]) >= 3:
+                    proc.send_signal(signal.SIGKILL)
+                    killed_step = int(name.split(".")[0])
+                    break
+        time.sleep(0.001)
+    proc.wait()
+    assert killed_step is not None, "never caught a save in progress"
+    from t5like.checkpoint import Checkpointer
+    from t5like.config import CheckpointConfig
+    latest = Checkpointer(str(ckpt), CheckpointConfig(async_save=False)).latest_step()
+    assert latest is not None and latest < killed_step  # the half-written step is never picked
+    out = run_to_end(shared, "decoder", workdir, "checkpoint.every=1")
+    assert f"at step {latest}" in out
+    got = losses(workdir)
+    for step in range(1, STEPS + 1):
+        assert got[step] == reference["decoder"][step], step
+
+
+def test_sigterm_saves_and_exits_cleanly(shared, reference):
+    workdir = shared["root"] / "preempted"
+    proc = launch(shared, "decoder", workdir, "checkpoint.every=1000")
+    wait_for_step(workdir, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == train.PREEMPTED_EXIT_CODE, out[-2000:]
+    assert "SIGTERM: saved step" in out and "Traceback" not in out
+    saved = int(out.split("SIGTERM: saved step ")[1].split()[0])
+    assert 4 <= saved < STEPS and (workdir / "checkpoints" / str(saved)).is_dir()
+    out = run_to_end(shared, "decoder", workdir, "checkpoint.every=1000")
+    assert f"at step {saved}" in out
+    assert losses(workdir)[STEPS] == reference["decoder"][STEPS]
+
+
+def in_process_config(shared, family, workdir, *extra) -> Config:
+    module = __import__(f"experiments.{EXPERIMENTS[family]}", fromlist=["config"])
+    return train.parse_args(module.config, fast(shared, f"workdir={workdir}", *extra))
+
+
+def test_mesh_parity_in_training(shared, reference):
+    """20 steps on 8 simulated devices, fsdp=4 x tensor=2, follow the single-device loss curve."""
+    workdir = shared["root"] / "mesh"
+    cfg = in_process_config(shared, "decoder", workdir, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",
+                            "checkpoint.every=1000")
+    train.train(cfg)
+    got = losses(workdir)
+    np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
+                               [reference["decoder"][s] for s in range(1, STEPS + 1)], atol=1e-4)
+
+
+def test_finetune_from_another_run_params_only(shared, reference):
+    workdir = shared["root"] / "finetune"
+    cfg = in_process_config(shared, "decoder", workdir, "train.steps=2", "mesh.data=1", "mesh.fsdp=-1",
+                            f"checkpoint.init_from={shared['root'] / 'ref_decoder'}")
+    train.train(cfg)
+    got = losses(workdir)
+    assert got[1] < reference["decoder"][1] - 0.5  # starts from trained params...
+    assert read_metrics(workdir)[0]["lr"] == 0.0   # ...with a fresh optimizer and schedule
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared, capsys):
+    workdir = shared["root"] / "nan"
+    cfg = in_process_config(shared, "decoder", workdir, "optim.learning_rate=1e12", "optim.grad_clip=0",
+                            "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.every=1", "train.steps=50")
+    with pytest.raises(FloatingPointError, match=r"at step (\d+)") as e:
+        train.train(cfg)
+    bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
+    from t5like.checkpoint import Checkpointer
+    from t5like.config import CheckpointConfig
+    latest = Checkpointer(str(workdir / "checkpoints"), CheckpointConfig(async_save=False)).latest_step()
+    assert latest is None or latest < bad_step
+    assert f"last good checkpoint is step {latest}" in str(e.value)
+
+
+# Bad input: a clear error, and an existing run is left as it was ----------------------------------
+
+@pytest.fixture(scope="module")
+def existing_run(shared):
+    """A finished run on its own data files, which the tests then break in place."""
+    import sysconfig
+    docs = shared["root"] / "docs"
+    docs.mkdir()
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for name in ("argparse.py", "difflib.py", "textwrap.py", "pathlib.py", "shutil.py", "tarfile.py"):
+        with open(os.path.join(stdlib, name), encoding="utf-8") as f:
+            (docs / name.replace(".py", ".txt")).write_text(f.read(), encoding="utf-8")
+    workdir = shared["root"] / "existing"
+    args = ["data.source=files", f"data.paths={docs}/*.txt", "data.validation_fraction=0.3", "train.steps=2",
+            "mesh.data=1", "mesh.fsdp=-1"]
+    train.train(in_process_config(shared, "decoder", workdir, *args))
+    return workdir, docs, args
+
+
+def snapshot(workdir):
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(workdir) for f in files}
+
+
+def run_main(shared, workdir, args, capsys) -> str:
+    module = __import__("experiments.gpt2_small", fromlist=["config"])
+    with pytest.raises(SystemExit) as e:
+        train.main(module.config, fast(shared, f"workdir={workdir}", *args))
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("breakage, words", [
+    ("delete", ["data.paths", "matched no files"]),
+    ("empty", ["is empty"]),
+    ("latin1", ["is not UTF-8", "offset"]),
+])
+def test_broken_data_is_a_clear_error_and_touches_no_checkpoint(shared, existing_run, capsys, breakage, words):
+    workdir, docs, args = existing_run
+    before = snapshot(workdir)
+    victim = docs / "textwrap.txt"
+    original = victim.read_bytes()
+    try:
+        if breakage == "delete":
+            for f in docs.iterdir():
+                f.rename(f.with_suffix(".bak"))
+        elif breakage == "empty":
+            victim.write_bytes(b"")
+        else:
+            victim.write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 20)
+        err = run_main(shared, workdir, args + ["train.steps=4"], capsys)
+    finally:
+        for f in docs.glob("*.bak"):
+            f.rename(f.with_suffix(".txt"))
+        victim.write_bytes(original)
+    for w in words:
+        assert w in err, err
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("change, words", [
+    (["model.d_model=256"], ["incompatible", "model.d_model: 128 -> 256", "Nothing was overwritten"]),
+    (["train.batch_size=16"], ["incompatible", "train.batch_size: 8 -> 16"]),
+])
+def test_incompatible_config_is_a_clear_error_and_touches_nothing(shared, existing_run, capsys, change, words):
+    workdir, _, args = existing_run
+    before = snapshot(workdir)
+    err = run_main(shared, workdir, args + change, capsys)
+    for w in words:
+        assert w in err, err
+    assert snapshot(workdir) == before
+
+
+def test_vocab_larger_than_corpus_supports(shared, existing_run, tmp_path, capsys):
+    _, docs, args = existing_run
+    err = run_main(shared, tmp_path / "run", args + ["data.tokenizer_path=", "model.vocab_size=60000"], capsys)
+    assert "vocab_size" in err and "60000" in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# Learning ----------------------------------------------------------------------------------------
+
+def unigram_entropy(cfg: Config, batches: int = 40) -> float:
+    """Entropy (nats) of the target-token distribution: the loss of the best context-free model."""
+    tok = get_tokenizer(cfg.data, cfg.workdir, cfg.model.vocab_size)
+    it = make_iterator(cfg.data, tok, "train", batch_size=cfg.train.batch_size, seed=0)
+    counts = np.zeros(cfg.model.vocab_size)
+    for _ in range(batches):
+        b = next(it)
+        np.add.at(counts, b["targets"][b["weights"] > 0], 1)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(EXPERIMENTS))
+def test_each_family_learns_below_unigram_entropy(shared, family):
+    workdir = shared["root"] / f"learn_{family}"
+    cfg = in_process_config(shared, family, workdir, "train.steps=150", "train.batch_size=16",
+                            "checkpoint.every=1000", "mesh.data=1", "mesh.fsdp=-1", "train.eval_steps=4")
+    result = train.train(cfg)
+    baseline = unigram_entropy(cfg)
+    assert result.eval_loss < baseline - 0.3, (result.eval_loss, baseline)
