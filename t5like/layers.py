@@ -157,6 +157,23 @@ def attention_mask(q_segment_ids_BT: Array, k_segment_ids_BS: Array, *, causal: 
     return mask[:, None, :, :]
 
 
+def decode_mask(start_B: Array, q_slots_T: Array, num_slots: int, prefix_end: Optional[Array] = None) -> Array:
+    """Boolean [B, 1, T, S] for attention against a decode cache of S slots.
+
+    Rows are left-padded: row b's tokens live in slots [start_B[b], ...). A query at slot q sees the real
+    slots up to and including q, and with `prefix_end` (prefix-LM prefill) every real slot before it when
+    q is before it too. A padding query also sees itself, so no softmax row is empty and the padding's
+    cached values stay finite (a masked NaN would still poison the output: 0 * NaN = NaN).
+    """
+    k_S = jnp.arange(num_slots)
+    visible_TS = k_S[None, :] <= q_slots_T[:, None]
+    if prefix_end is not None:
+        visible_TS = visible_TS | ((k_S[None, :] < prefix_end) & (q_slots_T[:, None] < prefix_end))
+    real_BS = k_S[None, :] >= start_B[:, None]
+    self_TS = k_S[None, :] == q_slots_T[:, None]
+    return (visible_TS[None] & (real_BS[:, None, :] | self_TS[None]))[:, None]
+
+
 # Attention, MLP, norms ------------------------------------------------------------------------------
 
 class Attention(nnx.Module):
@@ -211,6 +228,26 @@ class Attention(nnx.Module):
         if self.use_bias:
             y_BTD = y_BTD + self._w(self.out_bias)
         return shard(y_BTD, ("batch", "length", "act_embed"))
+
+    def attend_cached(self, x_BTD: Array, positions_BT: Array, k_cache_BSKH: Array, v_cache_BSKH: Array,
+                      index: Array, *, mask_B1TS: Array, shard: Sharder,
+                      bias_BNTS: Optional[Array] = None) -> tuple[Array, Array, Array]:
+        """Self-attention of T new tokens against a preallocated cache of S slots (decoding).
+
+        Writes the new keys/values at slots [index, index + T) (RoPE already applied, so they are never
+        rotated again), then attends over all S slots; `mask_B1TS` hides empty and padding slots.
+        Returns the output and the updated cache.
+        """
+        q_BTNH = self.project_query(x_BTD, positions_BT, shard)
+        k_BTKH, v_BTKH = self.project_kv(x_BTD, positions_BT, shard)
+        names = ("batch", "length", "act_kv_heads", None)
+        k_cache_BSKH = shard(jax.lax.dynamic_update_slice_in_dim(
+            k_cache_BSKH, k_BTKH.astype(k_cache_BSKH.dtype), index, axis=1), names)
+        v_cache_BSKH = shard(jax.lax.dynamic_update_slice_in_dim(
+            v_cache_BSKH, v_BTKH.astype(v_cache_BSKH.dtype), index, axis=1), names)
+        y_BTD = self.attend(q_BTNH, k_cache_BSKH.astype(self.dtype), v_cache_BSKH.astype(self.dtype),
+                            mask_B1TS, bias_BNTS, shard)
+        return y_BTD, k_cache_BSKH, v_cache_BSKH
 
     def __call__(self, x_BTD: Array, context_BSD: Array, *, mask_B1TS: Array, shard: Sharder,
                  bias_BNTS: Optional[Array] = None, q_positions_BT: Optional[Array] = None,

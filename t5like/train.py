@@ -220,6 +220,13 @@ def train(cfg: Config) -> Result:
 
     ckpt = Checkpointer(checkpoint_dir(cfg.workdir), cfg.checkpoint)
     start = ckpt.latest_step()
+    summary_path = os.path.join(cfg.workdir, "summary.json")
+    if start is not None and start >= cfg.train.steps and os.path.exists(summary_path):
+        ckpt.close()
+        with open(summary_path) as f:
+            summary = json.load(f)
+        print(f"{cfg.workdir} already finished {start} steps; raise train.steps to train further.", file=sys.stderr)
+        return Result(cfg, start, summary["final_loss"], summary["final_eval_loss"], False, summary)
     if start is not None:
         state, data_state = ckpt.restore(start, setup.abstract_state)
         train_iter.restore(data_state)
@@ -286,8 +293,9 @@ def train(cfg: Config) -> Result:
         print(f"SIGTERM: saved step {step} to {checkpoint_dir(cfg.workdir)}; rerun the same command to resume.",
               file=sys.stderr)
     elif jax.process_index() == 0:
-        with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
+        with open(summary_path + ".tmp", "w") as f:
             json.dump(summary, f, indent=2)
+        os.replace(summary_path + ".tmp", summary_path)
     return Result(cfg, step, summary["final_loss"], summary["final_eval_loss"], bool(preempted), summary)
 
 
