@@ -182,7 +182,9 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         pd = dtype_of(cfg.param_dtype)
-        self.query = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd, (D * H) ** -0.5)
+        # Standard fan-in init; the 1/sqrt(H) logit scale is applied by dot_product_attention (T5 instead
+        # folds it into this init and applies none: doing both leaves attention uniform at the start).
+        self.query = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd, D ** -0.5)
         self.key = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, D ** -0.5)
         self.value = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, D ** -0.5)
         self.out = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd, (N * H) ** -0.5)

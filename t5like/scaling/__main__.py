@@ -1,0 +1,188 @@
+"""Command line for scaling-law fits.
+
+    python -m t5like.scaling fit RESULTS.csv --approach all --bootstrap 200 --out fit.json
+    python -m t5like.scaling predict fit.json --flops 1e21
+    python -m t5like.scaling plot RESULTS.csv --fit fit.json --out plots/
+
+RESULTS.csv is a sweep runner's table or any CSV with params, tokens and loss columns (flops optional,
+else 6·params·tokens; budget optional, else runs whose flops agree within 10% form one budget).
+
+fit.json is one JSON object. For one approach its fitted parameters are top-level keys; with
+`--approach all` each approach is a key ("powerlaw", "envelope", "isoflop", "parametric") holding that
+object, or {"error": ...} if it could not run on this data. Per approach:
+  powerlaw    E, C0, alpha (L = E + (C0/C)^alpha), frontier (the runs fitted)
+  envelope    a, b, N_coef, D_coef (N_opt = N_coef·C^a, D_opt = D_coef·C^b), points
+  isoflop     a, b, N_coef, D_coef, optima [{budget, N_opt, D_opt, loss_opt, ...}], skipped_budgets
+  parametric  E, A, B, alpha, beta (L = E + A/N^alpha + B/D^beta); a = beta/(alpha+beta), b = alpha/(alpha+beta),
+              G = (alpha·A/(beta·B))^(1/(alpha+beta)): N_opt = G·(C/6)^a = N_coef·C^a, D_opt = (C/6)^b/G = D_coef·C^b
+With --bootstrap N each parameter also has <name>_ci = [lo, hi] and "bootstrap" stores the
+resampled parameters (so `predict` can give intervals). "meta" records the input and options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from t5like.scaling.data import load_csv
+from t5like.scaling.fit import APPROACHES, Fit, fit_all, hoffmann_grid, load_fits, run_fit, save_fits
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", help="CSV of runs: params, tokens, loss (or final_eval_loss) [, flops, budget, status]")
+    p.add_argument("--loss-column", default=None, help="loss column (default: loss, else final_eval_loss, eval_loss)")
+    p.add_argument("--params-column", default="params")
+    p.add_argument("--tokens-column", default="tokens")
+    p.add_argument("--flops-column", default="flops", help="used if present; else flops = 6·params·tokens")
+    p.add_argument("--budget-column", default="budget", help="nominal IsoFLOP budget, used to group runs if present")
+    p.add_argument("--bins-per-decade", type=float, default=None,
+                   help="group runs into log-spaced flops bins (default: runs whose flops agree within 10%%)")
+
+
+def _add_fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", type=int, default=0, help="resample runs N times for intervals (default 0: none)")
+    p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", choices=("hoffmann", "coarse"), default="hoffmann",
+                   help="parametric starts: Hoffmann et al.'s 4500, or a coarse 162 for a quick look")
+    p.add_argument("--isoflop-window", type=int, default=None, metavar="K",
+                   help="fit each IsoFLOP parabola to the lowest-loss size and K sizes each side (default: all)")
+
+
+def _load(args) -> "ScalingData":  # noqa: F821
+    return load_csv(args.results, loss_column=args.loss_column, params_column=args.params_column,
+                    tokens_column=args.tokens_column, flops_column=args.flops_column,
+                    budget_column=args.budget_column)
+
+
+def _fit(data, approach: str, args) -> dict[str, Fit | str]:
+    opts = dict(bootstrap=args.bootstrap, level=args.level, seed=args.seed, bins_per_decade=args.bins_per_decade,
+                window=args.isoflop_window)
+    grid = hoffmann_grid(coarse=args.grid == "coarse")
+    if approach == "all":
+        return fit_all(data, **opts, parametric_starts=grid)
+    if approach == "parametric":
+        opts["starts"] = grid
+    return {approach: run_fit(data, approach, **opts)}
+
+
+def cmd_fit(args) -> int:
+    data = _load(args)
+    fits = _fit(data, args.approach, args)
+    meta = {**data.meta(), "approach": args.approach, "bootstrap": args.bootstrap, "level": args.level,
+            "seed": args.seed, "grid": args.grid, "bins_per_decade": args.bins_per_decade,
+            "isoflop_window": args.isoflop_window}
+    if not any(isinstance(f, Fit) for f in fits.values()):
+        raise ValueError("no approach could be fitted:\n  " + "\n  ".join(f"{k}: {v}" for k, v in fits.items()))
+    for name, f in fits.items():
+        print(f.summary() if isinstance(f, Fit) else f"{name}: skipped: {f}", file=sys.stderr)
+    if args.out:
+        save_fits(args.out, fits, meta)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        from t5like.scaling.fit import fits_to_json
+        json.dump(fits_to_json(fits, meta), sys.stdout, indent=1)
+        print()
+    return 0
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else (f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 else f"{x:.3e}")
+
+
+def cmd_predict(args) -> int:
+    fits, meta = load_fits(args.fit)
+    if args.approach:
+        if args.approach not in fits:
+            raise ValueError(f"{args.fit} has no successful '{args.approach}' fit; it has: {', '.join(fits) or 'none'}.")
+        fits = {args.approach: fits[args.approach]}
+    rows = []
+    for C in args.flops:
+        if not C > 0:
+            raise ValueError(f"--flops {C}: compute must be positive.")
+        for name, f in fits.items():
+            point = {k: float(v) for k, v in f.predict(C).items()}
+            ci = {k: v.tolist() for k, v in f.predict_interval(C).items()}
+            rows.append({"flops": C, "approach": name, **point, **{f"{k}_ci": v for k, v in ci.items()}})
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+        return 0
+    level = next((f.level for f in fits.values() if f.samples), None)
+    print(f"{args.fit}: " + (f"[{level:.0%} bootstrap intervals]" if level else "(no bootstrap: point estimates only)"))
+    cols = (("loss", "loss [nats/token]"), ("N_opt", "N_opt [params]"), ("D_opt", "D_opt [tokens]"),
+            ("tokens_per_param", "tokens/param"))
+    print(f"{'C [FLOPs]':>10}  {'approach':<11}" + "".join(f"  {h:<28}" for _, h in cols))
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k)
+            cell = "-" if v is None else _fmt(v)
+            if r.get(f"{k}_ci"):
+                lo, hi = r[f"{k}_ci"]
+                cell += f" [{_fmt(lo)}, {_fmt(hi)}]"
+            cells.append(f"  {cell:<28}")
+        print(f"{r['flops']:>10.3g}  {r['approach']:<11}" + "".join(cells))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from t5like.scaling.plot import plot_all  # matplotlib only when plotting
+
+    data = _load(args)
+    fits: dict[str, Fit] = {}
+    if args.fit:
+        fits, _ = load_fits(args.fit)
+    missing = [a for a in ("powerlaw", "isoflop", "envelope", "parametric") if a not in fits]
+    for name in missing:  # fit what the plots need; approaches that cannot run on this data are left out
+        try:
+            fits[name] = _fit(data, name, args)[name]
+        except ValueError as e:
+            print(f"{name}: not plotted: {e}", file=sys.stderr)
+    paths = plot_all(data, fits, args.out)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m t5like.scaling", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="fit scaling laws to a table of runs, write fit.json")
+    _add_data_args(p)
+    p.add_argument("--approach", choices=APPROACHES + ("all",), default="all")
+    _add_fit_args(p)
+    p.add_argument("--out", default=None, help="fit.json to write (default: print JSON to stdout)")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("predict", help="loss, N_opt, D_opt at a compute budget from fit.json")
+    p.add_argument("fit", help="fit.json from the fit command")
+    p.add_argument("--flops", type=float, action="append", required=True, help="compute in FLOPs (repeatable)")
+    p.add_argument("--approach", choices=APPROACHES, default=None, help="only this approach's prediction")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("plot", help="loss-vs-compute, IsoFLOP and N_opt/D_opt plots (PNG and PDF)")
+    _add_data_args(p)
+    p.add_argument("--fit", default=None, help="fit.json to plot (approaches it lacks are fitted here)")
+    _add_fit_args(p)
+    p.add_argument("--out", required=True, help="directory for the figures")
+    p.set_defaults(func=cmd_plot)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

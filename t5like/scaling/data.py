@@ -1,0 +1,266 @@
+"""Scaling-law input tables: CSV loading, validation, compute grouping and synthetic sweeps.
+
+Every fit in `fit.py` takes a `ScalingData`. It is built either from a CSV (`load_csv`) or from arrays
+(`from_arrays`); both validate everything up front so that a bad table fails with a message that names
+the row, the column and a fix, before any optimiser runs.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+# A sweep runner's table marks each run; only these count. Rows of other statuses (failed, running, ...)
+# are skipped, so a NaN loss on a failed run is not an error.
+OK_STATUSES = ("ok", "finished")
+# The loss column to use when none is named: the first of these that the table has.
+LOSS_COLUMN_FALLBACKS = ("loss", "final_eval_loss", "eval_loss")
+
+
+@dataclass(frozen=True)
+class ScalingData:
+    """One row per training run (or checkpoint): model size, tokens, compute and loss.
+
+    `flops` is 6·params·tokens when the table had no flops column (`flops_from_6nd`). `budget` is the
+    nominal IsoFLOP budget when the table had one. `rows` holds each row's 1-based data-row number in the
+    source, so that later messages can point at it.
+    """
+
+    params: np.ndarray
+    tokens: np.ndarray
+    flops: np.ndarray
+    loss: np.ndarray
+    budget: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    loss_column: str = "loss"
+    columns: dict[str, str] = field(default_factory=dict)
+    flops_from_6nd: bool = False
+    source: str = "<arrays>"
+    n_skipped_status: int = 0
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+    def subset(self, idx: np.ndarray) -> "ScalingData":
+        """Rows `idx` (an index or boolean array; repeats allowed, as in a bootstrap resample)."""
+        pick = lambda a: None if a is None else a[idx]
+        return replace(self, params=self.params[idx], tokens=self.tokens[idx], flops=self.flops[idx],
+                       loss=self.loss[idx], budget=pick(self.budget), rows=pick(self.rows))
+
+    def meta(self) -> dict:
+        """What went into a fit, for fit.json."""
+        return {"source": self.source, "n_points": len(self), "loss_column": self.loss_column,
+                "columns": dict(self.columns), "flops_from_6nd": self.flops_from_6nd,
+                "has_budget": self.budget is not None, "n_skipped_status": self.n_skipped_status}
+
+
+def _check_values(name: str, values: np.ndarray, rows: np.ndarray, column: str | None = None) -> None:
+    """NaN or non-positive entries are errors: scaling laws live in log space."""
+    column = column or name
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        i = bad[0]
+        raise ValueError(f"row {rows[i]}: column '{column}' is {values[i]} ({bad.size} row(s) with NaN/inf in "
+                         f"'{column}'). Drop those rows, or give them a status other than ok/finished.")
+    bad = np.flatnonzero(values <= 0)
+    if bad.size:
+        i = bad[0]
+        raise ValueError(f"row {rows[i]}: column '{column}' = {values[i]:g} is not positive ({bad.size} row(s)); "
+                         f"scaling fits work in log space and need {name} > 0. Fix or drop those rows.")
+
+
+def from_arrays(params, tokens, loss, flops=None, budget=None, *, rows=None, loss_column: str = "loss",
+                columns: dict[str, str] | None = None, source: str = "<arrays>",
+                n_skipped_status: int = 0) -> ScalingData:
+    """Validate arrays and build a `ScalingData`. Missing `flops` means flops = 6·params·tokens."""
+    arrays = {"params": params, "tokens": tokens, "loss": loss}
+    if flops is not None:
+        arrays["flops"] = flops
+    if budget is not None:
+        arrays["budget"] = budget
+    arrays = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in arrays.items()}
+    n = len(arrays["loss"])
+    for k, v in arrays.items():
+        if len(v) != n:
+            raise ValueError(f"column '{k}' has {len(v)} values but 'loss' has {n}; all columns need one value per run.")
+    if n == 0:
+        raise ValueError("no data rows: the table is empty (after dropping runs whose status is not ok/finished).")
+    rows = np.arange(1, n + 1) if rows is None else np.asarray(rows)
+    columns = dict(columns or {k: k for k in arrays})
+    for k, v in arrays.items():
+        _check_values(k, v, rows, columns.get(k, k))
+    from_6nd = flops is None
+    if from_6nd:
+        arrays["flops"] = 6.0 * arrays["params"] * arrays["tokens"]
+    return ScalingData(params=arrays["params"], tokens=arrays["tokens"], flops=arrays["flops"], loss=arrays["loss"],
+                       budget=arrays.get("budget"), rows=rows, loss_column=loss_column, columns=columns,
+                       flops_from_6nd=from_6nd, source=source, n_skipped_status=n_skipped_status)
+
+
+def load_csv(path: str, *, loss_column: str | None = None, params_column: str = "params",
+             tokens_column: str = "tokens", flops_column: str = "flops", budget_column: str = "budget",
+             status_column: str = "status") -> ScalingData:
+    """Read a sweep table (or any CSV with params, tokens, loss columns) and validate it.
+
+    Optional columns: `flops` (else 6·N·D), `budget` (nominal IsoFLOP budget, used to group runs) and
+    `status` (if present, only rows with status ok/finished are used).
+    """
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a spreadsheet's BOM
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        records = list(reader)
+    if not header:
+        raise ValueError(f"{path}: empty file, expected a CSV header with at least params, tokens, loss columns.")
+    have = ", ".join(header)
+
+    def need(col: str, flag: str) -> None:
+        if col not in header:
+            raise ValueError(f"{path}: missing column '{col}' (columns are: {have}). Add it, or name the column "
+                             f"to use with {flag}.")
+
+    if loss_column is None:
+        loss_column = next((c for c in LOSS_COLUMN_FALLBACKS if c in header), None)
+        if loss_column is None:
+            raise ValueError(f"{path}: missing column 'loss' (also looked for {', '.join(LOSS_COLUMN_FALLBACKS[1:])}; "
+                             f"columns are: {have}). Name the loss column with --loss-column.")
+    need(loss_column, "--loss-column")
+    need(params_column, "--params-column")
+    need(tokens_column, "--tokens-column")
+
+    # Line numbers as a spreadsheet shows them: the header is line 1.
+    lines = np.arange(2, len(records) + 2)
+    n_skipped = 0
+    if status_column in header:
+        keep = [str(r[status_column]).strip().lower() in OK_STATUSES for r in records]
+        n_skipped = len(records) - sum(keep)
+        if n_skipped == len(records):
+            seen = sorted({str(r[status_column]).strip() for r in records})
+            raise ValueError(f"{path}: no rows with status ok/finished in column '{status_column}' "
+                             f"(statuses seen: {seen}); nothing to fit.")
+        records = [r for r, k in zip(records, keep) if k]
+        lines = lines[np.asarray(keep, bool)]
+
+    def column(col: str) -> np.ndarray:
+        out = np.empty(len(records))
+        for i, r in enumerate(records):
+            text = (r.get(col) or "").strip()
+            if text == "":
+                out[i] = np.nan  # reported as NaN by from_arrays, naming the row
+                continue
+            try:
+                out[i] = float(text)
+            except ValueError:
+                raise ValueError(f"{path}: line {lines[i]}: column '{col}' = {text!r} is not a number.") from None
+        return out
+
+    cols = {"params": params_column, "tokens": tokens_column, "loss": loss_column}
+    if flops_column in header:
+        cols["flops"] = flops_column
+    if budget_column in header:
+        cols["budget"] = budget_column
+    values = {k: column(c) for k, c in cols.items()}
+    try:
+        return from_arrays(**values, rows=lines, loss_column=loss_column, columns=cols, source=str(path),
+                           n_skipped_status=n_skipped)
+    except ValueError as e:
+        # from_arrays says "row <n>"; in a file that is the line number.
+        raise ValueError(f"{path}: {str(e).replace('row ', 'line ', 1)}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouping runs into compute budgets
+
+
+GROUP_RTOL = 0.1  # runs whose flops agree within 10% share a budget (about 2 significant figures)
+
+
+def compute_groups(data: ScalingData, bins_per_decade: float | None = None,
+                   rtol: float = GROUP_RTOL) -> tuple[np.ndarray, np.ndarray]:
+    """Assign each run to a compute budget; returns (group id per row, budget C per group).
+
+    With a `budget` column its values are the groups and the budgets. Otherwise runs are grouped by
+    flops: with `bins_per_decade`, into fixed log-spaced bins; by default, sorted by flops and cut
+    wherever a run's flops exceed its group's smallest by more than `rtol` (so 0.98e18 and 1.02e18
+    land together, which rounding to 2 significant figures would split at 1.0e18). A group's C is then
+    the geometric mean of its runs' flops.
+    """
+    if data.budget is not None:
+        budgets, gid = np.unique(data.budget, return_inverse=True)
+        return gid, budgets.astype(np.float64)
+    if bins_per_decade:
+        _, gid = np.unique(np.round(np.log10(data.flops) * bins_per_decade), return_inverse=True)
+    else:
+        order = np.argsort(data.flops, kind="stable")
+        gid_sorted = np.empty(len(order), np.int64)
+        g, first = 0, data.flops[order[0]]
+        for k, i in enumerate(order):
+            if data.flops[i] > first * (1 + rtol):
+                g, first = g + 1, data.flops[i]
+            gid_sorted[k] = g
+        gid = np.empty_like(gid_sorted)
+        gid[order] = gid_sorted
+    budgets = np.exp(np.bincount(gid, np.log(data.flops)) / np.bincount(gid))
+    return gid, budgets
+
+
+# ------------------------------------------------------------------------------------------------
+# A known law, for synthetic sweeps and for evaluating parametric fits
+
+
+@dataclass(frozen=True)
+class ChinchillaLaw:
+    """L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022). Defaults are their published fit."""
+
+    E: float = 1.69
+    A: float = 406.4
+    B: float = 410.7
+    alpha: float = 0.34
+    beta: float = 0.28
+
+    def loss(self, N, D):
+        return self.E + self.A / np.power(N, self.alpha) + self.B / np.power(D, self.beta)
+
+    @property
+    def a(self) -> float:  # N_opt ∝ C^a
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def b(self) -> float:  # D_opt ∝ C^b
+        return self.alpha / (self.alpha + self.beta)
+
+    @property
+    def G(self) -> float:
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+
+    @property
+    def frontier_alpha(self) -> float:
+        """Exponent of the compute frontier: L*(C) - E ∝ C^-(alpha·beta/(alpha+beta))."""
+        return self.alpha * self.beta / (self.alpha + self.beta)
+
+    def n_opt(self, C):
+        """Loss-minimising N at compute C, with C = 6·N·D."""
+        return self.G * np.power(np.asarray(C) / 6.0, self.a)
+
+    def d_opt(self, C):
+        return np.power(np.asarray(C) / 6.0, self.b) / self.G
+
+
+def synthetic_isoflop(law: ChinchillaLaw = ChinchillaLaw(), budgets=None, sizes_per_budget: int = 9,
+                      span_decades: float = 1.5, noise: float = 0.01, seed: int = 0,
+                      off_center_decades: float = 0.0) -> ScalingData:
+    """An IsoFLOP sweep drawn from `law`: for each budget C, `sizes_per_budget` model sizes log-spaced over
+    `span_decades` around the true N_opt (shifted by up to ±off_center_decades at random, as real sweeps
+    are rarely centred), D = C/(6N), and loss × exp(noise·ε), ε ~ N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    budgets = np.logspace(18, 22, 9) if budgets is None else np.asarray(budgets, dtype=np.float64)
+    N, D, C = [], [], []
+    for c in budgets:
+        center = law.n_opt(c) * 10.0 ** rng.uniform(-off_center_decades, off_center_decades)
+        n = center * np.logspace(-span_decades / 2, span_decades / 2, sizes_per_budget)
+        N.append(n), D.append(c / (6.0 * n)), C.append(np.full(sizes_per_budget, c))
+    N, D, C = map(np.concatenate, (N, D, C))
+    L = law.loss(N, D) * np.exp(noise * rng.standard_normal(len(N)))
+    return from_arrays(N, D, L, flops=C, budget=C, source=f"synthetic(seed={seed})")
+

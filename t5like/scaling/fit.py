@@ -1,0 +1,696 @@
+"""Scaling-law fits: compute frontier power law, and Chinchilla Approaches 1, 2 and 3.
+
+  powerlaw    L(C) = E + (C0/C)^alpha on the compute frontier (Pareto-optimal runs).
+  envelope    Approach 1: the lowest-loss run per compute budget gives (C, N_opt, D_opt);
+              N_opt = N_coef·C^a and D_opt = D_coef·C^b by log-log least squares.
+  isoflop     Approach 2: per budget, a parabola of loss in ln N; its vertex is N_opt. Power laws
+              through the optima give a, b.
+  parametric  Approach 3: L(N, D) = E + A/N^alpha + B/D^beta, Huber loss on ln L (Hoffmann et al. 2022,
+              as corrected by Besiroglu et al. 2024: the objective is summed, not averaged).
+
+Every fit returns a `Fit`; `bootstrap=n` resamples runs with replacement n times and refits, giving
+percentile intervals and the parameter samples (which `Fit.predict` propagates to predictions).
+Nonlinear fits use a batched L-BFGS in JAX (float64, inside `jax.enable_x64`), vectorised over starts
+and bootstrap resamples, so the 4500-start Hoffmann grid takes seconds.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5like.scaling.data import ScalingData, compute_groups
+
+APPROACHES = ("powerlaw", "envelope", "isoflop", "parametric")
+# Fitted parameters per approach, in the order fit.json lists them.
+PARAM_NAMES = {
+    "powerlaw": ("E", "C0", "alpha"),
+    "envelope": ("a", "b", "N_coef", "D_coef"),
+    "isoflop": ("a", "b", "N_coef", "D_coef"),
+    "parametric": ("E", "A", "B", "alpha", "beta", "a", "b", "G", "N_coef", "D_coef"),
+}
+HUBER_DELTA = 1e-3
+
+# ================================================================================================
+# Batched L-BFGS
+#
+# optax.lbfgs under jax.vmap works but is slow on CPU (its zoom line search is a data-dependent
+# while_loop; vmapped over the 4500 Hoffmann starts it took minutes here). Instead the line search is
+# vectorised: each iteration evaluates the objective at a fixed ladder of step sizes along the L-BFGS
+# direction, for every start at once, and keeps the best. Converged starts hand their slot to queued
+# ones between chunks of iterations (see minimize_batch).
+
+# Step ladders along the search direction. An L-BFGS direction is well scaled (t = 1 is usually right).
+# Steepest descent (first iteration, or after a reset) is taken with unit length, and near an optimum of
+# the nearly piecewise-linear Huber objective the right step can be far below that: hence 1 down to 1e-8.
+_STEPS = np.array([4.0, 1.0, 1 / 4, 1 / 16, 1 / 128, 1 / 2048])
+_STEPS_SD = np.array([1.0, 2.5e-2, 6.3e-4, 1.6e-5, 4e-7, 1e-8])
+_MAX_TRIAL_ELEMENTS = 2e7  # slots × steps × points: bounds the trial tensor's memory
+
+
+def _huber(r, delta):
+    ar = jnp.abs(r)
+    return jnp.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta))
+
+
+def _parametric_objective(theta, w, X, y, delta):
+    """Huber(pred − ln L) summed over runs, with ln L̂ = LSE(a − alpha ln N, b − beta ln D, e)."""
+    a, b, e, alpha, beta = theta[0], theta[1], theta[2], theta[3], theta[4]
+    t1, t2 = a - alpha * X[:, 0], b - beta * X[:, 1]
+    m = jnp.maximum(jnp.maximum(t1, t2), e)  # stable log-sum-exp of three terms
+    pred = m + jnp.log(jnp.exp(t1 - m) + jnp.exp(t2 - m) + jnp.exp(e - m))
+    return jnp.sum(w * _huber(pred - y, delta))
+
+
+def _powerlaw_objective(theta, w, X, y, delta):
+    """Least squares on ln L with ln L̂ = LSE(e, k − alpha·x), x = ln C − x_ref (centred for conditioning)."""
+    e, k, alpha = theta[0], theta[1], theta[2]
+    pred = jnp.logaddexp(e, k - alpha * X[:, 0])
+    return 0.5 * jnp.sum(w * (pred - y) ** 2)
+
+
+def _finite(v):
+    return jnp.where(jnp.isfinite(v), v, jnp.inf)
+
+
+def _batch_fns(objective, w, X, y, delta):
+    w_axis = 0 if w.ndim == 2 else None
+    f = lambda th, ww: objective(th, ww, X, y, delta)
+    value_and_grad = jax.vmap(jax.value_and_grad(f), in_axes=(0, w_axis))
+    trials = jax.vmap(jax.vmap(f, in_axes=(0, None)), in_axes=(0, w_axis))
+    return value_and_grad, trials
+
+
+def _two_loop(g, s_hist, y_hist, rho):
+    """L-BFGS direction −H·g from the (s, y) history; the newest pair is last, empty slots have rho = 0."""
+    def back(q, hist):
+        s, yv, r = hist
+        a = r * jnp.sum(s * q, -1)
+        return q - a[:, None] * yv, a
+
+    def forward(r, hist):
+        s, yv, rh, a = hist
+        return r + s * (a - rh * jnp.sum(yv * r, -1))[:, None], None
+
+    hist = (jnp.swapaxes(s_hist, 0, 1), jnp.swapaxes(y_hist, 0, 1), rho.T)  # memory axis first, for scan
+    q, alphas = jax.lax.scan(back, g, hist, reverse=True)
+    has = rho[:, -1] > 0
+    sy = jnp.sum(s_hist[:, -1] * y_hist[:, -1], -1)
+    yy = jnp.sum(y_hist[:, -1] ** 2, -1)
+    gnorm = jnp.maximum(jnp.linalg.norm(g, axis=-1), 1e-300)
+    # Without history: a unit-length steepest-descent step, which the step ladder then scales.
+    gamma = jnp.where(has, sy / jnp.where(has, yy, 1.0), 1.0 / gnorm)
+    r, _ = jax.lax.scan(forward, gamma[:, None] * q, hist + (alphas,))
+    d = -r
+    descent = jnp.sum(d * g, -1) < 0
+    return jnp.where(descent[:, None], d, -g / gnorm[:, None])
+
+
+@partial(jax.jit, static_argnames=("objective", "n_iter"))
+def _lbfgs_chunk(objective, x, s_hist, y_hist, rho, done, w, X, y, delta, n_iter: int, gtol: float):
+    """Up to n_iter L-BFGS iterations for every row of x (S, P); rows with done=True stay frozen.
+    The (s, y, rho) history carries over between chunks; a fresh start enters with rho = 0."""
+    value_and_grad, trials = _batch_fns(objective, w, X, y, delta)
+    ladder, ladder_sd = jnp.asarray(_STEPS)[None], jnp.asarray(_STEPS_SD)[None]
+    f, g = value_and_grad(x, w)
+    f = _finite(f)
+    done = done | ~jnp.isfinite(f) | ~jnp.all(jnp.isfinite(g), -1)
+    col = lambda m, a: m.reshape((-1,) + (1,) * (a.ndim - 1))
+
+    def body(c):
+        i, x, f, g, s_hist, y_hist, rho, done = c
+        d = _two_loop(g, s_hist, y_hist, rho)
+        had_history = rho[:, -1] > 0
+        steps = jnp.where(had_history[:, None], ladder, ladder_sd)
+        cand = x[:, None, :] + steps[:, :, None] * d[:, None, :]
+        fc = _finite(trials(cand, w))
+        j = jnp.argmin(fc, axis=1)
+        f_new = jnp.take_along_axis(fc, j[:, None], 1)[:, 0]
+        x_new = jnp.take_along_axis(cand, j[:, None, None], 1)[:, 0]
+        improved = (f_new < f - 1e-15 * jnp.abs(f)) & ~done
+        _, g_new = value_and_grad(x_new, w)
+        s, yv = x_new - x, g_new - g
+        sy = jnp.sum(s * yv, -1)
+        # Keep the curvature pair only when s·y > 0, so the implicit Hessian stays positive definite.
+        good = improved & (sy > 1e-12 * jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(yv, axis=-1))
+        push = lambda h, new: jnp.where(col(good, h), jnp.concatenate([h[:, 1:], new[:, None]], 1), h)
+        keep = lambda new, old: jnp.where(col(improved, new), new, old)
+        # No progress along an L-BFGS direction: forget the history and try steepest descent next.
+        # No progress along steepest descent either, or a tiny gradient: this row has converged.
+        wipe = ~improved & had_history & ~done
+        done = done | (~improved & ~had_history) | ((jnp.max(jnp.abs(g_new), -1) < gtol) & improved)
+        s_hist, y_hist = push(s_hist, s), push(y_hist, yv)
+        rho = push(rho, 1.0 / jnp.where(good, sy, 1.0))
+        s_hist, y_hist, rho = (jnp.where(col(wipe, h), 0.0, h) for h in (s_hist, y_hist, rho))
+        return i + 1, keep(x_new, x), keep(f_new, f), keep(g_new, g), s_hist, y_hist, rho, done
+
+    c = jax.lax.while_loop(lambda c: (c[0] < n_iter) & ~jnp.all(c[-1]), body, (0, x, f, g, s_hist, y_hist, rho, done))
+    _, x, f, _, s_hist, y_hist, rho, done = c
+    return x, f, s_hist, y_hist, rho, done
+
+
+def minimize_batch(objective, starts: np.ndarray, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None,
+                   *, delta: float = HUBER_DELTA, max_iter: int = 1000, chunk_iters: int = 20, memory: int = 10,
+                   gtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise objective(theta, w, X, y, delta) from every row of `starts` (S, P).
+
+    `weights` is None (all ones), shape (n,) shared by all starts, or (S, n), one row per start (how a
+    bootstrap resample enters: row counts as weights). Returns the final (S, P) parameters and (S,)
+    objective values (inf where the start failed).
+
+    Starts stream through a fixed number of slots (a power of two): whenever a start converges, the next
+    one takes its slot. One array shape means one compilation (XLA on CPU takes seconds per shape), and
+    slow starts do not hold up the rest.
+    """
+    starts = np.asarray(starts, np.float64)
+    S, P = starts.shape
+    n = len(y)
+    weights = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    per_start = weights.ndim == 2
+    # Bound the (slots × steps × points) trial tensor; a power of two so that fits share compilations.
+    cap = 2 ** int(math.log2(max(16.0, _MAX_TRIAL_ELEMENTS / (len(_STEPS) * max(n, 1)))))
+    slots = min(cap, 512, max(16, 1 << int(math.ceil(math.log2(S)))))
+
+    x_out, f_out = starts.copy(), np.full(S, np.inf)
+    owner = np.full(slots, -1)  # the start each slot is working on; -1 = idle
+    iters = np.zeros(slots, np.int64)
+    x = np.repeat(starts[:1], slots, 0)
+    s_hist, y_hist, rho = np.zeros((slots, memory, P)), np.zeros((slots, memory, P)), np.zeros((slots, memory))
+    w = np.repeat(weights[:1], slots, 0) if per_start else weights
+    queued = 0
+    with jax.enable_x64(True):
+        Xj, yj, dj = jnp.asarray(X, jnp.float64), jnp.asarray(y, jnp.float64), jnp.float64(delta)
+        wj = jnp.asarray(w)
+        while True:
+            free = np.flatnonzero(owner < 0)[: S - queued]
+            if len(free):  # load queued starts into idle slots, with an empty history
+                x, s_hist, y_hist, rho = (np.array(a) for a in (x, s_hist, y_hist, rho))
+                owner[free], iters[free] = np.arange(queued, queued + len(free)), 0
+                queued += len(free)
+                x[free], s_hist[free], y_hist[free], rho[free] = starts[owner[free]], 0.0, 0.0, 0.0
+                if per_start:
+                    w[free] = weights[owner[free]]
+                    wj = jnp.asarray(w)
+            x, f, s_hist, y_hist, rho, done = _lbfgs_chunk(objective, x, s_hist, y_hist, rho, owner < 0, wj, Xj, yj,
+                                                           dj, n_iter=chunk_iters, gtol=gtol)
+            iters += chunk_iters
+            xh, fh, done = np.asarray(x), np.asarray(f), np.asarray(done)
+            fin = np.flatnonzero((owner >= 0) & (done | (iters >= max_iter)))
+            x_out[owner[fin]], f_out[owner[fin]] = xh[fin], fh[fin]
+            owner[fin] = -1
+            if queued == S and (owner < 0).all():
+                return x_out, f_out
+
+
+# ================================================================================================
+# The result type
+
+
+@dataclass
+class Fit:
+    """A fitted scaling law. `params` are the point estimates; `samples` the bootstrap refits (one value
+    per successful resample and parameter); `details` holds JSON-able extras (frontier points, optima,
+    diagnostics)."""
+
+    approach: str
+    params: dict[str, float]
+    details: dict = field(default_factory=dict)
+    samples: dict[str, np.ndarray] | None = None
+    level: float = 0.95
+    n_bootstrap: int = 0
+    seed: int | None = None
+
+    def ci(self, name: str) -> tuple[float, float] | None:
+        if not self.samples or name not in self.samples:
+            return None
+        return _percentile_interval(self.samples[name], self.level)
+
+    def predict(self, flops) -> dict[str, np.ndarray]:
+        """Point predictions at compute `flops`: loss and/or N_opt, D_opt, tokens_per_param."""
+        return _predict(self.approach, self.params, np.asarray(flops, np.float64))
+
+    def predict_interval(self, flops) -> dict[str, np.ndarray]:
+        """Percentile intervals of each prediction over the bootstrap samples: {name: [..., 2]}."""
+        if not self.samples:
+            return {}
+        flops = np.asarray(flops, np.float64)
+        p = {k: np.asarray(v)[:, None] for k, v in self.samples.items()}
+        pred = _predict(self.approach, p, flops.reshape(1, -1))
+        return {k: np.stack(_percentile_interval(v, self.level, axis=0), -1).reshape(flops.shape + (2,))
+                for k, v in pred.items()}
+
+    def to_dict(self) -> dict:
+        out = {"approach": self.approach, **{k: _num(v) for k, v in self.params.items()}}
+        if self.samples:
+            for k in self.params:
+                ci = self.ci(k)
+                out[f"{k}_ci"] = None if ci is None else [_num(ci[0]), _num(ci[1])]
+        out.update(_jsonable(self.details))
+        if self.n_bootstrap:
+            out["bootstrap"] = {"n": self.n_bootstrap, "n_ok": len(next(iter(self.samples.values()), [])),
+                                "level": self.level, "seed": self.seed,
+                                "samples": {k: [_num(x) for x in v] for k, v in self.samples.items()}}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fit":
+        approach = d["approach"]
+        names = PARAM_NAMES[approach]
+        params = {k: np.nan if d.get(k) is None else float(d[k]) for k in names}
+        skip = set(names) | {f"{k}_ci" for k in names} | {"approach", "bootstrap", "meta"}
+        details = {k: v for k, v in d.items() if k not in skip}
+        boot = d.get("bootstrap") or {}
+        samples = {k: np.array([np.nan if x is None else x for x in v], np.float64)
+                   for k, v in boot.get("samples", {}).items()} or None
+        return cls(approach, params, details, samples, boot.get("level", 0.95), boot.get("n", 0), boot.get("seed"))
+
+    def summary(self) -> str:
+        parts = []
+        for k, v in self.params.items():
+            ci = self.ci(k)
+            parts.append(f"{k}={v:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""))
+        return f"{self.approach}: " + ", ".join(parts)
+
+
+def _num(x):
+    x = float(x)
+    return x if math.isfinite(x) else None  # JSON has no NaN
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (float, np.floating)):
+        return _num(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _percentile_interval(samples, level: float, axis=None):
+    q = 100 * (1 - level) / 2
+    lo, hi = np.nanpercentile(np.asarray(samples, np.float64), [q, 100 - q], axis=axis)
+    return lo, hi
+
+
+def _predict(approach: str, p: dict, C) -> dict:
+    """Predictions from parameters `p` (floats, or arrays of bootstrap samples broadcast against C)."""
+    with np.errstate(all="ignore"):
+        if approach == "powerlaw":
+            return {"loss": p["E"] + (p["C0"] / C) ** p["alpha"]}
+        if approach in ("envelope", "isoflop"):
+            N, D = p["N_coef"] * C ** p["a"], p["D_coef"] * C ** p["b"]
+            return {"N_opt": N, "D_opt": D, "tokens_per_param": D / N}
+        if approach == "parametric":  # compute-optimal allocation under C = 6·N·D
+            N, D = p["G"] * (C / 6) ** p["a"], (C / 6) ** p["b"] / p["G"]
+            loss = p["E"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
+            return {"loss": loss, "N_opt": N, "D_opt": D, "tokens_per_param": D / N}
+    raise ValueError(f"unknown approach {approach!r}; expected one of {APPROACHES}")
+
+
+def _loglog(x, y, w=None) -> tuple[float, float]:
+    """Least squares ln y = ln coef + slope·ln x; returns (slope, coef)."""
+    lx, ly = np.log(x), np.log(y)
+    w = np.ones_like(lx) if w is None else w
+    mx, my = np.average(lx, weights=w), np.average(ly, weights=w)
+    slope = np.sum(w * (lx - mx) * (ly - my)) / np.sum(w * (lx - mx) ** 2)
+    return float(slope), float(np.exp(my - slope * mx))
+
+
+def _need(approach: str, what: str, needed: int, got: int, hint: str = "") -> None:
+    if got < needed:
+        raise ValueError(f"{approach} fit needs at least {needed} {what}; got {got}." + (f" {hint}" if hint else ""))
+
+
+def _check_bootstrap(n_bootstrap: int, level: float) -> None:
+    if n_bootstrap < 0:
+        raise ValueError(f"bootstrap = {n_bootstrap}: the number of resamples must be >= 0.")
+    if not 0 < level < 1:
+        raise ValueError(f"level = {level}: the interval level must be in (0, 1), e.g. 0.95.")
+
+
+# ================================================================================================
+# powerlaw: L(C) = E + (C0/C)^alpha on the compute frontier
+
+
+def frontier(flops: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """Indices of Pareto-optimal runs, by increasing compute: each has lower loss than every run with
+    less (or equal) compute. For sorted C this is where the running minimum of loss drops."""
+    order = np.lexsort((loss, flops))
+    best = np.minimum.accumulate(loss[order])
+    on = np.r_[True, loss[order][1:] < best[:-1]]
+    return order[on]
+
+
+def _powerlaw_starts(lnL: np.ndarray) -> np.ndarray:
+    L = np.exp(lnL)
+    starts = []
+    for frac in (0.05, 0.3, 0.6, 0.8, 0.9, 0.97):
+        E = frac * L.min()
+        k = np.log(max(L.mean() - E, 1e-3 * L.mean()))
+        for alpha in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0):
+            starts.append((np.log(E), k, alpha))
+    return np.array(starts)
+
+
+def _powerlaw_params(theta: np.ndarray, x_ref: float) -> dict[str, np.ndarray]:
+    e, k, alpha = np.moveaxis(np.asarray(theta), -1, 0)
+    with np.errstate(all="ignore"):
+        return {"E": np.exp(e), "C0": np.exp(x_ref + k / alpha), "alpha": alpha}
+
+
+def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0) -> Fit:
+    """L(C) = E + (C0/C)^alpha, least squares on ln L over the frontier runs, from 36 starts."""
+    _check_bootstrap(bootstrap, level)
+    idx = frontier(data.flops, data.loss)
+    _need("powerlaw", "runs on the compute frontier (3 parameters plus one to spare)", 4, len(idx),
+          "Add runs at more compute budgets.")
+    lnC, lnL = np.log(data.flops), np.log(data.loss)
+    x_ref = float(lnC[idx].mean())
+    starts = _powerlaw_starts(lnL[idx])
+    X = (lnC - x_ref)[:, None]
+    w = np.zeros(len(data))
+    w[idx] = 1.0
+    theta, f = minimize_batch(_powerlaw_objective, starts, X, lnL, w)
+    best = theta[np.argmin(f)]
+    params = {k: float(v) for k, v in _powerlaw_params(best, x_ref).items()}
+    details = {"frontier": [{"flops": data.flops[i], "loss": data.loss[i], "params": data.params[i],
+                             "tokens": data.tokens[i]} for i in idx],
+               "n_frontier": len(idx), "objective": float(f.min())}
+    fit = Fit("powerlaw", params, details)
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        W = np.zeros((bootstrap, len(data)))
+        ok = np.zeros(bootstrap, bool)
+        for r in range(bootstrap):
+            counts = np.bincount(rng.integers(0, len(data), len(data)), minlength=len(data))
+            sub = np.flatnonzero(counts)
+            fr = sub[frontier(data.flops[sub], data.loss[sub])]
+            W[r, fr], ok[r] = counts[fr], len(fr) >= 4
+        W = W[ok]
+        cols = np.flatnonzero(W.any(0))  # only runs that are on some resample's frontier
+        st = np.concatenate([best[None], starts[::4]])  # the optimum plus 9 of the grid
+        thetas, fs = minimize_batch(_powerlaw_objective, np.tile(st, (len(W), 1)), X[cols], lnL[cols],
+                                    np.repeat(W[:, cols], len(st), axis=0))
+        pick = thetas.reshape(len(W), len(st), -1)[np.arange(len(W)), fs.reshape(len(W), -1).argmin(1)]
+        fit.samples = _powerlaw_params(pick, x_ref)
+        fit.level, fit.n_bootstrap, fit.seed = level, bootstrap, seed
+    return fit
+
+
+# ================================================================================================
+# envelope (Approach 1): the minimum-loss run per compute budget
+
+
+def _envelope_points(data: ScalingData, gid: np.ndarray, sub: np.ndarray) -> np.ndarray:
+    """Row index of the lowest-loss run in each group that has runs among rows `sub`."""
+    order = sub[np.lexsort((data.loss[sub], gid[sub]))]
+    first = np.r_[True, gid[order][1:] != gid[order][:-1]]
+    return order[first]
+
+
+def _envelope_line(data: ScalingData, pts: np.ndarray) -> dict[str, float]:
+    # Each point uses its own run's flops: it is that run's true compute.
+    a, N_coef = _loglog(data.flops[pts], data.params[pts])
+    b, D_coef = _loglog(data.flops[pts], data.tokens[pts])
+    return {"a": a, "b": b, "N_coef": N_coef, "D_coef": D_coef}
+
+
+def fit_envelope(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0,
+                 bins_per_decade: float | None = None) -> Fit:
+    """Chinchilla Approach 1: per compute group the lowest-loss run; log-log lines of N and D against C."""
+    _check_bootstrap(bootstrap, level)
+    gid, budgets = compute_groups(data, bins_per_decade)
+    _need("envelope", "compute budgets (groups of runs at similar FLOPs)", 3, len(budgets),
+          "Add runs at more budgets, or pass a budget column / --bins-per-decade.")
+    pts = _envelope_points(data, gid, np.arange(len(data)))
+    if len(np.unique(data.flops[pts])) < 2:
+        raise ValueError("envelope fit: all minimum-loss runs have the same flops; need at least 2 distinct.")
+    params = _envelope_line(data, pts)
+    details = {"points": [{"budget": budgets[gid[i]], "flops": data.flops[i], "params": data.params[i],
+                           "tokens": data.tokens[i], "loss": data.loss[i]} for i in pts],
+               "n_groups": len(budgets), "bins_per_decade": bins_per_decade}
+    fit = Fit("envelope", params, details)
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        rows = []
+        for _ in range(bootstrap):
+            sub = rng.integers(0, len(data), len(data))
+            p = _envelope_points(data, gid, sub)
+            if len(p) >= 3 and len(np.unique(data.flops[p])) >= 2:
+                rows.append(_envelope_line(data, p))
+        fit.samples = {k: np.array([r[k] for r in rows]) for k in params}
+        fit.level, fit.n_bootstrap, fit.seed = level, bootstrap, seed
+    return fit
+
+
+# ================================================================================================
+# isoflop (Approach 2): a parabola of loss in ln N per budget
+
+
+ISO_OK, ISO_FEW, ISO_CONCAVE, ISO_OUTSIDE = 0, 1, 2, 3
+ISO_REASONS = {ISO_FEW: "fewer than 3 distinct model sizes (around the minimum); a parabola needs 3",
+               ISO_CONCAVE: "loss is not convex in ln N (no minimum)",
+               ISO_OUTSIDE: "the parabola's minimum lies outside the sampled model sizes"}
+
+
+def _isoflop_optimum(lnN: np.ndarray, lnD: np.ndarray, L: np.ndarray, W: np.ndarray, window: int | None = None):
+    """Weighted parabola L ≈ c0 + c1 x + c2 x² (x = ln N − mean) for each row of weights W (R, n).
+
+    `window`: keep only the lowest-loss size and `window` sizes on each side of it (None: all sizes). The
+    parabola is a local approximation; far from the minimum real IsoFLOP curves are skewed and can pull
+    the vertex (see benchmarks/scaling_real_data.py).
+
+    Returns (status, ln N_opt, ln D_opt, L_opt, coefs), status ISO_OK or why not: fewer than 3 distinct
+    sizes, a parabola opening downwards, or a vertex outside the fitted sizes (an extrapolated optimum is
+    not a measured one). ln D_opt comes from a weighted line of ln D on ln N through the budget's runs,
+    evaluated at N_opt: exactly C/(6 N_opt) when flops = 6·N·D, and still right when the FLOPs-per-token
+    convention differs (e.g. counting attention FLOPs).
+    """
+    uniq, inv = np.unique(lnN, return_inverse=True)
+    if window is not None:
+        W = W.copy()
+        for r in range(len(W)):
+            drawn = W[r] > 0
+            sizes = np.unique(inv[drawn])
+            best = inv[drawn][np.argmin(L[drawn])]
+            pos = int(np.searchsorted(sizes, best))
+            W[r, ~np.isin(inv, sizes[max(0, pos - window): pos + window + 1])] = 0.0
+    m = lnN.mean()
+    x = lnN - m
+    P = np.stack([np.ones_like(x), x, x * x], -1)  # (n, 3)
+    M = np.einsum("rn,ni,nj->rij", W, P, P)
+    v = np.einsum("rn,ni,n->ri", W, P, L)
+    distinct = (np.stack([W[:, inv == u].sum(1) for u in range(len(uniq))], 1) > 0).sum(1)
+    few = distinct < 3
+    M[few] = np.eye(3)
+    c = np.linalg.solve(M, v[..., None])[..., 0]
+    used = W > 0
+    x_lo, x_hi = np.where(used, x, np.inf).min(1), np.where(used, x, -np.inf).max(1)
+    with np.errstate(all="ignore"):
+        xv = -c[:, 1] / (2 * c[:, 2])
+        status = np.where(few, ISO_FEW, np.where(c[:, 2] <= 0, ISO_CONCAVE,
+                                                 np.where((xv < x_lo) | (xv > x_hi), ISO_OUTSIDE, ISO_OK)))
+        Lv = c[:, 0] + c[:, 1] * xv + c[:, 2] * xv * xv
+        # ln D on ln N, weighted
+        sw = W.sum(1)
+        mx, md = (W @ x) / sw, (W @ lnD) / sw
+        slope = (W @ (x * lnD) - sw * mx * md) / (W @ (x * x) - sw * mx * mx)
+        lnDv = md + slope * (xv - mx)
+    return status, xv + m, lnDv, Lv, c, np.stack([x_lo + m, x_hi + m], 1)
+
+
+def fit_isoflop(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0,
+                bins_per_decade: float | None = None, window: int | None = None) -> Fit:
+    """Chinchilla Approach 2: per budget with >= 3 distinct sizes, the vertex of a parabola of loss in
+    ln N is (N_opt, D_opt, loss_opt); N_opt = N_coef·C^a, D_opt = D_coef·C^b by log-log least squares.
+    `window` = k fits each parabola to the lowest-loss size and k sizes either side (default: all sizes).
+    Bootstrap resamples runs within each budget, so every budget keeps its own parabola."""
+    _check_bootstrap(bootstrap, level)
+    if window is not None and window < 1:
+        raise ValueError(f"window = {window}: use at least 1 size each side of the minimum (3 sizes in all), or None.")
+    gid, budgets = compute_groups(data, bins_per_decade)
+    lnN, lnD, L = np.log(data.params), np.log(data.tokens), data.loss
+    optima, skipped, members = [], [], []
+    for g, C in enumerate(budgets):
+        rows = np.flatnonzero(gid == g)
+        n_sizes = len(np.unique(data.params[rows]))
+        status, ln_n, ln_d, l_opt, c, ln_range = _isoflop_optimum(lnN[rows], lnD[rows], L[rows],
+                                                                  np.ones((1, len(rows))), window)
+        if status[0] != ISO_OK:
+            reason = ISO_REASONS[int(status[0])]
+            if status[0] == ISO_FEW and n_sizes < 3:
+                reason = f"only {n_sizes} distinct model size(s); a parabola needs 3"
+            skipped.append({"budget": C, "reason": reason})
+            continue
+        members.append(rows)
+        optima.append({"budget": C, "N_opt": math.exp(ln_n[0]), "D_opt": math.exp(ln_d[0]), "loss_opt": l_opt[0],
+                       "n_points": len(rows), "n_sizes": n_sizes, "parabola_ln_n": [c[0, 2], c[0, 1], c[0, 0]],
+                       "ln_n_center": float(lnN[rows].mean()), "N_range": np.exp(ln_range[0]).tolist()})
+    _need("isoflop", "budgets with >= 3 distinct model sizes and a bracketed loss minimum", 3, len(optima),
+          "Skipped budgets: " + "; ".join(f"C={s['budget']:.3g}: {s['reason']}" for s in skipped) if skipped else "")
+    C = np.array([o["budget"] for o in optima])
+    a, N_coef = _loglog(C, [o["N_opt"] for o in optima])
+    b, D_coef = _loglog(C, [o["D_opt"] for o in optima])
+    fit = Fit("isoflop", {"a": a, "b": b, "N_coef": N_coef, "D_coef": D_coef},
+              {"optima": optima, "skipped_budgets": skipped, "bins_per_decade": bins_per_decade, "window": window})
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        # (bootstrap, budget) arrays of per-budget optima; NaN where a resample had no valid vertex
+        n_opt, d_opt, l_opt = (np.full((bootstrap, len(optima)), np.nan) for _ in range(3))
+        for j, rows in enumerate(members):
+            W = rng.multinomial(len(rows), np.full(len(rows), 1 / len(rows)), size=bootstrap).astype(np.float64)
+            status, ln_n, ln_d, lv, _, _ = _isoflop_optimum(lnN[rows], lnD[rows], L[rows], W, window)
+            ok = status == ISO_OK
+            n_opt[ok, j], d_opt[ok, j], l_opt[ok, j] = np.exp(ln_n[ok]), np.exp(ln_d[ok]), lv[ok]
+        rows = []
+        for r in range(bootstrap):
+            v = np.isfinite(n_opt[r])
+            if v.sum() >= 3:
+                a_r, nc = _loglog(C[v], n_opt[r, v])
+                b_r, dc = _loglog(C[v], d_opt[r, v])
+                rows.append((a_r, b_r, nc, dc))
+        fit.samples = {k: np.array([r[i] for r in rows]) for i, k in enumerate(("a", "b", "N_coef", "D_coef"))}
+        for j, o in enumerate(optima):
+            for k, arr in (("N_opt", n_opt), ("D_opt", d_opt), ("loss_opt", l_opt)):
+                o[f"{k}_ci"] = list(_percentile_interval(arr[:, j], level))
+        fit.level, fit.n_bootstrap, fit.seed = level, bootstrap, seed
+    return fit
+
+
+# ================================================================================================
+# parametric (Approach 3): L(N, D) = E + A/N^alpha + B/D^beta
+
+
+def hoffmann_grid(coarse: bool = False) -> np.ndarray:
+    """Hoffmann et al.'s 4500 initialisations as rows (a, b, e, alpha, beta): alpha, beta in {0, 0.5, .., 2},
+    e in {-1, -0.5, .., 1}, a, b in {0, 5, .., 25}. `coarse`: a 162-start grid for quick looks."""
+    if coarse:
+        a, e, al = np.array([5.0, 15.0, 25.0]), np.array([-0.5, 0.5]), np.array([0.5, 1.0, 1.5])
+    else:
+        a, e, al = np.arange(0.0, 26.0, 5.0), np.arange(-1.0, 1.01, 0.5), np.arange(0.0, 2.01, 0.5)
+    grid = np.meshgrid(a, a, e, al, al, indexing="ij")
+    return np.stack([g.reshape(-1) for g in grid], -1)
+
+
+def _parametric_params(theta: np.ndarray) -> dict[str, np.ndarray]:
+    a_, b_, e, alpha, beta = np.moveaxis(np.asarray(theta, np.float64), -1, 0)
+    A, B, E = np.exp(a_), np.exp(b_), np.exp(e)
+    with np.errstate(all="ignore"):
+        valid = (alpha > 0) & (beta > 0)  # otherwise there is no compute-optimal allocation
+        s = np.where(valid, alpha + beta, np.nan)
+        G = (alpha * A / (beta * B)) ** (1 / s)
+        a, b = beta / s, alpha / s
+        # N_opt = G·(C/6)^a = N_coef·C^a, D_opt = (C/6)^b / G = D_coef·C^b, as for the other approaches
+        return {"E": E, "A": A, "B": B, "alpha": alpha, "beta": beta, "a": a, "b": b, "G": G,
+                "N_coef": G * 6.0 ** -a, "D_coef": 6.0 ** -b / G}
+
+
+def fit_parametric(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0,
+                   starts: np.ndarray | None = None, bootstrap_starts: np.ndarray | None = None,
+                   huber_delta: float = HUBER_DELTA) -> Fit:
+    """Approach 3 with the Hoffmann/Besiroglu recipe: L-BFGS on summed Huber(ln L̂ − ln L) from every start
+    of `starts` (default: the 4500-point Hoffmann grid, rows (a, b, e, alpha, beta)), keeping the best.
+
+    Bootstrap resamples runs; each resample starts from the full-data optimum plus `bootstrap_starts`
+    (default a 4-point grid; pass an empty array for the optimum alone), all resamples in one batch.
+    """
+    _check_bootstrap(bootstrap, level)
+    _need("parametric", "runs (5 parameters plus one to spare)", 6, len(data))
+    for col, v in (("params", data.params), ("tokens", data.tokens)):
+        _need("parametric", f"distinct values of '{col}'", 2, len(np.unique(v)),
+              "N and D must both vary to separate A/N^alpha from B/D^beta.")
+    X = np.stack([np.log(data.params), np.log(data.tokens)], -1)
+    y = np.log(data.loss)
+    starts = hoffmann_grid() if starts is None else np.atleast_2d(np.asarray(starts, np.float64))
+    theta, f = minimize_batch(_parametric_objective, starts, X, y, delta=huber_delta)
+    i = int(np.argmin(f))
+    best = theta[i]
+    params = {k: float(v) for k, v in _parametric_params(best).items()}
+    details = {"objective": float(f[i]), "huber_delta": huber_delta, "n_starts": len(starts),
+               # how many starts reached the best objective: a sanity check that it is not a fluke
+               "n_starts_at_best": int(np.sum(f <= f[i] + 1e-9 * abs(f[i]) + 1e-15))}
+    fit = Fit("parametric", params, details)
+    if bootstrap:
+        if bootstrap_starts is None:
+            bootstrap_starts = np.array([[ab, ab, best[2], ex, ex] for ab in (5.0, 15.0) for ex in (0.3, 1.0)])
+        st = np.concatenate([best[None], np.asarray(bootstrap_starts, np.float64).reshape(-1, 5)])
+        rng = np.random.default_rng(seed)
+        W = rng.multinomial(len(data), np.full(len(data), 1 / len(data)), size=bootstrap).astype(np.float64)
+        thetas, fs = minimize_batch(_parametric_objective, np.tile(st, (bootstrap, 1)), X, y,
+                                    np.repeat(W, len(st), axis=0), delta=huber_delta)
+        pick = thetas.reshape(bootstrap, len(st), -1)[np.arange(bootstrap), fs.reshape(bootstrap, -1).argmin(1)]
+        fit.samples = _parametric_params(pick)
+        fit.level, fit.n_bootstrap, fit.seed = level, bootstrap, seed
+    return fit
+
+
+# ================================================================================================
+# Dispatch and fit.json
+
+
+FITTERS = {"powerlaw": fit_powerlaw, "envelope": fit_envelope, "isoflop": fit_isoflop, "parametric": fit_parametric}
+
+
+def run_fit(data: ScalingData, approach: str, **options) -> Fit:
+    """Run one approach. Options: bootstrap, level, seed; bins_per_decade (envelope, isoflop); window (isoflop)."""
+    if approach not in FITTERS:
+        raise ValueError(f"unknown approach {approach!r}; choose one of {', '.join(APPROACHES)} or all.")
+    if approach not in ("envelope", "isoflop"):
+        options.pop("bins_per_decade", None)
+    if approach != "isoflop":
+        options.pop("window", None)
+    return FITTERS[approach](data, **options)
+
+
+def fit_all(data: ScalingData, *, parametric_starts: np.ndarray | None = None, **options) -> dict[str, Fit | str]:
+    """Every approach; one that cannot run on this data (too few points, ...) maps to its error message."""
+    out: dict[str, Fit | str] = {}
+    for name in APPROACHES:
+        opts = dict(options)
+        if name == "parametric" and parametric_starts is not None:
+            opts["starts"] = parametric_starts
+        try:
+            out[name] = run_fit(data, name, **opts)
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def fits_to_json(fits: dict[str, Fit | str], meta: dict) -> dict:
+    """One approach: its keys at the top level. Several: {"approach": "all", "<approach>": {...}, ...}.
+    An approach that failed under `all` is {"error": "<message>"}. `meta` says what was fitted."""
+    if len(fits) == 1:
+        (f,) = fits.values()
+        return {**f.to_dict(), "meta": meta}
+    out = {"approach": "all", "meta": meta}
+    for name, f in fits.items():
+        out[name] = f.to_dict() if isinstance(f, Fit) else {"error": f}
+    return out
+
+
+def save_fits(path: str, fits: dict[str, Fit | str], meta: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(fits_to_json(fits, meta), fh, indent=1, allow_nan=False)
+        fh.write("\n")
+
+
+def load_fits(path: str) -> tuple[dict[str, Fit], dict]:
+    """Read fit.json back: ({approach: Fit} for the approaches that succeeded, meta)."""
+    with open(path) as fh:
+        d = json.load(fh)
+    if "approach" not in d:
+        raise ValueError(f"{path}: not a fit.json written by `python -m t5like.scaling fit` (no 'approach' key).")
+    if d["approach"] != "all":
+        return {d["approach"]: Fit.from_dict(d)}, d.get("meta", {})
+    fits = {k: Fit.from_dict(v) for k, v in d.items() if k in APPROACHES and "error" not in v}
+    return fits, d.get("meta", {})

@@ -1,0 +1,331 @@
+"""Tests for t5like.scaling: parameter recovery on synthetic sweeps, bootstrap coverage, bad input, CLI.
+
+Synthetic sweeps come from Hoffmann et al.'s law L = 1.69 + 406.4/N^0.34 + 410.7/D^0.28 on IsoFLOP grids
+(D = C/(6N)) with 1% multiplicative noise. For that law N_opt ∝ C^a with a = beta/(alpha+beta) = 0.4516,
+D_opt ∝ C^b with b = 0.5484, and the compute frontier is L*(C) = E + K·C^-(alpha·beta/(alpha+beta)).
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from t5like.scaling import (ChinchillaLaw, Fit, compute_groups, fit_envelope, fit_isoflop, fit_parametric, fit_powerlaw,
+                            from_arrays, frontier, load_csv, load_fits, run_fit, synthetic_isoflop)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAW = ChinchillaLaw()
+# A dense sweep (13 budgets over 6 decades × 15 sizes over 1.5 decades) for the approaches that use
+# only part of the data (frontier, envelope, per-budget minima).
+DENSE = dict(budgets=np.logspace(17, 23, 13), sizes_per_budget=15)
+# Starts for the coverage test: the point is the bootstrap's calibration, not the global search (the
+# full Hoffmann grid is tested in test_parametric_recovers_law).
+FEW_STARTS = np.array([[6.0, 6.0, 0.5, 0.35, 0.3], [5.0, 5.0, 0.0, 0.5, 0.5], [10.0, 10.0, 0.5, 0.5, 0.5],
+                       [15.0, 15.0, 0.0, 1.0, 1.0]])
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    """9 budgets (1e18..1e22) × 9 sizes, centred on the true optimum: the classic IsoFLOP design."""
+    return synthetic_isoflop(LAW, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return synthetic_isoflop(LAW, seed=0, **DENSE)
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Recovery
+
+
+def test_parametric_recovers_law(dense):
+    # On this design the estimates' relative sd over 20 seeds was 1.3% (alpha), 1.4% (beta), 0.5% (E),
+    # so 5% is a > 3 sd tolerance.
+    fit = fit_parametric(dense)  # the full 4500-start Hoffmann grid
+    p = fit.params
+    assert fit.details["n_starts"] == 4500
+    assert abs(p["alpha"] / LAW.alpha - 1) < 0.05, p
+    assert abs(p["beta"] / LAW.beta - 1) < 0.05, p
+    assert abs(p["E"] / LAW.E - 1) < 0.05, p
+    assert abs(p["a"] - LAW.a) < 0.02 and abs(p["b"] - LAW.b) < 0.02, p
+    # the derived allocation agrees with the law's own compute-optimal N at 1e21 FLOPs within 25%
+    pred = fit.predict(1e21)
+    assert abs(np.log(pred["N_opt"] / LAW.n_opt(1e21))) < np.log(1.25)
+    assert np.isclose(pred["N_opt"] * pred["D_opt"] * 6, 1e21, rtol=1e-9)
+    # many starts reach the best objective: it is not a lucky single start
+    assert fit.details["n_starts_at_best"] > 100
+
+
+def test_powerlaw_recovers_frontier_exponent(dense):
+    fit = fit_powerlaw(dense)
+    assert abs(fit.params["alpha"] / LAW.frontier_alpha - 1) < 0.05, fit.params
+    # the fit passes through the frontier: residuals at the 1% noise level
+    fr = frontier(dense.flops, dense.loss)
+    resid = np.log(fit.predict(dense.flops[fr])["loss"] / dense.loss[fr])
+    assert np.sqrt(np.mean(resid ** 2)) < 0.01
+
+
+def test_envelope_recovers_allocation_exponents(dense):
+    # The lowest-loss run per budget is a noisy pick from a discrete grid (1% noise vs a flat minimum):
+    # over 20 seeds the estimate of a had sd 0.03, so the tolerance is 0.08.
+    fit = fit_envelope(dense)
+    assert abs(fit.params["a"] - LAW.a) < 0.08, fit.params
+    assert abs(fit.params["b"] - LAW.b) < 0.08, fit.params
+    assert abs(fit.params["a"] + fit.params["b"] - 1) < 1e-9  # N·D = C/6 exactly on this grid
+    assert len(fit.details["points"]) == 13
+
+
+def test_isoflop_recovers_allocation_exponents(dense):
+    # Over 20 seeds: mean a = 0.4534 (truth 0.4516), sd 0.007. Tolerance 0.025.
+    fit = fit_isoflop(dense)
+    assert abs(fit.params["a"] - LAW.a) < 0.025, fit.params
+    assert abs(fit.params["b"] - LAW.b) < 0.025, fit.params
+    assert len(fit.details["optima"]) == 13 and not fit.details["skipped_budgets"]
+    for o in fit.details["optima"]:  # each vertex within 40% of the true N_opt (1% noise, 15 sizes)
+        assert abs(np.log(o["N_opt"] / LAW.n_opt(o["budget"]))) < np.log(1.4), o
+        assert np.isclose(o["N_opt"] * o["D_opt"] * 6, o["budget"], rtol=1e-9)
+
+
+def test_isoflop_skips_budgets_without_a_bracketed_minimum():
+    # Sizes all far below the optimum: loss only falls with N, so the minimum is not bracketed.
+    law = LAW
+    C = np.repeat([1e19, 1e20, 1e21, 1e22], 5)
+    N = np.concatenate([law.n_opt(c) * np.logspace(-0.5, 0.5, 5) for c in (1e19, 1e20, 1e21)]
+                       + [law.n_opt(1e22) * np.logspace(-3, -2, 5)])
+    data = from_arrays(N, C / (6 * N), law.loss(N, C / (6 * N)), flops=C, budget=C)
+    fit = fit_isoflop(data)
+    assert [s["budget"] for s in fit.details["skipped_budgets"]] == [1e22]
+    assert "outside the sampled model sizes" in fit.details["skipped_budgets"][0]["reason"]
+    assert np.isclose(fit.params["a"], law.a, atol=0.02)  # noise-free: parabola bias only
+
+
+def test_isoflop_window_fits_sizes_around_the_minimum(sweep):
+    fit = fit_isoflop(sweep, window=1, bootstrap=20)
+    sizes = np.unique(sweep.params[sweep.budget == sweep.budget[0]])
+    first = fit.details["optima"][0]
+    # the sweep is centred on the optimum: the lowest-loss size is near the middle, and window=1 keeps 3
+    lo, hi = first["N_range"]
+    assert np.sum((sizes >= lo * (1 - 1e-12)) & (sizes <= hi * (1 + 1e-12))) == 3
+    assert lo <= first["N_opt"] <= hi
+    assert abs(fit.params["a"] - LAW.a) < 0.06 and len(fit.samples["a"]) > 0
+    full = fit_isoflop(sweep).details["optima"][0]["N_range"]
+    assert np.allclose(full, [sizes.min(), sizes.max()])
+    with pytest.raises(ValueError, match="window = 0"):
+        fit_isoflop(sweep, window=0)
+
+
+def test_frontier_is_pareto_set():
+    flops = np.array([1, 2, 2, 3, 4, 5, 6.0])
+    loss = np.array([5, 4, 3.5, 3.6, 3.0, 3.0, 2.0])
+    assert frontier(flops, loss).tolist() == [0, 2, 4, 6]
+
+
+def test_groups_merge_nearby_flops_without_budget_column():
+    flops = np.array([0.98e18, 1.02e18, 1.01e18, 3.1e18, 2.96e18, 1e19])
+    data = from_arrays(np.ones(6), np.ones(6), np.ones(6) * 3, flops=flops)
+    gid, budgets = compute_groups(data)
+    assert gid.tolist() == [0, 0, 0, 1, 1, 2]
+    assert np.allclose(budgets, [np.exp(np.log(flops[:3]).mean()), np.exp(np.log(flops[3:5]).mean()), 1e19])
+    gid, _ = compute_groups(data, bins_per_decade=1)  # 1 bin per decade: 1e18 and 3e18 share a bin
+    assert gid.tolist() == [0, 0, 0, 0, 0, 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+def _acceptance(n: int, p: float, tail: float = 0.005) -> tuple[int, int]:
+    """Central region of Binomial(n, p) with at most `tail` probability outside on each side."""
+    ks = np.arange(n + 1)
+    lo = ks[stats.binom.cdf(ks, n, p) > tail][0]
+    hi = ks[stats.binom.sf(ks - 1, n, p) > tail][-1]
+    return int(lo), int(hi)
+
+
+def test_bootstrap_coverage_parametric():
+    # 40 independent sweeps; 80% intervals from 100 resamples each. If the intervals are calibrated the
+    # number covering the truth is Binomial(40, 0.8): we accept its central 99% ([25, 38]). Intervals that
+    # are too narrow (e.g. resamples stuck at the full-data optimum) or too wide both fail.
+    lo, hi = _acceptance(40, 0.8)
+    covered = {"alpha": 0, "beta": 0}
+    for draw in range(40):
+        data = synthetic_isoflop(LAW, budgets=np.logspace(18, 21, 9), sizes_per_budget=9, seed=1000 + draw)
+        fit = fit_parametric(data, starts=FEW_STARTS, bootstrap=100, bootstrap_starts=np.empty((0, 5)),
+                             level=0.8, seed=draw)
+        for k in covered:
+            ci_lo, ci_hi = fit.ci(k)
+            covered[k] += ci_lo <= getattr(LAW, k) <= ci_hi
+    assert all(lo <= c <= hi for c in covered.values()), (covered, (lo, hi))
+
+
+def test_bootstrap_coverage_isoflop():
+    lo, hi = _acceptance(40, 0.8)
+    covered = 0
+    for draw in range(40):
+        data = synthetic_isoflop(LAW, seed=2000 + draw, **DENSE)
+        ci_lo, ci_hi = fit_isoflop(data, bootstrap=200, level=0.8, seed=draw).ci("a")
+        covered += ci_lo <= LAW.a <= ci_hi
+    assert lo <= covered <= hi, (covered, (lo, hi))
+
+
+def test_bootstrap_intervals_and_json_roundtrip(sweep, tmp_path):
+    fit = fit_powerlaw(sweep, bootstrap=50, seed=3, level=0.9)
+    for k in ("E", "C0", "alpha"):
+        ci_lo, ci_hi = fit.ci(k)
+        assert ci_lo < ci_hi and len(fit.samples[k]) == 50
+    d = fit.to_dict()
+    assert d["alpha_ci"] == [pytest.approx(v) for v in fit.ci("alpha")] and d["bootstrap"]["level"] == 0.9
+    back = Fit.from_dict(json.loads(json.dumps(d)))
+    C = np.array([1e20, 1e23])
+    assert np.allclose(back.predict(C)["loss"], fit.predict(C)["loss"])
+    band = back.predict_interval(C)["loss"]
+    assert band.shape == (2, 2) and np.all(band[:, 0] < fit.predict(C)["loss"]) and np.all(fit.predict(C)["loss"] < band[:, 1])
+    assert band[1, 1] - band[1, 0] > band[0, 1] - band[0, 0]  # wider when extrapolating further
+    # the same seed gives the same intervals
+    assert fit_powerlaw(sweep, bootstrap=50, seed=3, level=0.9).ci("alpha") == fit.ci("alpha")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: clear ValueErrors before any fitting
+
+
+def test_missing_column(tmp_path):
+    path = write_csv(tmp_path / "r.csv", ["params", "loss"], [[1e8, 3.0]])
+    with pytest.raises(ValueError, match=r"missing column 'tokens'.*--tokens-column"):
+        load_csv(path)
+    path = write_csv(tmp_path / "r2.csv", ["params", "tokens", "xent"], [[1e8, 1e9, 3.0]])
+    with pytest.raises(ValueError, match=r"missing column 'loss'.*--loss-column"):
+        load_csv(path)
+    assert load_csv(path, loss_column="xent").loss_column == "xent"
+
+
+def test_non_positive_and_nan_rows_are_named(tmp_path):
+    rows = [[1e8, 1e9, 3.0], [2e8, 0, 2.9], [3e8, 1e9, 2.8]]
+    with pytest.raises(ValueError, match=r"line 3: column 'tokens' = 0 is not positive"):
+        load_csv(write_csv(tmp_path / "a.csv", ["params", "tokens", "loss"], rows))
+    rows = [[1e8, 1e9, 3.0], [2e8, 1e9, "nan"]]
+    with pytest.raises(ValueError, match=r"line 3: column 'loss' is nan"):
+        load_csv(write_csv(tmp_path / "b.csv", ["params", "tokens", "loss"], rows))
+    rows = [[1e8, 1e9, ""]]
+    with pytest.raises(ValueError, match=r"line 2: column 'loss' is nan"):
+        load_csv(write_csv(tmp_path / "c.csv", ["params", "tokens", "loss"], rows))
+    with pytest.raises(ValueError, match=r"line 2: column 'params' = 'big' is not a number"):
+        load_csv(write_csv(tmp_path / "d.csv", ["params", "tokens", "loss"], [["big", 1e9, 3.0]]))
+    with pytest.raises(ValueError, match=r"row 2: column 'params' = -5 is not positive"):
+        from_arrays([1.0, -5.0], [1.0, 1.0], [3.0, 3.0])
+
+
+def test_sweep_table_status_and_loss_fallback(tmp_path):
+    header = ["name", "params", "tokens", "flops", "final_eval_loss", "status"]
+    rows = [["a", 1e8, 1e9, 7e17, 3.1, "ok"], ["b", 2e8, 1e9, 1.3e18, 3.0, "finished"],
+            ["c", 3e8, 1e9, 1.9e18, "nan", "failed"], ["d", 4e8, 1e9, 2.5e18, "", "running"]]
+    data = load_csv(write_csv(tmp_path / "s.csv", header, rows))
+    assert data.loss_column == "final_eval_loss" and len(data) == 2 and data.n_skipped_status == 2
+    assert np.allclose(data.flops, [7e17, 1.3e18]) and not data.flops_from_6nd
+    plain = load_csv(write_csv(tmp_path / "p.csv", ["params", "tokens", "loss"], [[1e8, 1e9, 3.0]]))
+    assert plain.flops_from_6nd and plain.flops[0] == 6e17
+    rows = [["a", 1e8, 1e9, 7e17, 3.1, "failed"]]
+    with pytest.raises(ValueError, match=r"no rows with status ok/finished"):
+        load_csv(write_csv(tmp_path / "f.csv", header, rows))
+
+
+def test_too_few_points_say_how_many(sweep):
+    small = sweep.subset(np.arange(5))  # 5 runs, all at one budget
+    with pytest.raises(ValueError, match=r"parametric fit needs at least 6 runs .*got 5"):
+        fit_parametric(small)
+    with pytest.raises(ValueError, match=r"envelope fit needs at least 3 compute budgets.*got 1"):
+        fit_envelope(small)
+    with pytest.raises(ValueError, match=r"isoflop fit needs at least 3 budgets.*got 1"):
+        fit_isoflop(small)
+    with pytest.raises(ValueError, match=r"powerlaw fit needs at least 4 runs on the compute frontier.*got 1"):
+        fit_powerlaw(small)
+    with pytest.raises(ValueError, match=r"distinct values of 'params'"):
+        fit_parametric(from_arrays(np.full(8, 1e8), np.logspace(9, 10, 8), np.linspace(3, 2.5, 8)))
+    with pytest.raises(ValueError, match=r"unknown approach 'chinchilla'"):
+        run_fit(sweep, "chinchilla")
+    with pytest.raises(ValueError, match=r"bootstrap = -1"):
+        fit_isoflop(sweep, bootstrap=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI end to end
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "t5like.scaling", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_cli_fit_predict_plot(tmp_path):
+    data = synthetic_isoflop(LAW, budgets=np.logspace(18, 21, 7), sizes_per_budget=7, seed=5)
+    rows = [[int(n), int(d), c, l, "ok"] for n, d, c, l in zip(data.params, data.tokens, data.flops, data.loss)]
+    rows.append([1e8, 1e9, 6e17, "nan", "failed"])
+    csv_path = write_csv(tmp_path / "results.csv", ["params", "tokens", "flops", "final_eval_loss", "status"], rows)
+    fit_path = tmp_path / "fit.json"
+
+    run_cli("fit", csv_path, "--approach", "all", "--bootstrap", 20, "--grid", "coarse", "--out", fit_path)
+    d = json.loads(fit_path.read_text())
+    assert d["approach"] == "all" and d["meta"]["n_points"] == 49 and d["meta"]["loss_column"] == "final_eval_loss"
+    assert d["meta"]["n_skipped_status"] == 1
+    for name, keys in (("powerlaw", ("E", "C0", "alpha")), ("envelope", ("a", "b", "N_coef", "D_coef")),
+                       ("isoflop", ("a", "b", "N_coef", "D_coef")),
+                       ("parametric", ("E", "A", "B", "alpha", "beta", "a", "b", "G", "N_coef", "D_coef"))):
+        for k in keys:
+            assert isinstance(d[name][k], float) and len(d[name][f"{k}_ci"]) == 2, (name, k)
+    assert len(d["isoflop"]["optima"]) == 7 and {"budget", "N_opt", "D_opt", "loss_opt"} <= set(d["isoflop"]["optima"][0])
+    assert abs(d["isoflop"]["a"] - LAW.a) < 0.1 and abs(d["parametric"]["alpha"] / LAW.alpha - 1) < 0.25
+
+    out = json.loads(run_cli("predict", fit_path, "--flops", "1e21", "--json").stdout)
+    by = {r["approach"]: r for r in out}
+    assert set(by) == {"powerlaw", "envelope", "isoflop", "parametric"}
+    par = by["parametric"]
+    assert par["loss_ci"][0] < par["loss"] < par["loss_ci"][1]
+    assert np.isclose(par["tokens_per_param"], par["D_opt"] / par["N_opt"])
+    assert abs(np.log(par["N_opt"] / LAW.n_opt(1e21))) < np.log(2)
+    table = run_cli("predict", fit_path, "--flops", "1e21").stdout
+    assert "95% bootstrap intervals" in table and "parametric" in table and "tokens/param" in table
+
+    plots = tmp_path / "plots"
+    printed = run_cli("plot", csv_path, "--fit", fit_path, "--out", plots).stdout.split()
+    names = {f"{n}.{e}" for n in ("loss_vs_compute", "isoflop", "optimal_allocation") for e in ("png", "pdf")}
+    assert set(os.listdir(plots)) == names and len(printed) == 6
+    for n in names:
+        assert (plots / n).stat().st_size > 5000, n
+        assert (plots / n).read_bytes()[:4] in (b"\x89PNG", b"%PDF")
+
+
+def test_cli_single_approach_and_errors(tmp_path):
+    csv_path = write_csv(tmp_path / "r.csv", ["params", "tokens", "loss"],
+                         [[n, 1e10 / n * 100, 3.0 - 0.01 * i] for i, n in enumerate(np.logspace(7, 9, 6))])
+    proc = run_cli("fit", csv_path, "--approach", "isoflop", "--out", tmp_path / "f.json", check=False)
+    assert proc.returncode == 2 and "isoflop fit needs at least 3 budgets" in proc.stderr
+    bad = write_csv(tmp_path / "bad.csv", ["params", "loss"], [[1e8, 3.0]])
+    proc = run_cli("fit", bad, "--out", tmp_path / "g.json", check=False)
+    assert proc.returncode == 2 and "missing column 'tokens'" in proc.stderr and "Traceback" not in proc.stderr
+
+    data = synthetic_isoflop(LAW, budgets=np.logspace(18, 20, 5), sizes_per_budget=5, seed=1)
+    ok = write_csv(tmp_path / "ok.csv", ["params", "tokens", "loss", "budget"],
+                   zip(data.params, data.tokens, data.loss, data.budget))
+    run_cli("fit", ok, "--approach", "isoflop", "--out", tmp_path / "iso.json")
+    d = json.loads((tmp_path / "iso.json").read_text())
+    assert d["approach"] == "isoflop" and "a" in d and "a_ci" not in d and d["meta"]["flops_from_6nd"]
+    fits, _ = load_fits(tmp_path / "iso.json")
+    assert set(fits) == {"isoflop"}
+    out = json.loads(run_cli("predict", tmp_path / "iso.json", "--flops", "1e21", "--json").stdout)
+    assert out[0]["approach"] == "isoflop" and "loss" not in out[0] and "N_opt_ci" not in out[0]
