@@ -255,6 +255,14 @@ class _Base(nnx.Module):
         x = L.dropout(x, self.cfg.dropout, rng)
         return self.shard(x, ("batch", "length", "act_embed"))
 
+    def _encode_bidirectional(self, batch: dict, ids_key: str, prefix: str, rng) -> Array:
+        """Embed `batch[ids_key]` and run `self.encoder` with a bidirectional, segment-local mask."""
+        ids = batch[ids_key]
+        seg, pos = _segments_and_positions(batch, prefix, ids)
+        r = _split(rng, 2)
+        mask = L.attention_mask(seg, seg, causal=False)
+        return self.encoder(self.embed_tokens(ids, pos, r[0]), mask=mask, positions=pos, shard=self.shard, rng=r[1])
+
     def logits(self, x_BLD: Array) -> Array:
         y = self.embed.attend(x_BLD) if self.lm_head is None else self.lm_head(x_BLD)
         return self.shard(y.astype(jnp.float32), ("batch", "length", "act_vocab"))
@@ -305,11 +313,7 @@ class EncoderOnly(_Base):
                                       use_bias=True)
 
     def encode(self, batch: dict, *, rng=None) -> Array:
-        ids = batch["inputs"]
-        seg, pos = _segments_and_positions(batch, "", ids)
-        r = _split(rng, 2)
-        mask = L.attention_mask(seg, seg, causal=False)
-        return self.encoder(self.embed_tokens(ids, pos, r[0]), mask=mask, positions=pos, shard=self.shard, rng=r[1])
+        return self._encode_bidirectional(batch, "inputs", "", rng)
 
     def __call__(self, batch: dict, *, rng: Optional[Array] = None) -> Array:
         h = self.shard(self.mlm_dense(self.encode(batch, rng=rng)), ("batch", "length", "act_embed"))
@@ -331,11 +335,7 @@ class EncoderDecoder(_Base):
         self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross=True, rngs=rngs)
 
     def encode(self, batch: dict, *, rng=None) -> Array:
-        ids = batch["encoder_inputs"]
-        seg, pos = _segments_and_positions(batch, "encoder_", ids)
-        r = _split(rng, 2)
-        mask = L.attention_mask(seg, seg, causal=False)
-        return self.encoder(self.embed_tokens(ids, pos, r[0]), mask=mask, positions=pos, shard=self.shard, rng=r[1])
+        return self._encode_bidirectional(batch, "encoder_inputs", "encoder_", rng)
 
     def decode(self, batch: dict, encoded_BSD: Array, *, rng=None) -> Array:
         ids = batch["decoder_inputs"]
