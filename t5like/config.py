@@ -57,6 +57,7 @@ class ModelConfig:
     dtype: str = "float32"                  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1                    # layers per scan iteration; >1 trades program size for speed (CPU)
     attention_impl: Optional[str] = None    # None lets JAX pick; "cudnn" for the fused GPU kernel
 
     @property
@@ -80,7 +81,7 @@ class ModelConfig:
         _choice("model.remat", self.remat, REMAT_POLICIES)
         _choice("model.dtype", self.dtype, DTYPES)
         _choice("model.param_dtype", self.param_dtype, DTYPES)
-        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers", "max_len"):
+        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers", "max_len", "scan_unroll"):
             _positive(f"model.{name}", getattr(self, name))
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(

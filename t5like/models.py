@@ -109,6 +109,7 @@ class Stack(nnx.Module):
         self.relative_bias = (L.RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
                               if cfg.position == "relative" else None)
         self.num_layers, self.remat = num_layers, cfg.remat
+        self.scan_unroll = min(cfg.scan_unroll, num_layers)
 
     def __call__(self, x_BTD, *, mask, positions, shard: Sharder, rng=None, encoded_BSD=None, cross_mask=None):
         bias = None if self.relative_bias is None else self.relative_bias(positions, positions)
@@ -123,7 +124,7 @@ class Stack(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys))
+        x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys), unroll=self.scan_unroll)
         return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
 
 
