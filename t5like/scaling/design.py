@@ -1,0 +1,534 @@
+"""Sweep design: IsoFLOP grids for compute-optimal scaling, plus plain grid and random search.
+
+    python -m t5like.scaling.design --experiment experiments.scaling_tiny --out plan.csv
+
+An IsoFLOP design trains, at each compute budget C, models of several sizes N, each for exactly the
+tokens that C buys it (Hoffmann et al. 2022, approach 2). The rules, all in `IsoFlopDesign`:
+
+- Sizes. The centre of each budget is the Chinchilla guess N_opt = sqrt(C / (6·20)) (D = 20·N, C = 6·N·D);
+  the targets are `sizes_per_budget` values log-spaced over `span` × N_opt (default 1/4 … 4).
+  N is the total parameter count (Chinchilla's convention; `size_count="non_embedding"` for Kaplan's).
+- Shapes. head_dim is fixed; d_model is a multiple of head_dim (so heads = d_model / head_dim is whole
+  and every tensor shards on head boundaries); d_model / num_layers (the aspect ratio) stays within
+  `aspect_range`; d_ff = ff_ratio · d_model (4, or 8/3 for gated MLPs, so the MLP costs the same)
+  rounded up to a multiple of head_dim. For each target N we take the shapes whose N is within
+  `size_tolerance` of it and keep the one whose aspect ratio is nearest `aspect_ratio` (if none is that
+  close, simply the nearest N, if within `max_size_miss` (1.5×) of the target). Grouped-query attention keeps the base model's query heads per kv head.
+- Tokens. tokens = C / (the model's own training FLOPs per token, `accounting.training_flops`, causal
+  attention halved), so each trial's FLOPs by our formula are C to within rounding of the step count:
+  steps = round(tokens / (batch · seq_len)), and `min_steps` >= 1 / (2·flops_tolerance) bounds that
+  rounding. The 6N convention is reported alongside: flops_6n = 6·N_non_embedding·tokens and
+  tokens_6n = C / (6·N_non_embedding).
+- Batch. The base config's batch size, doubled while steps > max_steps and halved (down to
+  `batch_multiple`) while steps < min_steps. Eval batches are scaled so every trial evaluates on the
+  same number of rows (a fair comparison of eval losses).
+- Learning rate. lr = base_lr · (base_d_model / d_model) ^ lr_exponent (default 0.5: lr ∝ 1/sqrt(d_model),
+  a middle ground between a fixed lr and µP's 1/d_model for Adam), with a linear warmup over
+  `warmup_fraction` of the steps; the base schedule (cosine) then decays to the end of each run, as
+  Chinchilla found matters.
+
+A target that cannot be met (below the smallest shape, above the largest, too few steps) is skipped with
+the reason in `Plan.skipped`; a budget left with fewer than `min_sizes_per_budget` distinct sizes is a
+ValueError naming the budget and each reason, raised before anything trains.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import importlib
+import io
+import itertools
+import json
+import math
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+from t5like.accounting import param_counts, training_flops
+from t5like.config import Config, ModelConfig, apply_overrides, to_dict
+
+GATED = ("gated_gelu", "swiglu")
+
+
+# Trials ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One training run of a sweep: `python -m EXPERIMENT workdir=DIR/trials/ID *overrides`.
+
+    The planned numbers are filled in by the IsoFLOP design and left None by grid and random search.
+    """
+    id: str
+    overrides: tuple[str, ...]
+    budget: Optional[float] = None            # the IsoFLOP budget C this trial belongs to
+    params: Optional[int] = None
+    non_embedding_params: Optional[int] = None
+    tokens: Optional[int] = None
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    flops: Optional[float] = None             # by the model's own formula: steps · batch · FLOPs per sequence
+    flops_6n: Optional[float] = None          # 6 · N_non_embedding · tokens
+    tokens_6n: Optional[float] = None         # the tokens the 6N convention would give for the budget
+
+
+def trial_id(prefix: str, overrides: Sequence[str], salt: str = "") -> str:
+    """A readable prefix plus a short hash of the overrides (and `salt`, e.g. the base config): a changed
+    trial gets a new id and workdir, so a rerun never mistakes an old result (or an incompatible
+    checkpoint) for the new trial's."""
+    digest = hashlib.sha1(json.dumps([list(overrides), salt]).encode()).hexdigest()[:6]
+    return f"{prefix}-{digest}" if prefix else digest
+
+
+def _slug(overrides: Sequence[str], limit: int = 48) -> str:
+    parts = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        parts.append(f"{key.rsplit('.', 1)[-1]}{value}")
+    text = "_".join(parts)
+    text = "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
+    return text[:limit]
+
+
+def _check_keys(space: dict, where: str) -> None:
+    if not space:
+        raise ValueError(f"{where}: the search space is empty; give at least one key, e.g. "
+                         "{'optim.learning_rate': [1e-3, 3e-3]}.")
+    for key in space:
+        if not isinstance(key, str) or "=" in key or not key:
+            raise ValueError(f"{where}: key {key!r} must be a dotted config key such as 'optim.learning_rate'.")
+
+
+def grid(space: dict[str, Sequence], base: Sequence[str] = ()) -> list[Trial]:
+    """Every combination (itertools.product, in key order) of the given values; `base` overrides go first."""
+    _check_keys(space, "grid")
+    for key, values in space.items():
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or not len(values):
+            raise ValueError(f"grid: {key} must be a non-empty list of values, got {values!r}.")
+    trials = []
+    for combo in itertools.product(*space.values()):
+        varied = [f"{k}={v}" for k, v in zip(space, combo)]
+        overrides = (*base, *varied)
+        trials.append(Trial(trial_id(_slug(varied), overrides), tuple(overrides)))
+    return trials
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform:
+    """A random-search range: uniform in [low, high], or log-uniform with log=True; integer rounds."""
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    def sample(self, rng: np.random.Generator):
+        if self.log:
+            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            value = rng.uniform(self.low, self.high)
+        return int(round(value)) if self.integer else float(f"{value:.4g}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    values: tuple
+
+    def sample(self, rng: np.random.Generator):
+        return self.values[int(rng.integers(len(self.values)))]
+
+
+def random_search(space: dict[str, "Uniform | Choice"], n: int, seed: int = 0,
+                  base: Sequence[str] = ()) -> list[Trial]:
+    """`n` trials drawn independently from `space` with numpy's generator seeded by `seed` (so the same
+    call gives the same trials, which is what lets a rerun skip the finished ones)."""
+    _check_keys(space, "random_search")
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"random_search: n={n!r} must be a positive integer (the number of trials).")
+    for key, dist in space.items():
+        if not isinstance(dist, (Uniform, Choice)):
+            raise ValueError(f"random_search: {key} must be Uniform(low, high) or Choice(values), got {dist!r}.")
+        if isinstance(dist, Uniform) and not (dist.low < dist.high and (dist.low > 0 or not dist.log)):
+            raise ValueError(f"random_search: {key}={dist} needs low < high (and low > 0 for log=True).")
+        if isinstance(dist, Choice) and not dist.values:
+            raise ValueError(f"random_search: {key}=Choice(()) is empty; give at least one value.")
+    rng = np.random.default_rng(seed)
+    trials, seen = [], set()
+    for _ in range(n):
+        varied = [f"{k}={d.sample(rng)}" for k, d in space.items()]
+        overrides = (*base, *varied)
+        tid = trial_id(_slug(varied), overrides)
+        if tid not in seen:  # a repeated draw (small Choice spaces) would be the same run twice
+            seen.add(tid)
+            trials.append(Trial(tid, tuple(overrides)))
+    return trials
+
+
+# The IsoFLOP design -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class IsoFlopDesign:
+    """The rules of an IsoFLOP sweep (see the module docstring for what each one means)."""
+    budgets: tuple[float, ...]                # compute budgets C in FLOPs
+    sizes_per_budget: int = 5
+    span: tuple[float, float] = (0.25, 4.0)   # N range as multiples of the Chinchilla N_opt guess
+    tokens_per_param: float = 20.0            # the guess: D = 20·N
+    size_count: str = "total"                 # which N: "total" params (Chinchilla) or "non_embedding" (Kaplan)
+    head_dim: int = 64
+    aspect_ratio: float = 64.0                # preferred d_model / num_layers
+    aspect_range: tuple[float, float] = (32.0, 128.0)
+    min_layers: int = 1
+    max_layers: int = 96
+    ff_ratio: Optional[float] = None          # None: 4, or 8/3 for gated activations
+    size_tolerance: float = 0.15              # shapes this close (relative N) to a target compete on aspect ratio
+    max_size_miss: float = 1.5                # a target whose nearest shape is further off than this is skipped
+    min_sizes_per_budget: int = 3             # a parabola through the IsoFLOP curve needs 3
+    min_steps: int = 100
+    max_steps: int = 200_000
+    batch_multiple: int = 8                   # batch sizes stay multiples of this (data-parallel devices)
+    lr_exponent: float = 0.5                  # lr = base_lr · (base_d_model / d_model) ^ lr_exponent
+    warmup_fraction: float = 0.05
+    checkpoints_per_trial: int = 4            # so an interrupted trial loses at most a quarter of its work
+    flops_tolerance: float = 0.01
+
+    def validate(self) -> "IsoFlopDesign":
+        if not self.budgets:
+            raise ValueError("design.budgets=() is empty; give compute budgets in FLOPs, e.g. budgets=(1e18, 1e19).")
+        for c in self.budgets:
+            if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+                raise ValueError(f"design.budgets has {c!r}; every budget must be a positive number of FLOPs.")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise ValueError(f"design.budgets={self.budgets} repeats a budget; list each once.")
+        for name in ("sizes_per_budget", "head_dim", "min_layers", "max_layers", "min_sizes_per_budget",
+                     "min_steps", "max_steps", "batch_multiple", "checkpoints_per_trial"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"design.{name}={value!r} must be a positive integer.")
+        lo, hi = self.span
+        if not 0 < lo <= 1 <= hi or (lo == hi and self.sizes_per_budget > 1):
+            raise ValueError(f"design.span={self.span} must be (low, high) with 0 < low <= 1 <= high and low < high "
+                             "when sizes_per_budget > 1; e.g. span=(0.25, 4.0).")
+        if self.min_sizes_per_budget > self.sizes_per_budget:
+            raise ValueError(f"design.min_sizes_per_budget={self.min_sizes_per_budget} exceeds "
+                             f"design.sizes_per_budget={self.sizes_per_budget}; lower it or ask for more sizes.")
+        a_lo, a_hi = self.aspect_range
+        if not 0 < a_lo <= self.aspect_ratio <= a_hi:
+            raise ValueError(f"design.aspect_ratio={self.aspect_ratio} must lie in design.aspect_range="
+                             f"{self.aspect_range} (low > 0).")
+        if self.min_layers > self.max_layers:
+            raise ValueError(f"design.min_layers={self.min_layers} > design.max_layers={self.max_layers}.")
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"design.min_steps={self.min_steps} > design.max_steps={self.max_steps}.")
+        if self.size_count not in ("total", "non_embedding"):
+            raise ValueError(f"design.size_count={self.size_count!r} must be 'total' or 'non_embedding'.")
+        if not 0 < self.flops_tolerance < 0.5:
+            raise ValueError(f"design.flops_tolerance={self.flops_tolerance} must be in (0, 0.5), e.g. 0.01.")
+        need = math.ceil(0.5 / self.flops_tolerance)
+        if self.min_steps < need:
+            raise ValueError(f"design.min_steps={self.min_steps} is too few: rounding the step count could miss a "
+                             f"budget by 1/(2·steps) > flops_tolerance={self.flops_tolerance}; set min_steps >= {need}.")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"design.warmup_fraction={self.warmup_fraction} must be in [0, 1).")
+        if self.ff_ratio is not None and self.ff_ratio <= 0:
+            raise ValueError(f"design.ff_ratio={self.ff_ratio} must be > 0 (or None for 4, 8/3 if gated).")
+        if self.tokens_per_param <= 0 or self.size_tolerance < 0 or self.max_size_miss < 1:
+            raise ValueError(f"design.tokens_per_param={self.tokens_per_param} must be > 0, design.size_tolerance="
+                             f"{self.size_tolerance} >= 0 and design.max_size_miss={self.max_size_miss} >= 1.")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: Optional[int]
+    d_ff: int
+    params: int
+    non_embedding_params: int
+
+    @property
+    def aspect(self) -> float:
+        return self.d_model / self.num_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The trials of an IsoFLOP design, and the targets it had to skip (with why)."""
+    design: IsoFlopDesign
+    trials: tuple[Trial, ...]
+    skipped: tuple[str, ...] = ()
+
+    COLUMNS = ("trial_id", "budget", "params", "non_embedding_params", "tokens", "steps", "batch_size", "flops",
+               "flops_error", "flops_6n", "tokens_6n", "overrides")
+
+    def rows(self) -> list[dict]:
+        out = []
+        for t in self.trials:
+            row = {"trial_id": t.id, **{c: getattr(t, c) for c in self.COLUMNS[1:-1] if c != "flops_error"}}
+            row["flops_error"] = t.flops / t.budget - 1.0
+            row["overrides"] = json.dumps(list(t.overrides))
+            out.append(row)
+        return out
+
+    def write(self, path: str) -> None:
+        """A .json plan (with the design and skipped targets) or a .csv table, one row per trial."""
+        if path.endswith(".json"):
+            text = json.dumps({"design": dataclasses.asdict(self.design), "skipped": list(self.skipped),
+                               "trials": [{**dataclasses.asdict(t), "overrides": list(t.overrides)}
+                                          for t in self.trials]}, indent=1)
+        elif path.endswith(".csv"):
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=self.COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.rows())
+            text = buf.getvalue()
+        else:
+            raise ValueError(f"--out {path!r}: the plan is written as .csv or .json; name the file accordingly.")
+        with open(path, "w") as f:
+            f.write(text)
+
+    def table(self) -> str:
+        lines = [f"{'trial':<34} {'budget':>8} {'params':>9} {'non-emb':>9} {'L':>3} {'d':>5} {'tokens':>9} "
+                 f"{'steps':>6} {'batch':>5} {'lr':>8} {'flops/C-1':>9}"]
+        for t in self.trials:
+            o = dict(item.split("=", 1) for item in t.overrides)
+            lines.append(f"{t.id:<34} {t.budget:>8.2e} {t.params:>9,} {t.non_embedding_params:>9,} "
+                         f"{o['model.num_layers']:>3} {o['model.d_model']:>5} {t.tokens:>9.3g} {t.steps:>6} "
+                         f"{t.batch_size:>5} {o['optim.learning_rate']:>8} {t.flops / t.budget - 1:>+9.2%}")
+        return "\n".join(lines)
+
+
+def _ff_ratio(model: ModelConfig, design: IsoFlopDesign) -> float:
+    if design.ff_ratio is not None:
+        return design.ff_ratio
+    return 8.0 / 3.0 if model.activation in GATED else 4.0
+
+
+def _kv_heads(base: ModelConfig, heads: int) -> Optional[int]:
+    """Keep the base's query heads per kv head (MQA stays MQA); None (MHA) stays None."""
+    if base.num_kv_heads is None:
+        return None
+    if base.kv_heads == 1:
+        return 1
+    group = max(1, base.num_heads // base.kv_heads)
+    kv = max(1, heads // group)
+    while heads % kv:
+        kv -= 1
+    return kv
+
+
+def _shape_model(base: ModelConfig, design: IsoFlopDesign, layers: int, d_model: int) -> ModelConfig:
+    heads = d_model // design.head_dim
+    d_ff = design.head_dim * math.ceil(_ff_ratio(base, design) * d_model / design.head_dim)
+    kw = dict(d_model=d_model, num_layers=layers, num_heads=heads, num_kv_heads=_kv_heads(base, heads), d_ff=d_ff,
+              head_dim=design.head_dim if base.head_dim is not None else None)
+    if base.num_decoder_layers is not None:
+        kw["num_decoder_layers"] = layers
+    return dataclasses.replace(base, **kw)
+
+
+def candidate_shapes(base: ModelConfig, design: IsoFlopDesign) -> list[Shape]:
+    """Every shape the rule allows: d_model a multiple of head_dim, aspect ratio within aspect_range."""
+    shapes = []
+    a_lo, a_hi = design.aspect_range
+    for layers in range(design.min_layers, design.max_layers + 1):
+        d_lo = max(1, math.ceil(a_lo * layers / design.head_dim))
+        d_hi = math.floor(a_hi * layers / design.head_dim)
+        for k in range(d_lo, d_hi + 1):
+            m = _shape_model(base, design, layers, k * design.head_dim)
+            counts = param_counts(m)
+            shapes.append(Shape(layers, m.d_model, m.num_heads, m.num_kv_heads, m.d_ff, counts["total"],
+                                counts["non_embedding"]))
+    if not shapes:
+        raise ValueError(f"design.aspect_range={design.aspect_range} with head_dim={design.head_dim} and "
+                         f"{design.min_layers}..{design.max_layers} layers allows no shape; widen aspect_range.")
+    return shapes
+
+
+def _size(shape: Shape, design: IsoFlopDesign) -> int:
+    return shape.params if design.size_count == "total" else shape.non_embedding_params
+
+
+def nearest_shape(shapes: list[Shape], target: float, design: IsoFlopDesign) -> Shape:
+    """Among shapes within size_tolerance of `target` params, the one nearest the preferred aspect ratio;
+    if none is that close, the shape with the nearest param count (in log space)."""
+    err = [abs(math.log(_size(s, design) / target)) for s in shapes]
+    close = [i for i, e in enumerate(err) if e <= math.log1p(design.size_tolerance)]
+    if not close:
+        return shapes[int(np.argmin(err))]
+    best = min(close, key=lambda i: (abs(math.log(shapes[i].aspect / design.aspect_ratio)), err[i]))
+    return shapes[best]
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_budget(c: float) -> str:
+    """3e+12 -> "3e12", 1.5e15 -> "1.5e15": short and safe in a path."""
+    mantissa, exponent = f"{c:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def sequence_lengths(cfg: Config) -> tuple[int, int]:
+    """(input length, target length) of one training row, as the trainer's batches have them."""
+    if cfg.model.family == "encoder_decoder":
+        from t5like.data.objectives import span_corruption_lengths
+        return cfg.data.seq_len, span_corruption_lengths(cfg.data)[1]
+    return cfg.data.seq_len, 0
+
+
+def _choose_batch(sequences: float, base_batch: int, design: IsoFlopDesign) -> tuple[int, int]:
+    """(batch, steps): the base batch, doubled while steps > max_steps, halved while steps < min_steps."""
+    batch = max(design.batch_multiple, base_batch // design.batch_multiple * design.batch_multiple)
+    while sequences / batch > design.max_steps:
+        batch *= 2
+    while sequences / batch < design.min_steps and batch // 2 >= design.batch_multiple \
+            and (batch // 2) % design.batch_multiple == 0:
+        batch //= 2
+    return batch, max(0, round(sequences / batch))
+
+
+def _fmt_float(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def plan_isoflop(base: Config, design: IsoFlopDesign) -> Plan:
+    """The IsoFLOP trials for `base` (the family: architecture, data, optimizer) under `design`'s rules."""
+    design = design.validate()
+    base = base.validate()
+    model = base.model
+    if design.head_dim % 2 and model.position == "rope":
+        raise ValueError(f"design.head_dim={design.head_dim} is odd but model.position='rope' needs an even "
+                         "head dim; use an even head_dim (64 at scale, 16 or 32 for tiny models).")
+    seq, target = sequence_lengths(base)
+    shapes = candidate_shapes(model, design)
+    smallest, largest = min(shapes, key=lambda s: _size(s, design)), max(shapes, key=lambda s: _size(s, design))
+    lo, hi = design.span
+    factors = np.geomspace(lo, hi, design.sizes_per_budget) if design.sizes_per_budget > 1 else np.array([1.0])
+
+    trials, skipped = [], []
+    for budget in design.budgets:
+        n_opt = math.sqrt(budget / (6.0 * design.tokens_per_param))
+        chosen, reasons = {}, []
+        for f in factors:
+            target_n = n_opt * f
+            shape = nearest_shape(shapes, target_n, design)
+            n = _size(shape, design)
+            miss = max(n / target_n, target_n / n)
+            if miss > design.max_size_miss:
+                where = ("below the smallest allowed shape" if shape is smallest else
+                         "above the largest allowed shape" if shape is largest else "between the allowed shapes")
+                reasons.append(f"N≈{_fmt_count(target_n)} is {where}: the nearest (L={shape.num_layers}, "
+                               f"d_model={shape.d_model}) has {_fmt_count(n)} params, {miss:.2f}× off"
+                               + ("; raise design.max_layers" if shape is largest else ""))
+                continue
+            if shape in chosen.values():
+                reasons.append(f"N≈{_fmt_count(target_n)} maps to the same shape as a neighbour "
+                               f"(L={shape.num_layers}, d_model={shape.d_model})")
+                continue
+            m = _shape_model(model, design, shape.num_layers, shape.d_model)
+            per_seq = training_flops(m, seq, target).per_sequence
+            batch, steps = _choose_batch(budget / per_seq, base.train.batch_size, design)
+            if steps < design.min_steps:
+                reasons.append(f"N≈{_fmt_count(n)} gets {budget / per_seq:.3g} sequences, {steps} steps at batch "
+                               f"{batch}, fewer than design.min_steps={design.min_steps}")
+                continue
+            chosen[float(f)] = shape
+            trials.append(_make_trial(base, design, budget, shape, batch, steps))
+        skipped += [f"budget {budget:.3g}: {r}" for r in reasons]
+        if len(chosen) < design.min_sizes_per_budget:
+            why = "; ".join(reasons) or "no target sizes"
+            raise ValueError(
+                f"budget {budget:.3g} FLOPs yields {len(chosen)} distinct model size(s), fewer than "
+                f"design.min_sizes_per_budget={design.min_sizes_per_budget} ({why}). Change the budget, widen "
+                "design.aspect_range/design.max_layers, or lower design.min_steps/design.min_sizes_per_budget.")
+    ids = [t.id for t in trials]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"two trials share an id ({sorted(i for i in ids if ids.count(i) > 1)[0]}); "
+                         "list each budget once.")
+    return Plan(design, tuple(trials), tuple(skipped))
+
+
+def _make_trial(base: Config, design: IsoFlopDesign, budget: float, shape: Shape, batch: int, steps: int) -> Trial:
+    model = base.model
+    lr = base.optim.learning_rate * (model.d_model / shape.d_model) ** design.lr_exponent
+    warmup = min(steps - 1, round(design.warmup_fraction * steps))
+    eval_steps = max(1, round(base.train.eval_steps * base.train.batch_size / batch))
+    overrides = [f"model.d_model={shape.d_model}", f"model.num_layers={shape.num_layers}",
+                 f"model.num_heads={shape.num_heads}", f"model.d_ff={shape.d_ff}"]
+    if model.head_dim is not None:
+        overrides.append(f"model.head_dim={design.head_dim}")
+    if model.num_kv_heads is not None:
+        overrides.append(f"model.num_kv_heads={shape.num_kv_heads}")
+    if model.num_decoder_layers is not None:
+        overrides.append(f"model.num_decoder_layers={shape.num_layers}")
+    overrides += [f"train.steps={steps}", f"train.batch_size={batch}", f"train.eval_steps={eval_steps}",
+                  f"optim.learning_rate={_fmt_float(lr)}", f"optim.warmup_steps={warmup}",
+                  f"checkpoint.every={max(1, math.ceil(steps / design.checkpoints_per_trial))}"]
+    # The numbers come from the config the trial will actually run, not from the shape search.
+    cfg = apply_overrides(base, overrides).validate()
+    counts = param_counts(cfg.model)
+    seq, target = sequence_lengths(cfg)
+    flops = training_flops(cfg.model, seq, target).per_sequence * batch * steps
+    tokens = (seq + target) * batch * steps
+    n = counts["non_embedding"]
+    prefix = f"c{_fmt_budget(budget)}-n{_fmt_count(_size(shape, design))}-l{shape.num_layers}d{shape.d_model}"
+    # The id also hashes the whole resolved config: editing the experiment's base config makes new trials.
+    salt = json.dumps(to_dict(dataclasses.replace(cfg, workdir="")), sort_keys=True, default=str)
+    return Trial(id=trial_id(prefix, overrides, salt), overrides=tuple(overrides), budget=float(budget),
+                 params=counts["total"], non_embedding_params=n, tokens=tokens, steps=steps, batch_size=batch,
+                 flops=flops, flops_6n=6.0 * n * tokens, tokens_6n=budget / (6.0 * n))
+
+
+# CLI --------------------------------------------------------------------------------------------------
+
+def load_design(module_name: str) -> tuple[Config, IsoFlopDesign]:
+    """An experiment module's base `config()` and `design()`."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"--experiment {module_name!r} cannot be imported ({e}); give a module path such as "
+                         "experiments.scaling_tiny.") from None
+    for name in ("config", "design"):
+        if not callable(getattr(module, name, None)):
+            raise ValueError(f"--experiment {module_name}: the module has no {name}() function; an IsoFLOP experiment "
+                             "defines config() -> Config and design() -> IsoFlopDesign.")
+    return module.config(), module.design()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m t5like.scaling.design",
+                                 description="Write an experiment's IsoFLOP plan: every trial and its overrides.")
+    ap.add_argument("--experiment", required=True, help="module with config() and design(), e.g. experiments.scaling_tiny")
+    ap.add_argument("--out", default=None, help="plan.csv or plan.json (default: print the table only)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=None, help="replace the design's budgets (FLOPs)")
+    ap.add_argument("--sizes", type=int, default=None, help="replace sizes_per_budget")
+    args = ap.parse_args(argv)
+    try:
+        base, design = load_design(args.experiment)
+        if args.budgets:
+            design = dataclasses.replace(design, budgets=tuple(args.budgets))
+        if args.sizes:
+            design = dataclasses.replace(design, sizes_per_budget=args.sizes,
+                                         min_sizes_per_budget=min(design.min_sizes_per_budget, args.sizes))
+        plan = plan_isoflop(base, design)
+        print(plan.table())
+        for reason in plan.skipped:
+            print(f"skipped: {reason}", file=sys.stderr)
+        if args.out:
+            plan.write(args.out)
+            print(f"wrote {len(plan.trials)} trials to {args.out}", file=sys.stderr)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
