@@ -1,6 +1,6 @@
 """The embedded default: a small decoder-only LM on the Python standard library's own source.
 
-    python -m experiments.quickstart                      # ~10 minutes on 2 CPU cores
+    python -m experiments.quickstart                      # under 10 minutes on 2 CPU cores
     python -m experiments.quickstart train.steps=50 workdir=/tmp/qs
 
 It trains a SentencePiece vocabulary on first run (cached in WORKDIR/tokenizer), trains, evaluates on
@@ -18,9 +18,9 @@ def config() -> Config:
         data=DataConfig(source="stdlib", objective="lm", seq_len=128, max_files=400,
                         tokenizer_train_chars=2_000_000),
         optim=OptimConfig(name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=50, weight_decay=0.1),
-        train=TrainConfig(steps=600, batch_size=16, eval_every=200, eval_steps=8),
+        train=TrainConfig(steps=300, batch_size=16, eval_every=100, eval_steps=8),
         mesh=MeshConfig(data=-1),
-        checkpoint=CheckpointConfig(every=200, keep=2),
+        checkpoint=CheckpointConfig(every=100, keep=2),
         workdir="runs/quickstart",
     )
 
