@@ -286,11 +286,19 @@ def test_bad_sweeps_fail_before_anything_runs(fake, tmp_path, monkeypatch):
 
 def test_isoflop_sweep_runs_the_fit_and_plots(fake, tmp_path):
     wd = tmp_path / "sweep"
+    wd.mkdir()
+    # An ok row from an earlier design of this sweep must not enter this sweep's fit.
+    ResultsTable(str(wd / "results.csv")).append({"trial_id": "old-design", "budget": 1e18, "status": "ok",
+                                                  "loss": 9.0, "final_eval_loss": 9.0, "params": 1e8,
+                                                  "tokens": 1e9, "flops": 1e18})
     proc = fake(wd, "--parallel", "4", "--fit", FAKE_TRIALS="12", FAKE_STEPS="1", FAKE_STEP_S="0")
     code, out = finish(proc, timeout=300)
     assert code == 0, out
+    assert "not in this sweep" in out
     fit = json.load(open(wd / "fit.json"))
     assert "isoflop" in fit and "error" not in fit["isoflop"], fit.get("isoflop")
+    assert fit["meta"]["n_points"] == 12
+    assert 0.4 < fit["isoflop"]["a"] < 0.6  # the fake's Chinchilla law has a = 0.45
     assert os.path.exists(wd / "plots" / "isoflop.png")
 
 
