@@ -47,6 +47,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
     embedding = V * D + (0 if cfg.tie_embeddings else D * V)
     embedding += cfg.max_len * D if cfg.position == "learned" else 0
+    embedding += cfg.type_vocab_size * D  # token-type embeddings (BERT)
     if cfg.family == "decoder":
         body = cfg.num_layers * self_block + final_norm + emb_norm
         embedding += rel

@@ -10,7 +10,8 @@ from typing import Optional
 
 FAMILIES = ("encoder", "decoder", "encoder_decoder")
 POSITIONS = ("sinusoidal", "learned", "relative", "rope", "none")
-ACTIVATIONS = ("relu", "gelu", "gated_gelu", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "gated_gelu", "swiglu")  # "gelu" is the tanh approximation
+HEAD_ACTIVATIONS = ("relu", "gelu", "gelu_exact")
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
 REMAT_POLICIES = ("none", "minimal", "full")
@@ -59,6 +60,11 @@ class ModelConfig:
     remat: str = "none"
     scan_unroll: int = 1                    # layers per scan iteration; >1 trades program size for speed (CPU)
     attention_impl: Optional[str] = None    # None lets JAX pick; "cudnn" for the fused GPU kernel
+    # Variants that pretrained checkpoints need (t5like.hf); the defaults are t5like's own models.
+    scale_attention: bool = True            # divide attention logits by sqrt(head_dim); T5 folds it into its init
+    type_vocab_size: int = 0                # >0 adds token-type embeddings (BERT segments A/B), batch key "token_types"
+    head_activation: str = "gelu"           # encoder-only: activation of the MLM transform (BERT: its hidden_act)
+    tied_head_rescale: bool = False         # multiply the last hidden state by d_model**-0.5 before a tied head (T5)
 
     @property
     def kv_heads(self) -> int:
@@ -78,6 +84,7 @@ class ModelConfig:
         _choice("model.activation", self.activation, ACTIVATIONS)
         _choice("model.norm", self.norm, NORMS)
         _choice("model.norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        _choice("model.head_activation", self.head_activation, HEAD_ACTIVATIONS)
         _choice("model.remat", self.remat, REMAT_POLICIES)
         _choice("model.dtype", self.dtype, DTYPES)
         _choice("model.param_dtype", self.param_dtype, DTYPES)
@@ -98,6 +105,11 @@ class ModelConfig:
                              "change model.d_model/model.num_heads or model.head_dim.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1).")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"model.type_vocab_size={self.type_vocab_size} must be >= 0 (0 = no token types).")
+        if self.tied_head_rescale and not self.tie_embeddings:
+            raise ValueError("model.tied_head_rescale=True rescales the input of a tied output projection, but "
+                             "model.tie_embeddings=False; set tie_embeddings=True or tied_head_rescale=False.")
         if self.num_classes and self.family != "encoder":
             raise ValueError(f"model.num_classes={self.num_classes} is for family='encoder' only; "
                              f"got family={self.family!r}. Set model.num_classes=0.")

@@ -197,6 +197,7 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.dtype = dtype_of(cfg.dtype)
         self.impl = cfg.attention_impl
+        self.logit_scale = None if cfg.scale_attention else 1.0  # None: dot_product_attention's 1/sqrt(H)
 
     def _w(self, p):
         return p[...].astype(self.dtype)
@@ -224,7 +225,7 @@ class Attention(nnx.Module):
         # The T5 bias is added to the logits before softmax; jax.nn.dot_product_attention takes it as `bias`.
         bias = None if bias_BNTS is None else bias_BNTS.astype(q_BTNH.dtype)
         o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias, mask=mask_B1TS,
-                                              implementation=self.impl)
+                                              scale=self.logit_scale, implementation=self.impl)
         o_BTNH = shard(o_BTNH, ("batch", "length", "act_heads", None))
         y_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, self._w(self.out))
         if self.use_bias:
@@ -262,6 +263,7 @@ class Attention(nnx.Module):
 ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
     "gated_gelu": lambda x: jax.nn.gelu(x, approximate=True),
     "swiglu": jax.nn.silu,
 }

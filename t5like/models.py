@@ -241,12 +241,17 @@ class _Base(nnx.Module):
         self.cfg, self.shard = cfg, shard
         self.embed = L.Embed(cfg, rngs=rngs)
         self.learned_positions = L.LearnedPositions(cfg, rngs=rngs) if cfg.position == "learned" else None
+        self.token_types = L.param(rngs, (cfg.type_vocab_size, cfg.d_model), (None, "embed"),
+                                   L.dtype_of(cfg.param_dtype), 0.02) if cfg.type_vocab_size else None
         self.embedding_norm = L.Norm(cfg, rngs=rngs) if cfg.embedding_norm else None
         self.lm_head = None if cfg.tie_embeddings else L.Dense(
             cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs, use_bias=False)
 
-    def embed_tokens(self, ids_BL: Array, positions_BL: Array, rng=None) -> Array:
+    def embed_tokens(self, ids_BL: Array, positions_BL: Array, rng=None, token_types_BL=None) -> Array:
         x = self.embed(ids_BL, self.shard)
+        if self.token_types is not None:  # BERT segments; absent types are type 0
+            types_BL = jnp.zeros_like(ids_BL) if token_types_BL is None else token_types_BL
+            x = x + jnp.take(self.token_types[...], types_BL, axis=0).astype(x.dtype)
         if self.cfg.position == "sinusoidal":
             x = x + L.sinusoidal_positions(positions_BL, self.cfg.d_model).astype(x.dtype)
         elif self.cfg.position == "learned":
@@ -262,9 +267,12 @@ class _Base(nnx.Module):
         seg, pos = _segments_and_positions(batch, prefix, ids)
         r = _split(rng, 2)
         mask = L.attention_mask(seg, seg, causal=False)
-        return self.encoder(self.embed_tokens(ids, pos, r[0]), mask=mask, positions=pos, shard=self.shard, rng=r[1])
+        x = self.embed_tokens(ids, pos, r[0], token_types_BL=batch.get(f"{prefix}token_types"))
+        return self.encoder(x, mask=mask, positions=pos, shard=self.shard, rng=r[1])
 
     def logits(self, x_BLD: Array) -> Array:
+        if self.cfg.tied_head_rescale:  # T5: the tied head sees the hidden state scaled by d_model**-0.5
+            x_BLD = x_BLD * self.cfg.d_model ** -0.5
         y = self.embed.attend(x_BLD) if self.lm_head is None else self.lm_head(x_BLD)
         return self.shard(y.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
@@ -318,7 +326,7 @@ class EncoderOnly(_Base):
 
     def __call__(self, batch: dict, *, rng: Optional[Array] = None) -> Array:
         h = self.shard(self.mlm_dense(self.encode(batch, rng=rng)), ("batch", "length", "act_embed"))
-        x = self.mlm_norm(jax.nn.gelu(h, approximate=True))
+        x = self.mlm_norm(L.ACTIVATION_FNS[self.cfg.head_activation](h))
         return self.logits(x) + self.mlm_bias[...].astype(jnp.float32)
 
     def classify(self, batch: dict, *, rng: Optional[Array] = None) -> Array:

@@ -33,7 +33,7 @@ class DataConfig:
     validation_fraction: float = 0.02  # documents held out for source=stdlib/files, chosen by hash
 
     # Tokenizer.
-    tokenizer_path: str = ""  # an existing SentencePiece .model; "" = train one into WORKDIR/tokenizer/
+    tokenizer_path: str = ""  # a SentencePiece .model, or a Hugging Face tokenizer's directory; "" = train one into WORKDIR/tokenizer/
     tokenizer_train_chars: int = 5_000_000  # text used to train SentencePiece (~20 s on 2 cores)
     num_sentinels: int = 100  # ids reserved at the top of the vocab (T5 sentinels; the first is MLM's mask)
 
@@ -82,9 +82,10 @@ class DataConfig:
             raise ValueError("data.hub_name is empty but data.source='hub'; set it, e.g. data.hub_name='allenai/c4'")
         if not self.text_field:
             raise ValueError("data.text_field is empty; set it to the column holding the text, e.g. 'text'")
-        if self.tokenizer_path and not os.path.isfile(self.tokenizer_path):
-            raise FileNotFoundError(f"data.tokenizer_path={self.tokenizer_path!r} does not exist; give an existing "
-                                    "SentencePiece .model, or leave it empty to train one into WORKDIR/tokenizer/")
+        if self.tokenizer_path and not (os.path.isfile(self.tokenizer_path) or _is_hf_tokenizer(self.tokenizer_path)):
+            raise FileNotFoundError(f"data.tokenizer_path={self.tokenizer_path!r} does not exist (as a file or a "
+                                    "Hugging Face tokenizer directory); give an existing SentencePiece .model, a directory with "
+                                    "tokenizer.json / spiece.model, or leave it empty to train one into WORKDIR/tokenizer/")
 
         _in_range("noise_density", self.noise_density, 0, 1)
         _in_range("mlm_probability", self.mlm_probability, 0, 1)
@@ -103,6 +104,11 @@ class DataConfig:
             from t5like.data.objectives import span_corruption_lengths  # lazy: objectives imports nothing from here
             span_corruption_lengths(self)  # raises if seq_len/target_len/num_sentinels do not fit together
         return self
+
+
+def _is_hf_tokenizer(path: str) -> bool:
+    from t5like.data.hf_tokenizer import has_tokenizer  # lazy: keeps this module light
+    return os.path.isdir(path) and has_tokenizer(path)
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

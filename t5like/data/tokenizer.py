@@ -27,6 +27,7 @@ class Tokenizer:
     """Text <-> ids. `vocab_size` is the model's vocabulary, which includes the sentinels."""
 
     pad_id, eos_id, unk_id, bos_id = PAD_ID, EOS_ID, UNK_ID, BOS_ID
+    start_id = PAD_ID  # decoding reads pad first (decoder-only BOS, decoder start), as training batches do
 
     def __init__(self, model_proto: bytes, vocab_size: int, num_sentinels: int):
         self._init(model_proto, vocab_size, num_sentinels)
@@ -168,12 +169,23 @@ def _explain_spm_error(e: RuntimeError, vocab_size: int, num_sentinels: int, max
 
 
 def get_tokenizer(cfg: DataConfig, workdir: str, vocab_size: int) -> Tokenizer:
-    """The run's tokenizer: cfg.tokenizer_path if set, else WORKDIR/tokenizer/spm.model, trained on first use.
+    """The run's tokenizer: cfg.tokenizer_path if set (a SentencePiece .model, or a Hugging Face checkpoint's
+    directory, read by t5like.data.hf_tokenizer), else WORKDIR/tokenizer/spm.model, trained on first use.
 
     Training reads up to cfg.tokenizer_train_chars of training-split text, writes to a temporary
     directory and renames it into place, so a crash never leaves a half-written tokenizer behind.
     """
     cfg.validate()
+    if cfg.tokenizer_path and os.path.isdir(cfg.tokenizer_path):  # a Hugging Face checkpoint's tokenizer
+        from t5like.data.hf_tokenizer import HFTokenizer
+        tokenizer = HFTokenizer(cfg.tokenizer_path)
+        if tokenizer.vocab_size > vocab_size:
+            raise ValueError(f"the tokenizer in data.tokenizer_path={cfg.tokenizer_path!r} has {tokenizer.vocab_size} "
+                             f"ids but model.vocab_size={vocab_size}; use the model that came with it.")
+        if tokenizer.num_sentinels != cfg.num_sentinels:
+            raise ValueError(f"data.num_sentinels={cfg.num_sentinels} but the tokenizer in {cfg.tokenizer_path!r} "
+                             f"has {tokenizer.num_sentinels}; set data.num_sentinels={tokenizer.num_sentinels}.")
+        return tokenizer
     if cfg.tokenizer_path:
         return Tokenizer.from_file(cfg.tokenizer_path, vocab_size, cfg.num_sentinels)
     final = os.path.join(workdir, "tokenizer")
