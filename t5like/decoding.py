@@ -16,6 +16,8 @@ Conventions (those the training batches use):
                    in training, where the first scored token's input is the one after the prefix.
   encoder-decoder  the encoder reads [prompt..., EOS] (right-padded); the decoder starts from token 0.
   Every row stops at its own EOS (then emits 0); the loop stops when every row has.
+  The ids above are t5like's (BOS/decoder start = pad = 0, EOS = 1); DecodeConfig.start_id / eos_id set a
+  checkpoint's own (t5like.generate takes them from the tokenizer): start_id=-1 reads no BOS (GPT-2).
 
 Decoding runs under the model's Sharder: cache and activations carry the training names
 (batch over data/fsdp, kv heads over tensor). Bad settings raise ValueError before anything compiles.
@@ -50,7 +52,8 @@ class DecodeConfig:
     temperature: float = 1.0        # sample: 0 is greedy
     top_k: Optional[int] = None     # sample: keep the k most likely tokens; None = off
     top_p: float = 1.0              # sample: keep the smallest set with probability >= p; 1 = off
-    eos_id: int = EOS_ID            # -1 never stops early (benchmarks)
+    eos_id: Optional[int] = None    # None: the tokenizer's (text API), else t5like's 1; -1 never stops (benchmarks)
+    start_id: Optional[int] = None  # decoder-only BOS / decoder start; None: the tokenizer's, else 0; -1: no BOS
     cache_len: int = 0              # cache slots; 0 = just enough (prompt + max_new_tokens)
     prefix_lm: bool = False         # decoder-only: prefill the prompt as a prefix-LM prefix (bidirectional)
 
@@ -77,9 +80,18 @@ class DecodeConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]: nucleus sampling keeps the smallest set of "
                              "tokens whose probability reaches top_p; pass e.g. --top-p 0.9, or 1.0 to turn it off.")
+        if self.eos_id is not None and self.eos_id < -1:
+            raise ValueError(f"eos_id={self.eos_id} must be a token id, or -1 to never stop early.")
+        if self.start_id is not None and self.start_id < -1:
+            raise ValueError(f"start_id={self.start_id} must be a token id, or -1 to read no BOS (decoder-only).")
         if self.cache_len < 0:
             raise ValueError(f"cache_len={self.cache_len} must be >= 0 (0 = prompt + max_new_tokens).")
         return self
+
+    def with_ids(self, eos_id: int, start_id: int) -> "DecodeConfig":
+        """Fill the ids left as None (a tokenizer's, or t5like's defaults); explicit ones win."""
+        return dataclasses.replace(self, eos_id=eos_id if self.eos_id is None else self.eos_id,
+                                   start_id=start_id if self.start_id is None else self.start_id)
 
 
 def check_prompt_lengths(lengths: np.ndarray, *, family: str, max_len: int, cfg: DecodeConfig) -> None:
@@ -87,11 +99,12 @@ def check_prompt_lengths(lengths: np.ndarray, *, family: str, max_len: int, cfg:
     for i, n in enumerate(np.asarray(lengths).tolist()):
         if n < 1:
             raise ValueError(f"prompt {i} is empty (0 tokens); give every prompt at least one token.")
-        if family == "decoder" and n + 1 + cfg.max_new_tokens > max_len:
+        bos = 0 if cfg.start_id == -1 else 1
+        if family == "decoder" and n + bos + cfg.max_new_tokens > max_len:
             raise ValueError(
-                f"prompt {i} has {n} tokens: with the BOS token and max_new_tokens={cfg.max_new_tokens} it needs "
-                f"{n + 1 + cfg.max_new_tokens} positions, more than model.max_len={max_len}; shorten it to at most "
-                f"{max_len - 1 - cfg.max_new_tokens} tokens or lower --max-new-tokens.")
+                f"prompt {i} has {n} tokens: with {bos} BOS token and max_new_tokens={cfg.max_new_tokens} it needs "
+                f"{n + bos + cfg.max_new_tokens} positions, more than model.max_len={max_len}; shorten it to at most "
+                f"{max_len - bos - cfg.max_new_tokens} tokens or lower --max-new-tokens.")
         if family in ("encoder_decoder", "encoder") and n + 1 > max_len:
             raise ValueError(f"prompt {i} has {n} tokens; with its EOS that is more than model.max_len={max_len}; "
                              f"shorten it to at most {max_len - 1} tokens.")
@@ -142,6 +155,7 @@ def sample_search(logits_fn: LogitsFn, state: Any, first_logits_BV: Array, cfg: 
                   rng: Array) -> tuple[Array, Array]:
     """Greedy or sampled decoding -> tokens [B, 1, T] (0 after EOS) and their log-probability under the
     model [B, 1] (untempered, unfiltered)."""
+    cfg = cfg.with_ids(EOS_ID, PAD_ID)
     B, T = first_logits_BV.shape[0], cfg.max_new_tokens
 
     def cond(carry):
@@ -180,6 +194,7 @@ def beam_search(logits_fn: LogitsFn, state: Any, first_logits_BV: Array, cfg: De
     of them. Beams that reach max_new_tokens without EOS compete as they are, scored at that length.
     `state` has B rows; it is expanded to B*K (beam k of row b is row b*K + k) with `reorder`.
     """
+    cfg = cfg.with_ids(EOS_ID, PAD_ID)
     B, V = first_logits_BV.shape
     K, T, alpha = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
     C = 2 * K  # candidates per row and step: enough that K of them do not end in EOS
@@ -260,23 +275,27 @@ def _generate_jit(graphdef, state, inputs: dict, rng: Array, *, cfg: DecodeConfi
         logits_B1V, cache = model.decode_step(inputs["tokens"], cache, last_only=True, prefix=cfg.prefix_lm)
     else:
         cache = model.init_cache(inputs["encoder_inputs"], inputs["encoder_segment_ids"], cache_len)
-        start_B1 = jnp.zeros((inputs["encoder_inputs"].shape[0], 1), jnp.int32)
+        start_B1 = jnp.full((inputs["encoder_inputs"].shape[0], 1), cfg.start_id, jnp.int32)
         logits_B1V, cache = model.decode_step(start_B1, cache)
     return search(_model_logits_fn(model), cache, logits_B1V[:, -1], cfg, rng, _reorder_cache)
 
 
-def model_inputs(family: str, prompt_ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+def model_inputs(family: str, prompt_ids: np.ndarray, lengths: np.ndarray, *, start_id: int = PAD_ID,
+                 eos_id: int = EOS_ID) -> dict[str, np.ndarray]:
     """Right-padded prompt ids [B, P] -> the arrays decoding starts from (see the module docstring)."""
     B, P = prompt_ids.shape
     if family == "decoder":
-        tokens = np.zeros((B, P + 1), np.int32)   # slot P + 1 - n - 1 holds BOS = 0
+        bos = 0 if start_id == -1 else 1
+        tokens = np.zeros((B, P + bos), np.int32)   # slot P + bos - n - 1 holds the BOS
         for b, n in enumerate(lengths):
-            tokens[b, P + 1 - n:] = prompt_ids[b, :n]
+            tokens[b, P + bos - n:] = prompt_ids[b, :n]
+            if bos:
+                tokens[b, P - n] = start_id
         return {"tokens": tokens, "start": (P - lengths).astype(np.int32)}
     encoder_inputs = np.zeros((B, P + 1), np.int32)
     segment_ids = np.zeros((B, P + 1), np.int32)
     for b, n in enumerate(lengths):
-        encoder_inputs[b, :n], encoder_inputs[b, n] = prompt_ids[b, :n], EOS_ID
+        encoder_inputs[b, :n], encoder_inputs[b, n] = prompt_ids[b, :n], eos_id
         segment_ids[b, :n + 1] = 1
     return {"encoder_inputs": encoder_inputs, "encoder_segment_ids": segment_ids}
 
@@ -298,8 +317,11 @@ def generate(model, prompt_ids, prompt_lengths, cfg: DecodeConfig = DecodeConfig
     Scores: beam, the length-penalised log-probability; greedy/sample, the log-probability under the model.
     Compiles once per (model, cfg, P, B); the width P of `prompt_ids` (not the longest prompt) sets the shape.
     """
-    cfg.validate()
+    cfg = cfg.validate().with_ids(EOS_ID, PAD_ID)
     family, max_len = model.cfg.family, model.cfg.max_len
+    if family == "encoder_decoder" and cfg.start_id == -1:
+        raise ValueError("start_id=-1 (no BOS) is for decoder-only models; an encoder-decoder's decoder needs a "
+                         "start token (T5: the pad id, 0).")
     if family == "encoder":
         raise ValueError("model.family='encoder' cannot generate text; use fill_mask (the CLI does for encoder runs).")
     prompt_ids, lengths = np.asarray(prompt_ids, np.int32), np.asarray(prompt_lengths, np.int64)
@@ -309,8 +331,9 @@ def generate(model, prompt_ids, prompt_lengths, cfg: DecodeConfig = DecodeConfig
     if np.any(lengths > prompt_ids.shape[1]):
         raise ValueError(f"prompt_lengths {lengths.tolist()} exceed the prompt_ids width {prompt_ids.shape[1]}.")
     check_prompt_lengths(lengths, family=family, max_len=max_len, cfg=cfg)
-    inputs = model_inputs(family, prompt_ids, lengths)
-    needed = (prompt_ids.shape[1] + 1 if family == "decoder" else 1) + cfg.max_new_tokens
+    inputs = model_inputs(family, prompt_ids, lengths, start_id=cfg.start_id, eos_id=cfg.eos_id)
+    bos = 0 if cfg.start_id == -1 else 1
+    needed = (prompt_ids.shape[1] + bos if family == "decoder" else 1) + cfg.max_new_tokens
     if cfg.cache_len and cfg.cache_len < needed:
         raise ValueError(f"cache_len={cfg.cache_len} is too small: this batch needs {needed} slots "
                          "(padded prompt + BOS + max_new_tokens); raise it or set 0.")

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from t5like.decoding import EOS_ID, DecodeConfig, check_prompt_lengths, fill_mask, generate
+from t5like.decoding import DecodeConfig, check_prompt_lengths, fill_mask, generate
 
 MASK_MARKER = "<mask>"
 SENTINEL = re.compile(r"<extra_id_(\d+)>")
@@ -86,8 +86,10 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], cfg: DecodeCo
 
     Prompts run in batches of `batch_size`, padded to a multiple of 16 tokens so that prompt sets of
     similar lengths share one compiled program. Sampling draws depend on the seed and batch layout.
+    EOS and BOS/decoder-start ids left as None in `cfg` are the tokenizer's (a Hugging Face checkpoint's own).
     """
-    cfg.validate()
+    # A tokenizer without start_id (not from a checkpoint) follows t5like's convention: BOS = pad = 0.
+    cfg = cfg.validate().with_ids(tokenizer.eos_id, getattr(tokenizer, "start_id", 0))
     if not prompts:
         raise ValueError("no prompts given; pass at least one prompt.")
     encoded = encode_prompts(tokenizer, prompts)
@@ -219,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for i, (prompt, beams) in enumerate(zip(prompts, results)):
         print(f"=== prompt {i} ===\n{prompt}")
         for rank, c in enumerate(beams):
-            ended = "eos" if c.ids and c.ids[-1] == EOS_ID else "max_new_tokens"
+            ended = "eos" if c.ids and c.ids[-1] == tokenizer.eos_id else "max_new_tokens"
             print(f"--- completion {rank} (score {c.score:.3f}, {len(c.ids)} tokens, stop: {ended}) ---\n{c.text}")
         print()
     return 0
