@@ -71,7 +71,7 @@ class HFTokenizer:
             self._tok, self._sp = None, spm.SentencePieceProcessor(model_file=path)
             vocab = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())}
             for token in tok_cfg.get("additional_special_tokens", []) or []:  # T5's <extra_id_k> live outside spm
-                if (m := _EXTRA_ID.match(_content(token) or "")) and _content(token) not in vocab:
+                if _EXTRA_ID.match(_content(token) or "") and _content(token) not in vocab:
                     vocab[_content(token)] = None
             for k in range(int(tok_cfg.get("extra_ids", 0) or 0)):
                 vocab.setdefault(f"<extra_id_{k}>", None)

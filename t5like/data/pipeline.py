@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from t5like.data import sources
 from t5like.data.config import DataConfig
-from t5like.data.objectives import EOS_ID, Objective, make_objective
+from t5like.data.objectives import Objective, make_objective
 from t5like.data.packing import PackedTable, StreamPacker
 from t5like.data.tokenizer import Tokenizer
 
@@ -44,7 +44,7 @@ class _EncodeBatch:
         self.tokenizer = tokenizer
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        return {"ids": [ids + [EOS_ID] for ids in self.tokenizer.encode_batch(batch["text"])]}
+        return {"ids": [ids + [self.tokenizer.eos_id] for ids in self.tokenizer.encode_batch(batch["text"])]}
 
 
 def tokenize_documents(ds: datasets.Dataset, tokenizer: Tokenizer, num_proc: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +201,7 @@ class StreamingBatchIterator:
                 texts.append(text)
                 self._docs_this_epoch += 1
         for ids in self.tokenizer.encode_batch(texts):
-            self._packer.add(np.asarray(ids + [EOS_ID], np.int32))
+            self._packer.add(np.asarray(ids + [self.tokenizer.eos_id], np.int32))
             self._tokens_read, self._docs_read = self._tokens_read + len(ids) + 1, self._docs_read + 1
 
     def __iter__(self) -> Iterator[Batch]:

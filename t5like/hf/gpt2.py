@@ -67,6 +67,10 @@ def from_hf(cfg: ModelConfig, t) -> dict:
     }
     if not cfg.tie_embeddings:
         params["lm_head"] = {"kernel": t.take("lm_head.weight", (cfg.vocab_size, D)).T.copy()}
+    elif t.has("lm_head.weight"):  # some files store the tied head too: it must be the same matrix
+        if not np.array_equal(t.take("lm_head.weight", (cfg.vocab_size, D)), params["embed"]["embedding"]):
+            raise ValueError(f"{ARCHITECTURE}: lm_head.weight differs from transformer.wte.weight but config.json "
+                             "has tie_word_embeddings=true; set it to false to keep both.")
     return params
 
 
