@@ -133,6 +133,26 @@ def test_frontier_is_pareto_set():
     assert frontier(flops, loss).tolist() == [0, 2, 4, 6]
 
 
+def test_frontier_one_point_per_isoflop_budget():
+    # The scaling_tiny shape: 3 budgets x 5 sizes, each run's FLOPs within 1% of its budget (whole steps).
+    # Give worse runs slightly less compute, as happens: a plain Pareto set over flops then keeps several
+    # runs of one budget. With budgets the frontier is each budget's lowest-loss run, and 3 points are
+    # too few for the 3-parameter power law.
+    data = synthetic_isoflop(LAW, budgets=[1e18, 1e19, 1e20], sizes_per_budget=5, noise=0.0)
+    flops = data.flops.copy()
+    for C in np.unique(data.budget):
+        rows = np.flatnonzero(data.budget == C)
+        rank = np.argsort(np.argsort(-data.loss[rows]))  # 0 = worst run of the budget
+        flops[rows] = C * (0.99 + 0.01 * rank / (len(rows) - 1))
+    data = from_arrays(data.params, data.tokens, data.loss, flops=flops, budget=data.budget)
+    fr = frontier(data.flops, data.loss, data.budget)
+    best = [np.flatnonzero(data.budget == C)[np.argmin(data.loss[data.budget == C])] for C in (1e18, 1e19, 1e20)]
+    assert fr.tolist() == best
+    assert len(frontier(data.flops, data.loss)) > 3  # the plain Pareto set: what the fit used to take
+    with pytest.raises(ValueError, match=r"powerlaw fit needs at least 4 runs on the compute frontier.*got 3"):
+        fit_powerlaw(data)
+
+
 def test_groups_merge_nearby_flops_without_budget_column():
     flops = np.array([0.98e18, 1.02e18, 1.01e18, 3.1e18, 2.96e18, 1e19])
     data = from_arrays(np.ones(6), np.ones(6), np.ones(6) * 3, flops=flops)

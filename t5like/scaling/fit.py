@@ -196,10 +196,20 @@ def _check_bootstrap(n_bootstrap: int, level: float) -> None:
 # powerlaw: L(C) = E + (C0/C)^alpha on the compute frontier
 
 
-def frontier(flops: np.ndarray, loss: np.ndarray) -> np.ndarray:
+def frontier(flops: np.ndarray, loss: np.ndarray, budget: np.ndarray | None = None) -> np.ndarray:
     """Indices of Pareto-optimal runs, by increasing compute: each has lower loss than every run with
-    less (or equal) compute. For sorted C this is where the running minimum of loss drops."""
-    order = np.lexsort((loss, flops))
+    less (or equal) compute. For sorted C this is where the running minimum of loss drops.
+
+    With `budget` (a table's IsoFLOP budgets) a budget is one point: its lowest-loss run. The runs of one
+    budget differ in FLOPs by up to ~1% (whole steps), so without this every same-budget run with slightly
+    less compute than a better one would count as a frontier point, and the power law would be fitted
+    through runs that are not compute-optimal. The budgets' minima then form the Pareto set by budget."""
+    if budget is None:
+        order = np.lexsort((loss, flops))
+    else:
+        order = np.lexsort((loss, budget))
+        first = np.r_[True, budget[order][1:] != budget[order][:-1]]
+        order = order[first]  # one run per budget: its lowest loss, by increasing budget
     best = np.minimum.accumulate(loss[order])
     on = np.r_[True, loss[order][1:] < best[:-1]]
     return order[on]
@@ -225,7 +235,7 @@ def _powerlaw_params(theta: np.ndarray, x_ref: float) -> dict[str, np.ndarray]:
 def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0) -> Fit:
     """L(C) = E + (C0/C)^alpha, least squares on ln L over the frontier runs, from 36 starts."""
     _check_bootstrap(bootstrap, level)
-    idx = frontier(data.flops, data.loss)
+    idx = frontier(data.flops, data.loss, data.budget)
     _need("powerlaw", "runs on the compute frontier (3 parameters plus one to spare)", 4, len(idx),
           "Add runs at more compute budgets.")
     lnC, lnL = np.log(data.flops), np.log(data.loss)
@@ -248,7 +258,8 @@ def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, 
         for r in range(bootstrap):
             counts = np.bincount(rng.integers(0, len(data), len(data)), minlength=len(data))
             sub = np.flatnonzero(counts)
-            fr = sub[frontier(data.flops[sub], data.loss[sub])]
+            budget = None if data.budget is None else data.budget[sub]
+            fr = sub[frontier(data.flops[sub], data.loss[sub], budget)]
             W[r, fr], ok[r] = counts[fr], len(fr) >= 4
         W = W[ok]
         cols = np.flatnonzero(W.any(0))  # only runs that are on some resample's frontier

@@ -56,7 +56,7 @@ def plot_loss_vs_compute(ax, data: ScalingData, fits: dict[str, Fit]) -> None:
     from t5like.scaling.fit import frontier
 
     ax.scatter(data.flops, data.loss, s=10, color="0.6", label="runs", zorder=2)
-    fr = frontier(data.flops, data.loss)
+    fr = frontier(data.flops, data.loss, data.budget)
     ax.plot(data.flops[fr], data.loss[fr], "o", ms=5, mfc="none", color="k", label="compute frontier", zorder=3)
     C = _c_grid(data)
     _shade_extrapolation(ax, data)
