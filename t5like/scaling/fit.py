@@ -164,8 +164,8 @@ def _predict(approach: str, p: dict, C) -> dict:
         if approach in ("envelope", "isoflop"):
             N, D = p["N_coef"] * C ** p["a"], p["D_coef"] * C ** p["b"]
             return {"N_opt": N, "D_opt": D, "tokens_per_param": D / N}
-        if approach == "parametric":  # compute-optimal allocation under C = 6·N·D
-            N, D = p["G"] * (C / 6) ** p["a"], (C / 6) ** p["b"] / p["G"]
+        if approach == "parametric":  # compute-optimal allocation under the table's C = k·N·D
+            N, D = p["N_coef"] * C ** p["a"], p["D_coef"] * C ** p["b"]
             loss = p["E"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
             return {"loss": loss, "N_opt": N, "D_opt": D, "tokens_per_param": D / N}
     raise ValueError(f"unknown approach {approach!r}; expected one of {APPROACHES}")
@@ -178,6 +178,11 @@ def _loglog(x, y, w=None) -> tuple[float, float]:
     mx, my = np.average(lx, weights=w), np.average(ly, weights=w)
     slope = np.sum(w * (lx - mx) * (ly - my)) / np.sum(w * (lx - mx) ** 2)
     return float(slope), float(np.exp(my - slope * mx))
+
+
+def _convention(data: ScalingData) -> dict:
+    """What C means in this fit: the table's own flops column if it has one, else 6·N·D."""
+    return {"flops_convention": data.convention()["text"]}
 
 
 def _need(approach: str, what: str, needed: int, got: int, hint: str = "") -> None:
@@ -238,6 +243,9 @@ def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, 
     idx = frontier(data.flops, data.loss, data.budget)
     _need("powerlaw", "runs on the compute frontier (3 parameters plus one to spare)", 4, len(idx),
           "Add runs at more compute budgets.")
+    _, budgets = compute_groups(data)
+    _need("powerlaw", "compute budgets (groups of runs at similar FLOPs)", 2, len(budgets),
+          "Runs within 10% of one another's FLOPs say nothing about how loss falls with compute.")
     lnC, lnL = np.log(data.flops), np.log(data.loss)
     x_ref = float(lnC[idx].mean())
     starts = _powerlaw_starts(lnL[idx])
@@ -249,7 +257,10 @@ def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, 
     params = {k: float(v) for k, v in _powerlaw_params(best, x_ref).items()}
     details = {"frontier": [{"flops": data.flops[i], "loss": data.loss[i], "params": data.params[i],
                              "tokens": data.tokens[i]} for i in idx],
-               "n_frontier": len(idx), "objective": float(f.min())}
+               "n_frontier": len(idx), "objective": float(f.min()), **_convention(data)}
+    if len(np.unique(data.params)) < 2:
+        details["warnings"] = ["every run has one model size, so this frontier is that model's learning curve "
+                               "(it flattens at the model's capacity), not the compute-optimal frontier."]
     fit = Fit("powerlaw", params, details)
     if bootstrap:
         rng = np.random.default_rng(seed)
@@ -297,13 +308,18 @@ def fit_envelope(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, 
     gid, budgets = compute_groups(data, bins_per_decade)
     _need("envelope", "compute budgets (groups of runs at similar FLOPs)", 3, len(budgets),
           "Add runs at more budgets, or pass a budget column / --bins-per-decade.")
+    _need("envelope", "distinct model sizes", 2, len(np.unique(data.params)),
+          "With one size the lowest-loss run of every budget is that size: N_opt ∝ C^0 says nothing.")
     pts = _envelope_points(data, gid, np.arange(len(data)))
     if len(np.unique(data.flops[pts])) < 2:
         raise ValueError("envelope fit: all minimum-loss runs have the same flops; need at least 2 distinct.")
     params = _envelope_line(data, pts)
     details = {"points": [{"budget": budgets[gid[i]], "flops": data.flops[i], "params": data.params[i],
                            "tokens": data.tokens[i], "loss": data.loss[i]} for i in pts],
-               "n_groups": len(budgets), "bins_per_decade": bins_per_decade}
+               "n_groups": len(budgets), "bins_per_decade": bins_per_decade, **_convention(data)}
+    if len(np.unique(data.params[pts])) < 2:
+        details["warnings"] = [f"the lowest-loss run of every budget has one size (N = {data.params[pts[0]]:.4g}), so "
+                               "a = 0 only says the sizes are too coarse to see N_opt move. Add sizes around it."]
     fit = Fit("envelope", params, details)
     if bootstrap:
         rng = np.random.default_rng(seed)
@@ -384,6 +400,9 @@ def fit_isoflop(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, s
     if window is not None and window < 1:
         raise ValueError(f"window = {window}: use at least 1 size each side of the minimum (3 sizes in all), or None.")
     gid, budgets = compute_groups(data, bins_per_decade)
+    # Each budget's C is its runs' flops (geometric mean), the convention every approach uses; a budget
+    # column only labels the groups (it may count FLOPs differently, or be 1% off each run's whole steps).
+    group_flops = np.exp(np.bincount(gid, np.log(data.flops)) / np.bincount(gid))
     lnN, lnD, L = np.log(data.params), np.log(data.tokens), data.loss
     optima, skipped, members = [], [], []
     for g, C in enumerate(budgets):
@@ -398,16 +417,17 @@ def fit_isoflop(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, s
             skipped.append({"budget": C, "reason": reason})
             continue
         members.append(rows)
-        optima.append({"budget": C, "N_opt": math.exp(ln_n[0]), "D_opt": math.exp(ln_d[0]), "loss_opt": l_opt[0],
-                       "n_points": len(rows), "n_sizes": n_sizes, "parabola_ln_n": [c[0, 2], c[0, 1], c[0, 0]],
+        optima.append({"budget": C, "flops": group_flops[g], "N_opt": math.exp(ln_n[0]), "D_opt": math.exp(ln_d[0]),
+                       "loss_opt": l_opt[0], "n_points": len(rows), "n_sizes": n_sizes, "parabola_ln_n": [c[0, 2], c[0, 1], c[0, 0]],
                        "ln_n_center": float(lnN[rows].mean()), "N_range": np.exp(ln_range[0]).tolist()})
     _need("isoflop", "budgets with >= 3 distinct model sizes and a bracketed loss minimum", 3, len(optima),
           "Skipped budgets: " + "; ".join(f"C={s['budget']:.3g}: {s['reason']}" for s in skipped) if skipped else "")
-    C = np.array([o["budget"] for o in optima])
+    C = np.array([o["flops"] for o in optima])
     a, N_coef = _loglog(C, [o["N_opt"] for o in optima])
     b, D_coef = _loglog(C, [o["D_opt"] for o in optima])
     fit = Fit("isoflop", {"a": a, "b": b, "N_coef": N_coef, "D_coef": D_coef},
-              {"optima": optima, "skipped_budgets": skipped, "bins_per_decade": bins_per_decade, "window": window})
+              {"optima": optima, "skipped_budgets": skipped, "bins_per_decade": bins_per_decade, "window": window,
+               **_convention(data)})
     if bootstrap:
         rng = np.random.default_rng(seed)
         # (bootstrap, budget) arrays of per-budget optima; NaN where a resample had no valid vertex
@@ -447,7 +467,9 @@ def hoffmann_grid(coarse: bool = False) -> np.ndarray:
     return np.stack([g.reshape(-1) for g in grid], -1)
 
 
-def _parametric_params(theta: np.ndarray) -> dict[str, np.ndarray]:
+def _parametric_params(theta: np.ndarray, k: float = 6.0) -> dict[str, np.ndarray]:
+    """Named parameters from rows (a, b, e, alpha, beta), with the allocation for compute C = k·N·D
+    (k: the table's FLOPs per parameter per token, 6 for the 6·N·D convention)."""
     a_, b_, e, alpha, beta = np.moveaxis(np.asarray(theta, np.float64), -1, 0)
     A, B, E = np.exp(a_), np.exp(b_), np.exp(e)
     with np.errstate(all="ignore"):
@@ -455,9 +477,9 @@ def _parametric_params(theta: np.ndarray) -> dict[str, np.ndarray]:
         s = np.where(valid, alpha + beta, np.nan)
         G = (alpha * A / (beta * B)) ** (1 / s)
         a, b = beta / s, alpha / s
-        # N_opt = G·(C/6)^a = N_coef·C^a, D_opt = (C/6)^b / G = D_coef·C^b, as for the other approaches
+        # N_opt = G·(C/k)^a = N_coef·C^a, D_opt = (C/k)^b / G = D_coef·C^b, as for the other approaches
         return {"E": E, "A": A, "B": B, "alpha": alpha, "beta": beta, "a": a, "b": b, "G": G,
-                "N_coef": G * 6.0 ** -a, "D_coef": 6.0 ** -b / G}
+                "N_coef": G * k ** -a, "D_coef": k ** -b / G}
 
 
 def fit_parametric(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0,
@@ -474,16 +496,27 @@ def fit_parametric(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95
     for col, v in (("params", data.params), ("tokens", data.tokens)):
         _need("parametric", f"distinct values of '{col}'", 2, len(np.unique(v)),
               "N and D must both vary to separate A/N^alpha from B/D^beta.")
+    _, budgets = compute_groups(data)
+    _need("parametric", "compute budgets (groups of runs at similar FLOPs)", 2, len(budgets),
+          "At one budget ln N + ln D is fixed, so A/N^alpha and B/D^beta cannot be told apart.")
+    conv = data.convention()
+    k = conv["flops_per_param_token"]
     X = np.stack([np.log(data.params), np.log(data.tokens)], -1)
     y = np.log(data.loss)
     starts = hoffmann_grid() if starts is None else np.atleast_2d(np.asarray(starts, np.float64))
     theta, f = minimize_batch(_parametric_objective, starts, X, y, delta=huber_delta)
     i = int(np.argmin(f))
     best = theta[i]
-    params = {k: float(v) for k, v in _parametric_params(best).items()}
+    params = {name: float(v) for name, v in _parametric_params(best, k).items()}
     details = {"objective": float(f[i]), "huber_delta": huber_delta, "n_starts": len(starts),
                # how many starts reached the best objective: a sanity check that it is not a fluke
-               "n_starts_at_best": int(np.sum(f <= f[i] + 1e-9 * abs(f[i]) + 1e-15))}
+               "n_starts_at_best": int(np.sum(f <= f[i] + 1e-9 * abs(f[i]) + 1e-15)),
+               "flops_per_param_token": k, **_convention(data)}
+    k_lo, k_hi = conv["flops_per_param_token_range"]
+    if k_hi / k_lo > 1.25:
+        details["warnings"] = [f"flops/(N·D) ranges from {k_lo:.3g} to {k_hi:.3g} across runs; the allocation uses "
+                               f"C = {k:.3g}·N·D (their geometric mean), so N_opt is uncertain by up to "
+                               f"{(k_hi / k_lo) ** params['a']:.2g}× beyond the bootstrap interval."]
     fit = Fit("parametric", params, details)
     if bootstrap:
         if bootstrap_starts is None:
@@ -494,7 +527,7 @@ def fit_parametric(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95
         thetas, fs = minimize_batch(_parametric_objective, np.tile(st, (bootstrap, 1)), X, y,
                                     np.repeat(W, len(st), axis=0), delta=huber_delta)
         pick = thetas.reshape(bootstrap, len(st), -1)[np.arange(bootstrap), fs.reshape(bootstrap, -1).argmin(1)]
-        fit.samples = _parametric_params(pick)
+        fit.samples = _parametric_params(pick, k)
         fit.level, fit.n_bootstrap, fit.seed = level, bootstrap, seed
     return fit
 
