@@ -556,3 +556,28 @@ def test_iterator_argument_errors(small_cfg, tok):
         _it(small_cfg, tok, split="validation")
     with pytest.raises(ValueError, match="host 7 of 8 gets none"):
         sources.load_documents(small_cfg, "train", 7, 8)
+
+
+def test_bad_jsonl_line_is_named_with_file_and_line(tmp_path, cache_dir):
+    from t5like.data.sources import load_documents
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+    (tmp_path / "b.jsonl").write_text('{"text": "x = 1"}\n\n{"text": "y = 2"}\n{"text": oops}\n')
+    cfg = DataConfig(source="files", paths=(str(tmp_path / "*.jsonl"),), format="jsonl", validation_fraction=0.0,
+                     cache_dir=cache_dir)
+    with pytest.raises(ValueError, match=r"b\.jsonl: line 4 is not valid JSON .*'\{\"text\": oops\}'.*fix or delete"):
+        load_documents(cfg, "train")
+    (tmp_path / "b.jsonl").write_text('{"text": "x = 1"}\n"just a string"\n')
+    with pytest.raises(ValueError, match=r"b\.jsonl: line 2 is a JSON string, not an object such as \{\"text\""):
+        load_documents(cfg, "train")
+
+
+def test_one_document_cannot_be_split_says_so(tmp_path, cache_dir):
+    from t5like.data.sources import load_documents
+    (tmp_path / "one.txt").write_text("x = 1\n")
+    cfg = DataConfig(source="files", paths=(str(tmp_path / "one.txt"),), validation_fraction=0.02, cache_dir=cache_dir)
+    assert len(load_documents(cfg, "train")) == 1
+    with pytest.raises(ValueError) as e:
+        load_documents(cfg, "validation")
+    msg = str(e.value)
+    assert "validation_fraction=0.02" in msg and "single document" in msg and "at least 2" in msg, msg
+    assert "validation_fraction=0 " not in msg
