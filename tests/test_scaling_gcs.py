@@ -99,9 +99,11 @@ def test_fit_predict_plot_on_gcs(gcs_server, results, tmp_path, capsys):
 def test_gcs_bad_paths_are_clear_errors(gcs_server, capsys):
     bucket = f"gs://{gcs_server.bucket}"
     upload(gcs_server, "bad/r.csv", table_bytes(["params", "tokens", "loss"], [[100000000, 1000000000, 3.0]]))
+    upload(gcs_server, "bad/latin1.csv", "params,tokens,loss,note\n1e8,1e9,3.0,caf\xe9\n".encode("latin-1"))
     cases = [(["fit", f"{bucket}/bad/missing.csv"], f"{bucket}/bad/missing.csv: no such file"),
              (["fit", "gs://t5like-no-such-bucket/r.csv"], "bucket gs://t5like-no-such-bucket does not exist"),
              (["fit", f"{bucket}/bad"], f"{bucket}/bad is a directory"),
+             (["fit", f"{bucket}/bad/latin1.csv"], f"{bucket}/bad/latin1.csv: not UTF-8 text (byte 39)"),
              (["predict", f"{bucket}/bad/r.csv", "--flops", "1e20"], f"{bucket}/bad/r.csv: not JSON"),
              (["fit", f"{bucket}/bad/r.csv", "--out", "gs://t5like-no-such-bucket/fit.json"],
               "bucket gs://t5like-no-such-bucket does not exist"),
@@ -112,7 +114,7 @@ def test_gcs_bad_paths_are_clear_errors(gcs_server, capsys):
         assert scaling_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (argv, err)
-    assert gcs_server.list_objects("bad/") == ["bad/r.csv"]  # nothing written by the refused commands
+    assert sorted(gcs_server.list_objects("bad/")) == ["bad/latin1.csv", "bad/r.csv"]  # the refused wrote nothing
 
 
 def test_gcs_table_messages_name_lines(gcs_server):

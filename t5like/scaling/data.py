@@ -150,7 +150,10 @@ def load_csv(path: str, *, loss_column: str | None = None, params_column: str = 
     Optional columns: `flops` (else 6·N·D), `budget` (nominal IsoFLOP budget, used to group runs) and
     `status` (if present, only rows with status ok/finished are used). `path` may be local or gs://.
     """
-    text = read_input(path, "results table").decode("utf-8-sig")  # -sig: tolerate a spreadsheet's BOM
+    try:
+        text = read_input(path, "results table").decode("utf-8-sig")  # -sig: tolerate a spreadsheet's BOM
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the table as a UTF-8 CSV.") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
     reader.fieldnames = header
