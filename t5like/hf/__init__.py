@@ -21,6 +21,7 @@ from flax import nnx
 from t5like.config import Config, ModelConfig
 from t5like.hf import bert, gpt2, llama, t5
 from t5like.hf.io import Tensors, read_hf_config, write_json, write_safetensors
+from t5like.models import abstract_model
 from t5like.sharding import Sharder, state_shardings
 
 MAPPINGS = {m.ARCHITECTURE: m for m in (gpt2, bert, t5, llama)}
@@ -61,14 +62,9 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _abstract(cfg: ModelConfig, shard: Sharder):
-    from t5like.models import FAMILIES
-    return nnx.split(nnx.eval_shape(lambda: FAMILIES[cfg.family](cfg, rngs=nnx.Rngs(0), shard=shard)))
-
-
 def place(cfg: ModelConfig, params: dict, shard: Sharder = Sharder()):
     """A model whose parameters are `params` (numpy, t5like layout), each put directly into its shards."""
-    graphdef, state = _abstract(cfg, shard)
+    graphdef, state = abstract_model(cfg, shard)
     want = {k: v.shape for k, v in _flat(state.to_pure_dict()).items()}
     got = {k: np.shape(v) for k, v in _flat(params).items()}
     if want.keys() != got.keys():  # a mapping bug, never user input: say exactly what differs
@@ -131,7 +127,7 @@ def save_pretrained(model: nnx.Module, out_dir: str, *, special_ids: Optional[di
     """
     cfg: ModelConfig = model.cfg
     mapping = _exporter(cfg, architecture)
-    _, abstract = _abstract(cfg, Sharder())
+    _, abstract = abstract_model(cfg)
     state = nnx.state(model, nnx.Param).to_pure_dict()
     extra = sorted(_flat(state).keys() - _flat(abstract.to_pure_dict()).keys())
     if extra:

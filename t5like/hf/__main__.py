@@ -21,15 +21,8 @@ HF_CONFIG = "hf_config.json"  # the imported checkpoint's config.json, kept for 
 
 
 def import_checkpoint(hf_dir: str, workdir: str, *, tokenizer_dir: Optional[str] = None, fsdp: int = -1) -> dict:
-    from flax import nnx
-
-    from t5like.checkpoint import Checkpointer, checkpoint_dir
-    from t5like.config import CheckpointConfig, MeshConfig
-    from t5like.data.hf_tokenizer import HFTokenizer, copy_tokenizer, has_tokenizer
-    from t5like.hf import load_pretrained
-    from t5like.hf.io import read_hf_config, write_json
-    from t5like.sharding import Sharder, make_mesh
-    from t5like.train import write_config
+    from t5like.checkpoint import checkpoint_dir
+    from t5like.data.hf_tokenizer import has_tokenizer
 
     if not os.path.isdir(hf_dir):
         raise ValueError(f"--hf {hf_dir!r} is not a directory; pass a Hugging Face model directory.")
@@ -39,8 +32,18 @@ def import_checkpoint(hf_dir: str, workdir: str, *, tokenizer_dir: Optional[str]
                          "generation and fine-tuning need the checkpoint's own: pass --tokenizer DIR.")
     if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(checkpoint_dir(workdir)):
         raise ValueError(f"--workdir {workdir!r} already holds a run; nothing was overwritten. Use a new workdir.")
+
+    from flax import nnx
+
+    from t5like.checkpoint import Checkpointer
+    from t5like.config import CheckpointConfig, MeshConfig, to_dict
+    from t5like.data.hf_tokenizer import HFTokenizer, copy_tokenizer
+    from t5like.hf import load_pretrained, read_pretrained_config
+    from t5like.hf.io import read_hf_config, write_json
+    from t5like.sharding import Sharder, make_mesh
+    from t5like.train import write_config
+
     # Everything that can be refused is checked before any weight is read.
-    from t5like.hf import read_pretrained_config
     model_cfg, _, _ = read_pretrained_config(hf_dir)
     tokenizer = HFTokenizer(tokenizer_dir)
     if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -57,7 +60,6 @@ def import_checkpoint(hf_dir: str, workdir: str, *, tokenizer_dir: Optional[str]
         cfg.data, tokenizer_path=os.path.abspath(tok_out), num_sentinels=tokenizer.num_sentinels)).validate()
     write_json(os.path.join(workdir, HF_CONFIG), read_hf_config(hf_dir))
     write_config(cfg)
-    from t5like.config import to_dict
     ckpt = Checkpointer(checkpoint_dir(workdir), CheckpointConfig(async_save=False))
     try:
         ckpt.save(0, {"params": nnx.state(model).to_pure_dict()}, {}, to_dict(cfg))
