@@ -199,6 +199,17 @@ def test_parameters_land_sharded_on_the_mesh(hf):
     assert np.abs(t5like_logits(model, batch) - hf_logits(hf_model, "llama", batch)).max() < TOL
 
 
+@pytest.mark.parametrize("preset", ["gpt2_small", "llama_style"])
+def test_t5like_trained_models_export_to_transformers(preset, tmp_path):
+    """A model t5like built itself (untied head and GQA for llama_style) exports as its HF architecture."""
+    model = build_model(model_preset(preset, "tiny"), seed=3)
+    assert save_pretrained(model, str(tmp_path)) == {"gpt2_small": "GPT2LMHeadModel",
+                                                     "llama_style": "LlamaForCausalLM"}[preset]
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    batch = batch_for(preset, model.cfg.vocab_size)
+    assert np.abs(hf_logits(back, preset, batch) - t5like_logits(model, batch)).max() < TOL
+
+
 # Greedy generation ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["gpt2", "t5_v1_1", "llama"])
