@@ -242,7 +242,7 @@ def test_greedy_generation_matches_transformers(name, hf, imported):
 
 # Tokenizers ----------------------------------------------------------------------------------------------------
 
-def test_tokenizers_keep_the_checkpoints_special_ids(hf):
+def test_tokenizers_keep_the_checkpoints_special_ids(hf, tmp_path):
     gpt2, llama, bert, t5 = (HFTokenizer(hf[n][1]) for n in ("gpt2", "llama", "bert", "t5_v1_0"))
     text = "parser.add_argument('--foo', help='bar')\n"
     for tok in (gpt2, llama, t5):
@@ -254,6 +254,15 @@ def test_tokenizers_keep_the_checkpoints_special_ids(hf):
     assert (t5.pad_id, t5.eos_id, t5.start_id, t5.vocab_size, t5.num_sentinels) == (0, 1, 0, 220, 20)
     assert t5.sentinel_id(0) == 219 and t5.decode([t5.sentinel_id(3)]) == "<extra_id_3>"
     assert "encode_batch" in dir(gpt2) and gpt2.encode_batch([text, "x"])[0] == gpt2.encode(text)
+    # Llama 2 style: only a sentencepiece tokenizer.model (unk 0, bos 1, eos 2), BOS read before prompts.
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines()), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=250, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    json.dump({"model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}, open(tmp_path / "config.json", "w"))
+    llama2 = HFTokenizer(str(tmp_path))
+    assert (llama2.bos_id, llama2.eos_id, llama2.pad_id, llama2.start_id, llama2.vocab_size) == (1, 2, -1, 1, 250)
+    assert llama2.decode([1] + llama2.encode("def add(a, b)") + [2]) == "def add(a, b)"
 
 
 # Refusals -------------------------------------------------------------------------------------------------------
