@@ -1,0 +1,196 @@
+"""The Ray backend and the device-aware local backend, with real processes and a real local Ray cluster.
+
+The trials are test_sweep.py's fake experiment (sleeps instead of training, checkpoints every step, obeys
+SIGTERM with exit 143), so the faults are cheap to provoke. One Ray cluster (2 CPUs) serves the module;
+each test runs `python -m launch.sweep ... --backend ray --ray-address GCS` as its own driver process.
+"""
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from test_sweep import FAKE, ROOT, check_each_trial_once, events, finish, mid_way, rows, wait_until
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Returns launch(workdir, *args, **env): a `launch.sweep` driver on the fake experiment."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "fake_exp.py").write_text(FAKE)
+    (mods / "devices_exp.py").write_text(DEVICES)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(mods), ROOT]))
+
+    def launch(workdir, *args, module="fake_exp", **env_extra):
+        cmd = [sys.executable, "-m", "launch.sweep", module, "--workdir", str(workdir), "--no-fit", *args]
+        return subprocess.Popen(cmd, cwd=ROOT, env=dict(env, **env_extra), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    return launch
+
+
+def ray_args(address, *more):
+    return ["--backend", "ray", "--ray-address", address, *more]
+
+
+def comparable(workdir):
+    """results.csv without the columns that depend on when and how fast a trial ran."""
+    return sorted(({k: v for k, v in r.items() if k not in ("wall_time_s", "finished_at")} for r in rows(workdir)),
+                  key=lambda r: r["trial_id"])
+
+
+def trial_pid(workdir, tid):
+    """The pid of the process training trial `tid` (found by its workdir on its command line)."""
+    needle = f"workdir={os.path.join(str(workdir), 'trials', tid)}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    return int(pid)
+        except OSError:
+            pass
+    return None
+
+
+def parent_pid(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("PPid:")).split()[1])
+
+
+def test_ray_gives_the_local_backends_rows_and_records_a_raising_trial(sweep, cluster, tmp_path):
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    code, out = finish(sweep(local, "--parallel", "2", FAKE_TRIALS="4", FAKE_FAIL="t2"))
+    assert code == 1, out
+    code, out = finish(sweep(on_ray, *ray_args(cluster), "--env", "FAKE_STEP_S=0.05", FAKE_TRIALS="4",
+                             FAKE_FAIL="t2"), timeout=300)
+    assert code == 1, out
+    assert "ray backend, parallel 2" in out  # what fits on the 2-CPU cluster
+    got = comparable(on_ray)
+    assert [r["status"] for r in got] == ["ok", "ok", "failed", "ok"]
+    failed = got[2]
+    assert "boom: this trial was told to fail" in failed["error"] and "exit 1" in failed["error"]
+    for r in got:
+        if r["status"] == "ok":
+            assert float(r["final_eval_loss"]) > 0 and float(r["final_train_loss"]) > float(r["final_eval_loss"])
+    # Same rows, losses included, as the local backend (the errors differ only in the log path they quote).
+    want = comparable(local)
+    for a, b in zip(got, want):
+        a.pop("error"), b.pop("error")
+    assert got == want
+
+
+def test_ray_worker_killed_mid_trial_is_retried_and_resumes(sweep, cluster, tmp_path):
+    wd = tmp_path / "sweep"
+    proc = sweep(wd, *ray_args(cluster, "--parallel", "1"), "--env", "FAKE_STEP_S=0.3", FAKE_TRIALS="1")
+    state = wd / "trials" / "t0" / "state.json"
+    wait_until(lambda: state.exists() and json.loads(state.read_text())["step"] >= 2, proc, timeout=120)
+    worker = parent_pid(trial_pid(wd, "t0"))  # the Ray worker running the trial's actor
+    assert worker != proc.pid
+    os.kill(worker, signal.SIGKILL)
+    code, out = finish(proc, timeout=300)
+    assert code == 0, out
+    assert [(r["trial_id"], r["status"]) for r in rows(wd)] == [("t0", "ok")]
+    ev = events(wd, "t0")
+    starts = [e for e in ev if e.startswith("start")]
+    assert len(starts) == 2 and starts[0] == "start 0" and int(starts[1].split()[1]) >= 2, ev  # resumed
+    assert any(e.startswith("preempted") for e in ev), ev  # the orphan checkpointed on its parent's death
+    check_each_trial_once(wd, 1)
+
+
+def test_ray_driver_sigkill_then_rerun_and_ctrl_c(sweep, cluster, tmp_path):
+    wd = tmp_path / "sweep"
+    args = ray_args(cluster, "--parallel", "2")
+    proc = sweep(wd, *args, "--env", "FAKE_STEP_S=0.15")
+    wait_until(lambda: (wd / "results.csv").exists() and len(rows(wd)) >= 2 and mid_way(wd), proc, timeout=120)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ok_before = {r["trial_id"] for r in rows(wd) if r["status"] == "ok"}
+    assert 2 <= len(ok_before) < 6
+
+    # Rerun, and Ctrl-C it once a trial is mid-way: the running trials checkpoint and stop, no row for them.
+    proc = sweep(wd, *args, "--env", "FAKE_STEP_S=0.3")
+    starts = lambda: [sum(e.startswith("start") for e in events(wd, f"t{i}")) for i in range(6)]  # noqa: E731
+    before = starts()
+    wait_until(lambda: starts() != before and mid_way(wd), proc, timeout=120)
+    proc.send_signal(signal.SIGINT)
+    code, out = finish(proc, timeout=300)
+    assert code == 130, out
+    assert all(r["status"] == "ok" for r in rows(wd)), rows(wd)
+    assert any(e.startswith("preempted") for i in range(6) for e in events(wd, f"t{i}"))
+
+    code, out = finish(sweep(wd, *args), timeout=300)
+    assert code == 0, out
+    check_each_trial_once(wd, 6)
+    for tid in ok_before:  # finished trials were not started again
+        assert sum(e.startswith("start") for e in events(wd, tid)) == 1, events(wd, tid)
+
+
+def test_bad_backend_address_and_resources_fail_fast(sweep, cluster, tmp_path):
+    code, out = finish(sweep(tmp_path / "a", "--backend", "slurm"))
+    assert code == 2 and "--backend 'slurm' is not a backend; use one of local, ray" in out, out
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out = finish(sweep(tmp_path / "b", *ray_args(f"127.0.0.1:{port}", "--ray-timeout", "5")), timeout=120)
+    assert code == 2 and f"127.0.0.1:{port}: no Ray head answered within 5 s" in out, out
+    code, out = finish(sweep(tmp_path / "c", *ray_args(cluster, "--trial-cpus", "64")), timeout=120)
+    assert code == 2 and "no node of the Ray cluster" in out and "'CPU': 64.0" in out, out
+    code, out = finish(sweep(tmp_path / "d", *ray_args(cluster, "--trial-tpu", "v5p-32")), timeout=120)
+    assert code == 2 and "TPU-v5p-32-head" in out, out
+    for d in "bcd":
+        assert not (tmp_path / d / "results.csv").exists()  # nothing ran
+
+
+DEVICES = '''
+"""Two trials that write down the devices and cores they saw."""
+import json, os, sys
+from t5like.scaling.design import Trial
+
+def sweep():
+    return [Trial(f"d{i}", (f"x={i}",)) for i in range(2)]
+
+if __name__ == "__main__":
+    import jax
+    wd = dict(a.split("=", 1) for a in sys.argv[1:])["workdir"]
+    with open(os.path.join(wd, "devices.json"), "w") as f:
+        json.dump({"jax": [d.id for d in jax.devices()], "host_devices": os.environ["T5LIKE_DEVICES"].split(","),
+                   "cores": sorted(os.sched_getaffinity(0)), "omp": os.environ["OMP_NUM_THREADS"]}, f)
+    with open(os.path.join(wd, "summary.json"), "w") as f:
+        json.dump({"step": 1, "final_loss": 1.0, "final_eval_loss": 1.0}, f)
+'''
+
+
+def test_local_parallel_2_splits_8_devices_and_the_cores(sweep, tmp_path):
+    wd = tmp_path / "sweep"
+    eight = "--xla_force_host_platform_device_count=8"
+    code, out = finish(sweep(wd, "--parallel", "2", module="devices_exp", XLA_FLAGS=eight), timeout=300)
+    assert code == 0, out
+    assert "8 CPU device(s)" in out and "each of 2 trial slots gets 4 simulated CPU device(s)" in out
+    seen = [json.loads((wd / "trials" / f"d{i}" / "devices.json").read_text()) for i in range(2)]
+    assert [len(s["jax"]) for s in seen] == [4, 4]  # each trial's JAX sees its share
+    assert sorted(seen[0]["host_devices"] + seen[1]["host_devices"]) == [str(i) for i in range(8)]  # disjoint
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:  # its own cores too
+        assert not set(seen[0]["cores"]) & set(seen[1]["cores"])
+        assert sorted(seen[0]["cores"] + seen[1]["cores"]) == cores
+        assert [int(s["omp"]) for s in seen] == [len(s["cores"]) for s in seen]
+    assert "trial devices: 0,1,2,3" in (wd / "trials" / "d0" / "train.log").read_text() or \
+        "trial devices: 4,5,6,7" in (wd / "trials" / "d0" / "train.log").read_text()
+
+    code, out = finish(sweep(tmp_path / "odd", "--parallel", "3", module="devices_exp", XLA_FLAGS=eight))
+    assert code == 2 and "--parallel 3 does not divide this host's 8 CPU devices" in out and "[1, 2, 4, 8]" in out, out
+    assert not (tmp_path / "odd" / "results.csv").exists()
