@@ -43,19 +43,53 @@ class Resources:
 
 
 class TrialActor:
-    """Runs one trial process on its node; `stop` may arrive while `run` waits (a threaded actor)."""
+    """Runs one trial process on its node; `stop` may arrive while `run` waits (a threaded actor).
+
+    A whole-slice trial (`--trial-tpu`) lands on worker 0 of a slice, through its `TPU-<type>-head`
+    resource, and runs the trial on every host of that slice (Ray's pattern, see
+    ray/_private/accelerators/tpu.py: one actor per host, resources {"TPU": chips, <slice name>: 1}); JAX
+    on a TPU VM joins the hosts itself. A slice runs or stops whole: one host failing stops the others.
+    """
 
     def __init__(self):
-        self.trial = None
+        self.trial, self.hosts = None, []
 
-    def run(self, module: str, tdir: str, overrides: list[str], env: dict):
+    def run(self, module: str, tdir: str, overrides: list[str], env: dict, whole_slice: bool = False,
+            host: int = 0):
+        if whole_slice:
+            return self._run_on_slice(module, tdir, overrides, env)
         from launch.trial import start_trial
-        self.trial = start_trial(module, tdir, overrides, dict(os.environ, **env))
+        self.trial = start_trial(module, tdir, overrides, dict(os.environ, **env), upload_log=host == 0)
         self.trial.proc.wait()
         code = self.trial.poll()  # frees the trial lock, uploads a gs:// trial's log
         return code, self.trial.tail(), f"{socket.gethostname()}:{self.trial.log}"
 
+    def _run_on_slice(self, module, tdir, overrides, env):
+        import ray
+        from ray.util import tpu
+        hosts = tpu.get_current_pod_worker_count() or 1
+        per_host = ray.remote(TrialActor).options(
+            num_cpus=0, max_concurrency=2, resources={"TPU": tpu.get_num_tpu_chips_on_node(),
+                                                      tpu.get_current_pod_name(): 1})
+        self.hosts = [per_host.remote() for _ in range(hosts)]
+        refs = [h.run.remote(module, tdir, overrides, env, host=i) for i, h in enumerate(self.hosts)]
+        results, pending = {}, list(refs)
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            try:
+                results[refs.index(ref)] = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                results[refs.index(ref)] = (-1, f"ray: {type(e).__name__}: {e}", "?")
+            if results[refs.index(ref)][0] != 0 and pending:
+                self.stop(signal.SIGTERM)
+        for h in self.hosts:
+            ray.kill(h)
+        failed = [results[i] for i in sorted(results) if results[i][0] != 0]
+        return failed[0] if failed else results[0]
+
     def stop(self, sig: int) -> None:
+        for h in self.hosts:
+            h.stop.remote(sig)
         if self.trial is not None and self.trial.proc.poll() is None:
             self.trial.proc.send_signal(sig)
 
@@ -122,7 +156,7 @@ class RayBackend:
 
     def start(self, module: str, tdir: str, overrides: list[str]) -> _RayHandle:
         actor = self.actor_cls.remote()
-        return _RayHandle(actor, actor.run.remote(module, tdir, overrides, self.env))
+        return _RayHandle(actor, actor.run.remote(module, tdir, overrides, self.env, bool(self.resources.tpu)))
 
     def poll(self, handle: _RayHandle) -> Optional[int]:
         if handle.result is None:

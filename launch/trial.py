@@ -51,13 +51,14 @@ class TrialProcess:
     log: str            # local log file of this attempt
     offset: int         # where this attempt's output starts in it
     tdir: str
+    upload_log: bool = True   # a gs:// trial's log goes next to its results (host 0 of a slice only)
 
     def poll(self) -> Optional[int]:
         code = self.proc.poll()
         if code is not None and self.lock_fd >= 0:
             os.close(self.lock_fd)  # the child's copy closed with it; the lock is free again
             self.lock_fd = -1
-            if is_remote(self.tdir):  # the local log is the only copy: put it next to the trial's results
+            if self.upload_log and is_remote(self.tdir):  # the local log is the only copy: keep it with the results
                 epath.Path(self.tdir, "train.log").write_bytes(open(self.log, "rb").read())
         return code
 
@@ -74,7 +75,7 @@ def local_dir(tdir: str) -> str:
     return os.path.join(tempfile.gettempdir(), "t5like_trials", f"{os.path.basename(tdir)}-{name}")
 
 
-def start_trial(module: str, tdir: str, overrides: list[str], env: dict) -> TrialProcess:
+def start_trial(module: str, tdir: str, overrides: list[str], env: dict, upload_log: bool = True) -> TrialProcess:
     """Start the trial as a child of this process in its own session (a terminal's Ctrl-C reaches only the
     runner, which then stops the trials cleanly). A per-trial lock, held by the child, keeps two processes
     out of one trial workdir, e.g. a rerun or a Ray retry racing a trial that is still checkpointing."""
@@ -97,7 +98,7 @@ def start_trial(module: str, tdir: str, overrides: list[str], env: dict) -> Tria
         proc = subprocess.Popen([sys.executable, "-c", _BOOT, module, f"workdir={tdir}", *overrides],
                                 stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True, pass_fds=(lock_fd,))
-    return TrialProcess(proc, lock_fd, log, offset, tdir)
+    return TrialProcess(proc, lock_fd, log, offset, tdir, upload_log)
 
 
 def log_tail(path: str, offset: int, lines: int = 15) -> str:
