@@ -194,3 +194,47 @@ def test_local_parallel_2_splits_8_devices_and_the_cores(sweep, tmp_path):
     code, out = finish(sweep(tmp_path / "odd", "--parallel", "3", module="devices_exp", XLA_FLAGS=eight))
     assert code == 2 and "--parallel 3 does not divide this host's 8 CPU devices" in out and "[1, 2, 4, 8]" in out, out
     assert not (tmp_path / "odd" / "results.csv").exists()
+
+
+REAL = '''
+"""Four real tiny training trials (a grid over the learning rate and the seed), a few steps each."""
+import dataclasses
+from t5like import train
+from t5like.scaling.design import grid
+import experiments.scaling_tiny as tiny
+
+def config():
+    c = tiny.config()
+    return dataclasses.replace(
+        c, model=dataclasses.replace(c.model, d_model=32, num_heads=4, d_ff=64, num_layers=1, max_len=32),
+        data=dataclasses.replace(c.data, max_files=30, seq_len=32, tokenizer_train_chars=100_000),
+        train=dataclasses.replace(c.train, steps=6, batch_size=4, eval_steps=2, log_every=1, progress=False))
+
+def sweep():
+    return grid({"optim.learning_rate": [1e-3, 3e-3], "seed": [0, 1]})
+
+def prepare(workdir):
+    from t5like.data import get_tokenizer
+    get_tokenizer(config().data, workdir, config().model.vocab_size)
+    return [f"data.tokenizer_path={workdir}/tokenizer/spm.model"]
+
+if __name__ == "__main__":
+    train.main(config)
+'''
+
+
+@pytest.mark.slow
+def test_real_tiny_sweep_on_ray_matches_local(sweep, cluster, tmp_path):
+    """Real training: the Ray backend's table is the local backend's, losses bitwise included."""
+    (tmp_path / "mods" / "real_exp.py").write_text(REAL)
+    one = "--xla_force_host_platform_device_count=1"
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    code, out = finish(sweep(local, "--parallel", "2", module="real_exp", XLA_FLAGS=one), timeout=900)
+    assert code == 0, out
+    code, out = finish(sweep(on_ray, *ray_args(cluster, "--parallel", "2"), "--env", f"XLA_FLAGS={one}",
+                             module="real_exp", XLA_FLAGS=one), timeout=900)
+    assert code == 0, out
+    got, want = comparable(on_ray), comparable(local)
+    assert len(got) == 4 and all(r["status"] == "ok" and 0 < float(r["final_eval_loss"]) < 10 for r in got)
+    assert len({r["final_eval_loss"] for r in got}) == 4  # the trials differ, so the comparison means something
+    assert got == want
