@@ -39,7 +39,8 @@ class Resources:
         if self.cpus < 0 or self.gpus < 0:
             raise ValueError(f"--trial-cpus {self.cpus} / --trial-gpus {self.gpus} must be >= 0.")
         if not self.need():
-            raise ValueError("each Ray trial must ask for something: give --trial-cpus > 0, --trial-gpus or --trial-tpu.")
+            raise ValueError("each Ray trial must ask for something: give --trial-cpus > 0, --trial-gpus or "
+                             "--trial-tpu.")
 
 
 class TrialActor:
@@ -137,8 +138,9 @@ class RayBackend:
             have = {k: largest.get(k, 0) for k in need}
             ray.shutdown()
             raise ValueError(f"each trial asks for {need}, but no node of the Ray cluster ({self.address}, "
-                             f"{len(self.nodes)} node(s)) has that much (largest node: {have}); lower "
-                             "--trial-cpus/--trial-gpus or add a node that has it.")
+                             f"{len(self.nodes)} node(s)) has that much (the node with most CPUs has {have}); "
+                             "lower --trial-cpus/--trial-gpus, give a --trial-tpu type the cluster has, or add "
+                             "such a node (the check counts the nodes up now; Ray would otherwise wait forever).")
         # PYTHONPATH so the actor's worker can import launch/ and the experiment (same paths on every node);
         # --env values reach the actor too (it writes the trial's gs:// log) and through it the trial.
         env = child_env(extra_env or {}, base={"PYTHONPATH": os.environ.get("PYTHONPATH", "")})

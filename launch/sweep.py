@@ -76,7 +76,8 @@ def _lock_workdir(workdir: str) -> int:
     """One runner per sweep directory (two would run the same trials); released when this process exits.
     For a gs:// sweep the lock is a local file, so it only guards against a second runner on this machine."""
     if is_remote(workdir):
-        path = os.path.join(tempfile.gettempdir(), f"t5like_sweep_{hashlib.sha1(workdir.encode()).hexdigest()[:12]}.lock")
+        digest = hashlib.sha1(workdir.encode()).hexdigest()[:12]
+        path = os.path.join(tempfile.gettempdir(), f"t5like_sweep_{digest}.lock")
     else:
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, ".sweep.lock")
@@ -127,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="fit and plot after the sweep (default: on for IsoFLOP sweeps)")
     ap.add_argument("--list", action="store_true", help="list the trials and their status; run nothing")
     ap.add_argument("--grace", type=float, default=600.0, help="seconds trials get to checkpoint after Ctrl-C")
-    ray = ap.add_argument_group("Ray backend")
+    ray = ap.add_argument_group("where trials run")
     ray.add_argument("--backend", default="local", help=f"where trials run: {' or '.join(BACKENDS)} (default local)")
     ray.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                      help="join this Ray cluster (auto: the one `ray start` made here); default: start a local one")
