@@ -152,7 +152,10 @@ def test_bad_backend_address_and_resources_fail_fast(sweep, cluster, tmp_path):
     assert code == 2 and "no node of the Ray cluster" in out and "'CPU': 64.0" in out, out
     code, out = finish(sweep(tmp_path / "d", *ray_args(cluster, "--trial-tpu", "v5p-32")), timeout=120)
     assert code == 2 and "TPU-v5p-32-head" in out, out
-    for d in "bcd":
+    # No address: the driver starts a local cluster of this machine's cores, and checks against it.
+    code, out = finish(sweep(tmp_path / "e", "--backend", "ray", "--trial-cpus", "64"), timeout=180)
+    assert code == 2 and "no node of the Ray cluster (local, 1 node(s))" in out, out
+    for d in "bcde":
         assert not (tmp_path / d / "results.csv").exists()  # nothing ran
 
 
