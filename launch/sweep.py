@@ -42,7 +42,8 @@ from etils import epath
 from launch.backends import BACKENDS, make_backend
 from launch.plan import Sweep, load_sweep
 from launch.runner import run_sweep
-from launch.table import COLUMNS, OK, ResultsTable, is_remote
+from launch.table import COLUMNS, OK, ResultsTable
+from t5like.storage import is_remote
 
 INTERRUPTED = 130
 

@@ -16,15 +16,12 @@ import sys
 
 from etils import epath
 
+from t5like.storage import is_remote
+
 COLUMNS = ("trial_id", "budget", "status", "final_eval_loss", "loss", "final_train_loss", "params",
            "non_embedding_params", "tokens", "flops", "steps", "wall_time_s", "overrides", "error", "finished_at")
 OK = "ok"
 HEADER = ",".join(COLUMNS)
-
-
-def is_remote(path) -> bool:
-    """gs://, s3://, ...: no flock, no O_APPEND, no fsync."""
-    return "://" in str(path)
 
 
 class ResultsTable:

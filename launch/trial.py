@@ -20,7 +20,7 @@ from typing import Optional
 
 from etils import epath
 
-from launch.table import is_remote
+from t5like.storage import is_remote
 from t5like.scaling.design import Trial
 
 # Run in the child before the experiment: die with its parent (Linux), so a SIGKILLed runner or Ray worker

