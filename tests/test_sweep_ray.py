@@ -290,3 +290,27 @@ def test_ray_sweep_with_its_table_and_trials_on_gcs(sweep, cluster, gcs_server, 
     rows_now = list(csv.DictReader(now.splitlines()))
     assert now.startswith(table)  # appended, nothing lost or changed
     assert len(rows_now) == 4 and rows_now[3]["trial_id"] == "t2" and rows_now[3]["status"] == "failed"
+
+
+def test_fit_and_plots_of_a_gcs_sweep_land_next_to_its_table(gcs_server, tmp_path, monkeypatch):
+    """t5like.scaling reads local files: a gs:// sweep is fitted in a temp dir and fit.json, plots/ uploaded."""
+    from launch.plan import load_sweep
+    from launch.sweep import fit_and_plot
+    from launch.table import OK, ResultsTable
+    from launch.trial import row
+    from t5like.scaling.data import ChinchillaLaw
+    (tmp_path / "fake_exp.py").write_text(FAKE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FAKE_TRIALS", "12")
+    sys.modules.pop("fake_exp", None)
+    plan = load_sweep("fake_exp")
+    wd = f"gs://{gcs_server.bucket}/fit-sweep"
+    table = ResultsTable(f"{wd}/results.csv")
+    for t in plan.trials:
+        loss = float(ChinchillaLaw().loss(t.params, t.tokens))
+        table.append(row(t, OK, summary={"final_eval_loss": loss, "final_loss": loss, "step": 6}))
+    assert fit_and_plot(wd, plan)
+    fit = json.loads(read_gcs(gcs_server, "fit-sweep/fit.json"))
+    assert fit["meta"]["n_points"] == 12 and 0.4 < fit["isoflop"]["a"] < 0.6  # the law's a = 0.45
+    assert "fit-sweep/plots/isoflop.png" in gcs_server.list_objects("fit-sweep/plots/")
+    sys.modules.pop("fake_exp", None)
