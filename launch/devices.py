@@ -3,7 +3,8 @@
 - GPUs: trial i of K gets GPUs [i*D/K, (i+1)*D/K) through CUDA_VISIBLE_DEVICES.
 - TPU chips (/dev/accel* or /dev/vfio/N): TPU_VISIBLE_CHIPS, plus, for 1 or 2 chips,
   TPU_CHIPS_PER_HOST_BOUNDS and TPU_HOST_BOUNDS=1,1,1 (the variables Ray sets for a task given part of a
-  TPU host, see jax-ml/jax#14977).
+  TPU host) and their older names TPU_CHIPS_PER_PROCESS_BOUNDS, TPU_PROCESS_BOUNDS (jax-ml/jax#14977).
+  Not yet run on a TPU VM here.
 - CPU: JAX's simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=D) are split D/K per
   trial, and the cores this process may use are split into K disjoint sets (CPU affinity, set in the
   trial before Python starts the experiment; OMP_NUM_THREADS to match). With fewer cores than K,
@@ -88,9 +89,10 @@ def split(host: HostDevices, k: int, env: dict) -> list[dict]:
             slot["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
         elif host.kind == "tpu" and k > 1:
             slot["TPU_VISIBLE_CHIPS"] = ",".join(ids)
-            if per in (1, 2):
-                slot["TPU_CHIPS_PER_HOST_BOUNDS"] = "1,1,1" if per == 1 else "1,2,1"
-                slot["TPU_HOST_BOUNDS"] = "1,1,1"
+            if per in (1, 2):  # both namings libtpu has read (Ray sets the first pair; jax-ml/jax#14977 the second)
+                bounds = "1,1,1" if per == 1 else "1,2,1"
+                slot.update(TPU_CHIPS_PER_HOST_BOUNDS=bounds, TPU_HOST_BOUNDS="1,1,1",
+                            TPU_CHIPS_PER_PROCESS_BOUNDS=bounds, TPU_PROCESS_BOUNDS="1,1,1")
         if host.kind == "cpu":
             if d > 1:
                 slot["XLA_FLAGS"] = _COUNT_FLAG.sub("", env.get("XLA_FLAGS", "")).strip() + \

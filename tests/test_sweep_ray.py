@@ -314,3 +314,16 @@ def test_fit_and_plots_of_a_gcs_sweep_land_next_to_its_table(gcs_server, tmp_pat
     assert fit["meta"]["n_points"] == 12 and 0.4 < fit["isoflop"]["a"] < 0.6  # the law's a = 0.45
     assert "fit-sweep/plots/isoflop.png" in gcs_server.list_objects("fit-sweep/plots/")
     sys.modules.pop("fake_exp", None)
+
+
+def test_gpu_and_tpu_hosts_split_into_disjoint_visible_device_sets():
+    """The env each slot gets on an 8-GPU and a 4-chip TPU host (the split itself; no such host here)."""
+    from launch.devices import HostDevices, split
+    gpus = split(HostDevices("gpu", tuple("01234567"), (0, 1)), 4, {})
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in gpus] == ["0,1", "2,3", "4,5", "6,7"]
+    tpu = split(HostDevices("tpu", tuple("0123"), (0, 1)), 2, {})
+    assert [s["TPU_VISIBLE_CHIPS"] for s in tpu] == ["0,1", "2,3"]
+    assert all(s["TPU_CHIPS_PER_HOST_BOUNDS"] == "1,2,1" and s["TPU_HOST_BOUNDS"] == "1,1,1" for s in tpu)
+    assert "TPU_VISIBLE_CHIPS" not in split(HostDevices("tpu", tuple("0123"), (0, 1)), 1, {})[0]  # whole host
+    with pytest.raises(ValueError, match="--parallel 3 does not divide this host's 4 TPU devices"):
+        split(HostDevices("tpu", tuple("0123"), (0, 1)), 3, {})
