@@ -49,36 +49,27 @@ INTERRUPTED = 130
 
 
 def fit_and_plot(workdir: str, sweep: Sweep) -> bool:
-    """`python -m t5like.scaling fit` and `plot` on this sweep's ok rows; True if both worked. t5like.scaling
-    reads and writes local files, so a gs:// sweep is fitted in a local temp dir and the results uploaded."""
+    """`python -m t5like.scaling fit` and `plot` on this sweep's ok rows (local or gs://); True if both worked."""
     table = ResultsTable(os.path.join(workdir, "results.csv"))
     ids = {t.id for t in sweep.trials}
     rows = table.rows()
-    remote = is_remote(workdir)
-    with tempfile.TemporaryDirectory() as tmp:
-        out, source = (tmp if remote else workdir), table.path
-        if remote or any(r["trial_id"] not in ids for r in rows):  # rows of earlier designs stay out
-            source = os.path.join(out, "results.csv" if remote else "results_this_sweep.csv")
-            buf = io.StringIO()
-            w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-            w.writeheader()
-            w.writerows(r for r in rows if r["trial_id"] in ids)
-            epath.Path(source).write_text(buf.getvalue())
-        fit_json, plots = os.path.join(out, "fit.json"), os.path.join(out, "plots")
-        for args in (["fit", source, "--approach", "all", "--out", fit_json],
-                     ["plot", source, "--fit", fit_json, "--out", plots]):
-            print(f"$ python -m t5like.scaling {' '.join(args)}", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, "-m", "t5like.scaling", *args])
-            if proc.returncode != 0:
-                print(f"error: `python -m t5like.scaling {args[0]}` exited {proc.returncode}; the trials' results "
-                      f"are in {table.path}.", file=sys.stderr)
-                return False
-        if remote:  # fit.json and plots/ next to the table
-            for local in [fit_json, *(os.path.join(plots, f) for f in sorted(os.listdir(plots)))]:
-                dest = epath.Path(workdir, os.path.relpath(local, tmp))
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(open(local, "rb").read())
-            print(f"fit and plots uploaded to {workdir}/fit.json, {workdir}/plots/", file=sys.stderr)
+    source = table.path
+    if any(r["trial_id"] not in ids for r in rows):  # rows of an earlier design stay out of this fit
+        source = os.path.join(workdir, "results_this_sweep.csv")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(r for r in rows if r["trial_id"] in ids)
+        epath.Path(source).write_text(buf.getvalue())
+    fit_json, plots = os.path.join(workdir, "fit.json"), os.path.join(workdir, "plots")
+    for args in (["fit", source, "--approach", "all", "--out", fit_json],
+                 ["plot", source, "--fit", fit_json, "--out", plots]):
+        print(f"$ python -m t5like.scaling {' '.join(args)}", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, "-m", "t5like.scaling", *args])
+        if proc.returncode != 0:
+            print(f"error: `python -m t5like.scaling {args[0]}` exited {proc.returncode}; the trials' results are "
+                  f"in {table.path}.", file=sys.stderr)
+            return False
     return True
 
 

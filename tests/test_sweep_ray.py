@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import urllib.parse
 import urllib.request
 
@@ -293,7 +292,7 @@ def test_ray_sweep_with_its_table_and_trials_on_gcs(sweep, cluster, gcs_server, 
 
 
 def test_fit_and_plots_of_a_gcs_sweep_land_next_to_its_table(gcs_server, tmp_path, monkeypatch):
-    """t5like.scaling reads local files: a gs:// sweep is fitted in a temp dir and fit.json, plots/ uploaded."""
+    """The fit of a gs:// sweep: fit.json and plots/ written next to its table (earlier designs' rows left out)."""
     from launch.plan import load_sweep
     from launch.sweep import fit_and_plot
     from launch.table import OK, ResultsTable
@@ -306,10 +305,13 @@ def test_fit_and_plots_of_a_gcs_sweep_land_next_to_its_table(gcs_server, tmp_pat
     plan = load_sweep("fake_exp")
     wd = f"gs://{gcs_server.bucket}/fit-sweep"
     table = ResultsTable(f"{wd}/results.csv")
+    table.append({"trial_id": "old-design", "budget": 1e18, "status": "ok", "loss": 9.0, "final_eval_loss": 9.0,
+                  "params": 1e8, "tokens": 1e9, "flops": 1e18})
     for t in plan.trials:
         loss = float(ChinchillaLaw().loss(t.params, t.tokens))
         table.append(row(t, OK, summary={"final_eval_loss": loss, "final_loss": loss, "step": 6}))
     assert fit_and_plot(wd, plan)
+    assert "old-design" not in read_gcs(gcs_server, "fit-sweep/results_this_sweep.csv")
     fit = json.loads(read_gcs(gcs_server, "fit-sweep/fit.json"))
     assert fit["meta"]["n_points"] == 12 and 0.4 < fit["isoflop"]["a"] < 0.6  # the law's a = 0.45
     assert "fit-sweep/plots/isoflop.png" in gcs_server.list_objects("fit-sweep/plots/")
