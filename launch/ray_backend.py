@@ -68,10 +68,10 @@ class TrialActor:
     def _run_on_slice(self, module, tdir, overrides, env):
         import ray
         from ray.util import tpu
-        hosts = tpu.get_current_pod_worker_count() or 1
-        per_host = ray.remote(TrialActor).options(
-            num_cpus=0, max_concurrency=2, resources={"TPU": tpu.get_num_tpu_chips_on_node(),
-                                                      tpu.get_current_pod_name(): 1})
+        hosts, chips = tpu.get_current_pod_worker_count() or 1, tpu.get_num_tpu_chips_on_node()
+        # every host of the slice carries {slice name: 1}; "TPU": all its chips (Ray refuses 0: a chipless node)
+        need = {tpu.get_current_pod_name(): 1, **({"TPU": chips} if chips else {})}
+        per_host = ray.remote(TrialActor).options(num_cpus=0, max_concurrency=2, resources=need)
         self.hosts = [per_host.remote() for _ in range(hosts)]
         refs = [h.run.remote(module, tdir, overrides, env, host=i) for i, h in enumerate(self.hosts)]
         results, pending = {}, list(refs)

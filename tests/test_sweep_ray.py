@@ -21,9 +21,24 @@ from test_sweep import FAKE, ROOT, check_each_trial_once, events, finish, mid_wa
 ray = pytest.importorskip("ray")
 
 
+SLICE = {"TPU_NAME": "t5like-test-slice", "TPU_ACCELERATOR_TYPE": "v4-8"}
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """2 CPUs, on a node Ray also takes for a one-host v4-8 slice: the env KubeRay sets on a TPU pod (its
+    processes inherit it), and the resources Ray gives a slice's worker 0 (it has no chips to find itself)."""
+    saved = {k: os.environ.get(k) for k in SLICE}
+    os.environ.update(SLICE)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 resources={"TPU-v4-8-head": 1, SLICE["TPU_NAME"]: 1})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -138,6 +153,15 @@ def test_ray_driver_sigkill_then_rerun_and_ctrl_c(sweep, cluster, tmp_path):
     check_each_trial_once(wd, 6)
     for tid in ok_before:  # finished trials were not started again
         assert sum(e.startswith("start") for e in events(wd, tid)) == 1, events(wd, tid)
+
+
+def test_whole_slice_trials_take_the_slice_head_and_run_on_its_hosts(sweep, cluster, tmp_path):
+    wd = tmp_path / "sweep"
+    code, out = finish(sweep(wd, *ray_args(cluster, "--trial-cpus", "0", "--trial-tpu", "v4-8"), FAKE_TRIALS="2"),
+                       timeout=300)
+    assert code == 0, out
+    assert "ray backend, parallel 1" in out  # one slice: one trial at a time
+    check_each_trial_once(wd, 2)
 
 
 def test_bad_backend_address_and_resources_fail_fast(sweep, cluster, tmp_path):
