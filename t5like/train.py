@@ -135,9 +135,10 @@ class Setup:
     tokens_per_step: int
 
 
-def build(cfg: Config, example_batch: dict) -> Setup:
-    """Mesh, model, optimizer and the jitted steps; compiles nothing until first called."""
-    mesh = make_mesh(cfg.mesh)
+def build(cfg: Config, example_batch: dict, devices=None) -> Setup:
+    """Mesh, model, optimizer and the jitted steps; compiles nothing until first called.
+    `devices` defaults to all of jax.devices(); launch.compile passes compile-only TPU devices."""
+    mesh = make_mesh(cfg.mesh, devices)
     sharder = Sharder(mesh, cfg.mesh.rules or Sharder().rules)
     model_cls = FAMILIES[cfg.model.family]
     abstract_model = nnx.eval_shape(lambda: model_cls(cfg.model, rngs=nnx.Rngs(cfg.seed), shard=sharder))
