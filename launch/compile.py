@@ -56,8 +56,9 @@ def topology_devices(tpu: TpuType):
 
 
 def _oom_bytes(message: str) -> int | None:
-    """XLA's TPU compiler refuses a program over HBM at compile time; read its figure ('Used 18.5G')."""
-    m = re.search(r"Used ([\d.]+)([KMGT])", message)
+    """XLA's TPU compiler refuses a program over HBM at compile time; its first figure is what the
+    program needs ('... HLO temporaries (23.63G) exceeds available HBM (15.75G)'); a lower bound."""
+    m = re.search(r"([\d.]+)([KMGT])\b", message)
     if not m:
         return None
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))

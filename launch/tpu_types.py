@@ -7,8 +7,9 @@ Naming: the number in a v4/v5p type counts TensorCores (2 per chip, seen by JAX 
 device per chip); in a v5e/v6e type it counts chips (1 core each). Sources, checked 2026-11:
 - chips, HBM and bf16 peak per chip: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} ("System architecture").
 - runtime versions: cloud.google.com/tpu/docs/runtimes ("PyTorch and JAX" table).
-- zones: cloud.google.com/tpu/docs/regions-zones (North America and Europe tables); zones change, so a
-  zone in a region the table does not list is not checked, and --any-zone skips the check.
+- zones: cloud.google.com/tpu/docs/regions-zones, the North America table (single-tenant zones included).
+  Zones change, so a zone in a region the table does not list (Europe, Asia) is not checked, and
+  launch.tpu's --any-zone skips the check.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ GENERATIONS: dict[str, Generation] = {g.name: g for g in (
                ("us-central1-a", "us-east5-a", "us-east5-b", "us-east5-c", "us-south1-a"), "TPU v5"),
     Generation("v6e", "v6e", 1, 2, 8, 32 * GiB, 918e12, "v2-alpha-tpuv6e", "default",
                ("us-central1-b", "us-east1-d", "us-east5-a", "us-east5-b", "us-east5-c", "us-east4-a",
-                "us-east4-b", "us-west1-c", "europe-west4-a"), "TPU v6 lite"),
+                "us-east4-b", "us-west1-c"), "TPU v6 lite"),
 )}
 
 # Regions the zone table covers; a zone elsewhere is not judged (the table cannot know it).
