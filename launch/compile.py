@@ -74,13 +74,19 @@ def check(cfg, tpu: TpuType) -> dict:
 
     mesh_shape(cfg.mesh, tpu.chips)  # a mesh that does not match the slice: a clear error, before compiling
     devices = topology_devices(tpu)
-    batch = {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_shapes(cfg.data, cfg.train.batch_size).items()}
+    hosts = len({d.process_index for d in devices})
+    if cfg.train.batch_size % hosts:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} does not divide over the {hosts} hosts of "
+                         f"{tpu.accelerator_type}; use a multiple of {hosts}.")
+    # build() takes one host's rows, as the trainer gives it; it makes the global batch from the hosts.
+    per_host = cfg.train.batch_size // hosts
+    batch = {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_shapes(cfg.data, per_host).items()}
     hbm = tpu.generation.hbm_bytes_per_chip
     out = {"topology": tpu.name, "accelerator_type": tpu.accelerator_type, "num_devices": len(devices)}
     start = time.perf_counter()
     setup = build(cfg, batch, devices=devices)
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_shardings[k])
-                      for k, v in batch.items()}
+    abstract_batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype,
+                                              sharding=setup.batch_shardings[k]) for k, v in batch.items()}
     try:
         compiled = setup.train_step.lower(setup.abstract_state, abstract_batch).compile()
     except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED at compile time means it does not fit
