@@ -13,6 +13,7 @@ from launch.tpu_types import TpuType
 
 REMOTE_DIR = "$HOME/t5like"          # on every worker: the wheel, the venv, the run's log (shell-expanded)
 VENV = f"{REMOTE_DIR}/venv"
+REMOTE_PYTHON = "3.11"               # jax 0.10 and flax 0.12 need Python >= 3.11
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +84,14 @@ def config_value(key: str) -> list[str]:
 # Shell run on every worker ------------------------------------------------------------------------
 
 def setup_script(wheel_name: str) -> str:
-    """A venv with the shipped wheel and its TPU extra (jax[tpu] brings libtpu)."""
+    """A venv with the shipped wheel and its TPU extra (jax[tpu] brings libtpu). The TPU VM images are
+    Ubuntu 22.04 with Python 3.10, and jax 0.10 needs >= 3.11: uv fetches a managed Python for the venv."""
     wheel = f"{REMOTE_DIR}/{wheel_name}"
+    uv = "$HOME/.local/bin/uv"
     return (f"set -e; mkdir -p {REMOTE_DIR}; mv -f $HOME/{wheel_name} {wheel}; "
-            f"test -x {VENV}/bin/python || python3 -m venv {VENV}; "
-            f"{VENV}/bin/pip install -q --upgrade pip; "
-            f"{VENV}/bin/pip install -q --force-reinstall --no-deps {wheel}; "
-            f"{VENV}/bin/pip install -q \"{wheel}[tpu]\"")
+            f"test -x {uv} || python3 -m pip install -q --user uv; "
+            f"test -x {VENV}/bin/python || {uv} venv -q --python {REMOTE_PYTHON} {VENV}; "
+            f"{uv} pip install -q --python {VENV}/bin/python --reinstall-package t5like \"{wheel}[tpu]\"")
 
 
 # The TPU is held through /dev/accel* (v4) or /dev/vfio/* (v5e, v5p, v6e); a process from an earlier

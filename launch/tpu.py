@@ -33,6 +33,9 @@ from launch.gcloud import Slice
 from launch.pods import CloudPod, LocalPod, call, echo
 from launch.tpu_types import TpuType, check_zone, parse_tpu_type
 
+# The trainer's exit status after a SIGTERM and a save (t5like.train.PREEMPTED_EXIT_CODE; not imported,
+# to keep the launcher free of jax until a config is loaded).
+PREEMPTED_EXIT_CODE = 143
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -184,6 +187,10 @@ def run_loop(pod, command: list[str], max_restarts: int, keep: bool) -> int:
                 print(f"run finished (attempt {attempt})", file=sys.stderr)
                 return 0
             healthy = pod.healthy()
+            if healthy and all(c == PREEMPTED_EXIT_CODE for c in codes):
+                print("the run was stopped (SIGTERM, e.g. `launch.tpu stop`) and saved its checkpoint; rerun the "
+                      "same command to resume.", file=sys.stderr)
+                return PREEMPTED_EXIT_CODE
             what = "a worker failed" if healthy else "the slice was preempted or lost"
             if attempt >= max_restarts:
                 print(f"error: {what} (exit codes {codes}) and --max-restarts={max_restarts} are used up; "
@@ -194,6 +201,10 @@ def run_loop(pod, command: list[str], max_restarts: int, keep: bool) -> int:
             print(f"{what} (exit codes {codes}); restart {attempt}/{max_restarts}: "
                   f"{'re-creating the slice' if fresh else 'rerunning'}; the run resumes from its checkpoint.",
                   file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"interrupted; {'deleting the slice' if not keep else 'the slice is kept'}. The workdir keeps the "
+              "last checkpoint: rerun the same command to resume.", file=sys.stderr)
+        return 130
     finally:
         if not keep:
             pod.down()

@@ -134,3 +134,27 @@ def test_bad_input_is_refused_before_any_command(case, gcloud_spy):
     calls = open(log).read().splitlines() if os.path.exists(log) else []
     assert all(c.startswith("config get-value") for c in calls), calls   # only reads of gcloud's defaults
     assert "+ " not in result.stderr  # the launcher echoes every command it runs
+
+
+# The shell each worker runs ------------------------------------------------------------------------
+
+def test_the_worker_scripts_are_valid_shell_and_the_run_script_keeps_logs_and_exit_codes(tmp_path):
+    from launch import gcloud
+    for script in (gcloud.setup_script("t5like-0.1.0-py3-none-any.whl"), gcloud.CLEANUP_SCRIPT, gcloud.tail_script(),
+                   gcloud.logs_script(), gcloud.stop_script(), gcloud.run_script(["python", "-m", "x"], "gs://b/r/logs")):
+        assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0, script
+    # Run the run script as a worker would, with this machine's venv standing in for the worker's.
+    home = tmp_path / "home"
+    (home / "t5like").mkdir(parents=True)
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), home / "t5like" / "venv")
+    command = ["python", "-c", "import sys; print('step 1'); print('oops', file=sys.stderr); sys.exit(3)"]
+    script = gcloud.run_script(command, str(tmp_path / "workdir" / "logs"))
+    env = {**os.environ, "HOME": str(home)}
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 3                                   # the trainer's exit code reaches gcloud ssh
+    log = (home / "t5like" / "worker.log").read_text()
+    assert "step 1" in log and "oops" in log
+    copies = list((tmp_path / "workdir" / "logs").iterdir())
+    assert len(copies) == 1 and copies[0].read_text() == log        # kept in the workdir too, named by host
+    assert (home / "t5like" / "train.pid").read_text().strip().isdigit()
+    assert subprocess.run(["bash", "-c", gcloud.stop_script()], env=env).returncode == 0   # nothing left to stop
