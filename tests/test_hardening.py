@@ -177,7 +177,7 @@ def test_indivisible_sharding_is_an_error_naming_the_parameter():
     from t5like.sharding import Sharder, make_mesh
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
     bad_heads = ModelConfig(d_model=96, num_heads=3, head_dim=32, d_ff=128, num_layers=1, vocab_size=512)
-    with pytest.raises(ValueError, match=r"parameter .*query.*'heads', size 3.*'tensor' \(size 2\)"):
+    with pytest.raises(ValueError, match=r"parameter decoder/layers/attn/.*'heads', size 3\).*'tensor' \(size 2\)"):
         create_sharded(bad_heads, Sharder(mesh))
     bad_embed = ModelConfig(d_model=98, num_heads=2, d_ff=128, num_layers=1, vocab_size=512)
     with pytest.raises(ValueError, match=r"'embed', size 98.*'fsdp' \(size 4\)"):
