@@ -84,14 +84,15 @@ def config_value(key: str) -> list[str]:
 # Shell run on every worker ------------------------------------------------------------------------
 
 def setup_script(wheel_name: str) -> str:
-    """A venv with the shipped wheel and its TPU extra (jax[tpu] brings libtpu). The TPU VM images are
-    Ubuntu 22.04 with Python 3.10, and jax 0.10 needs >= 3.11: uv fetches a managed Python for the venv."""
+    """A venv with the shipped wheel and its extras: tpu (jax[tpu] brings libtpu) and gcp (gs:// files).
+    The TPU VM images are Ubuntu 22.04 with Python 3.10, and jax 0.10 needs >= 3.11: uv fetches a
+    managed Python for the venv."""
     wheel = f"{REMOTE_DIR}/{wheel_name}"
     uv = "$HOME/.local/bin/uv"
     return (f"set -e; mkdir -p {REMOTE_DIR}; mv -f $HOME/{wheel_name} {wheel}; "
             f"test -x {uv} || python3 -m pip install -q --user uv; "
             f"test -x {VENV}/bin/python || {uv} venv -q --python {REMOTE_PYTHON} {VENV}; "
-            f"{uv} pip install -q --python {VENV}/bin/python --reinstall-package t5like \"{wheel}[tpu]\"")
+            f"{uv} pip install -q --python {VENV}/bin/python --reinstall-package t5like \"{wheel}[tpu,gcp]\"")
 
 
 # The TPU is held through /dev/accel* (v4) or /dev/vfio/* (v5e, v5p, v6e); a process from an earlier
