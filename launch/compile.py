@@ -110,7 +110,9 @@ def advice(result: dict) -> str:
     """What to change when a plan does not fit."""
     gib = 1024 ** 3
     used = result["per_device_bytes"]
-    used_text = f"{used / gib:.1f} GiB" if used else "more than it has"
+    # After a refusal the compiler names one figure (e.g. the temporaries alone): a lower bound.
+    at_least = "at least " if "compiler" in result else ""
+    used_text = f"{at_least}{used / gib:.1f} GiB" if used else "more than it has"
     return (f"the train step needs {used_text} per device on {result['topology']}, which has "
             f"{result['hbm_bytes_per_device'] / gib:.0f} GiB HBM per chip. Shard the weights and optimizer "
             "state (mesh.fsdp=-1 mesh.data=1), recompute activations (model.remat=full), lower "
