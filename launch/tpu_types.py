@@ -153,3 +153,19 @@ def generation_of_device_kind(kind: str) -> Generation:
         if g.device_kind == kind:
             return g
     raise ValueError(f"no HBM figure for device kind {kind!r}; known: {[g.device_kind for g in GENERATIONS.values()]}.")
+
+
+def table(max_chips: int = 64) -> str:
+    """The slice types up to max_chips, one per line (python -m launch.tpu_types)."""
+    rows = ["type            chips  topology  hosts  HBM/chip  bf16 peak/chip  runtime version      zones"]
+    for g in GENERATIONS.values():
+        for chips in (c for c in SLICE_CHIPS[g.name] if c <= max_chips):
+            t = TpuType(g, chips)
+            rows.append(f"{t.accelerator_type:<15} {chips:>5}  {t.topology:<8}  {t.hosts:>5}  "
+                        f"{g.hbm_bytes_per_chip / GiB:>5.0f} GiB  {g.peak_bf16_flops / 1e12:>7.0f} TFLOP/s  "
+                        f"{g.runtime_version:<19}  {', '.join(g.zones)}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())

@@ -81,3 +81,25 @@ def test_a_plan_that_cannot_fit_is_refused():
     assert check["fits"] is False and check["topology"] == "v5e-1" and check["num_devices"] == 1
     assert check["per_device_bytes"] > check["hbm_bytes_per_device"]
     assert "error: this plan does not fit" in err and "GiB" in err and "mesh.fsdp" in err and "remat" in err
+
+
+@needs_libtpu
+def test_the_slice_table_agrees_with_libtpu():
+    """Chips, hosts and chips per host of each slice type, as libtpu lays out its compile-only devices."""
+    from launch.tpu_types import parse_tpu_type
+    names = ["v5e-1", "v5e-8", "v5litepod-16", "v5p-8", "v5p-32", "v4-32", "v6e-8", "v6e-16"]
+    code = ("import json, sys; from launch import compile; from launch.tpu_types import parse_tpu_type; "
+            "out = {}\n"
+            "for n in sys.argv[1:]:\n"
+            "    d = compile.topology_devices(parse_tpu_type(n))\n"
+            "    out[n] = [len(d), len({x.process_index for x in d}), sorted({x.device_kind for x in d})]\n"
+            "print(json.dumps(out))")
+    proc = start("-c", code, *names)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    seen = json.loads(out.strip().splitlines()[-1])
+    for name in names:
+        t = parse_tpu_type(name)
+        assert seen[name] == [t.chips, t.hosts, [t.generation.device_kind]], (name, seen[name])
+    assert parse_tpu_type("v5e-16") == parse_tpu_type("v5litepod-16")
+    assert (parse_tpu_type("v5p-32").chips, parse_tpu_type("v5p-32").topology) == (16, "2x2x4")
