@@ -13,25 +13,22 @@ Exit status: 0 fits, 1 does not fit, 2 bad input.
 """
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
 import os
+import re
 import sys
+import time
+
+from launch.tpu_types import TpuType, parse_tpu_type
 
 # libtpu looks for a TPU VM's metadata server and worker list when it loads; on a CPU machine these
 # say where we are, so it loads quietly. It also takes /tmp/libtpu_lockfile to own the (absent) chips;
-# compiling needs no chips, so several checks may run at once. Set before jax is imported.
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-
-from launch.tpu_types import TpuType, parse_tpu_type  # noqa: E402
+# compiling needs no chips, so several checks may run at once. main() sets these before jax is imported
+# (jax reads JAX_PLATFORMS then); importing this module changes nothing.
+LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+              "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def load_config(experiment: str, overrides: list[str]):
@@ -48,7 +45,8 @@ def load_config(experiment: str, overrides: list[str]):
 
 
 def topology_devices(tpu: TpuType):
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)
+    for key, value in {**LIBTPU_ENV, "TPU_ACCELERATOR_TYPE": tpu.accelerator_type}.items():
+        os.environ.setdefault(key, value)
     from jax.experimental import topologies
     return topologies.get_topology_desc(
         platform="tpu", topology_name=tpu.libtpu_topology, chip_config_name=tpu.generation.chip_config,
@@ -120,6 +118,9 @@ def advice(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    os.environ["JAX_PLATFORMS"] = "cpu"   # this process compiles; it runs nothing on a TPU
+    for key, value in LIBTPU_ENV.items():
+        os.environ.setdefault(key, value)
     parser = argparse.ArgumentParser(prog="python -m launch.compile", description=__doc__.split("\n")[0])
     parser.add_argument("experiment", help="experiment module, e.g. experiments.llama_1b")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
