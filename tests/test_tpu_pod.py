@@ -16,6 +16,7 @@ from tests.gcs import gcs_server  # noqa: F401  (the session's fake-gcs-server)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 300
+pytestmark = pytest.mark.slow   # three 2-process runs
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +65,10 @@ def losses(env, workdir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(shared, gcs_server):  # noqa: F811
-    proc, logs, env = start_pod(shared, gcs_server, "straight", max_restarts=0)
+    proc, logs, env = start_pod(shared, gcs_server, "tpu-pod-straight", max_restarts=0)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
-    return {"workdir": f"gs://{gcs_server.bucket}/straight", "env": env, "logs": logs, "out": out, "err": err}
+    return {"workdir": f"gs://{gcs_server.bucket}/tpu-pod-straight", "env": env, "logs": logs, "out": out, "err": err}
 
 
 def test_the_per_worker_command_runs_as_a_local_pod(uninterrupted):
@@ -88,7 +89,7 @@ def progress(log_path) -> int:
 
 def test_a_killed_worker_restarts_the_pod_and_the_run_ends_with_the_same_losses(shared, gcs_server,  # noqa: F811
                                                                                  uninterrupted):
-    proc, logs, env = start_pod(shared, gcs_server, "killed", max_restarts=1)
+    proc, logs, env = start_pod(shared, gcs_server, "tpu-pod-killed", max_restarts=1)
     deadline = time.monotonic() + 600
     while progress(logs / "worker-0.log") < 60:   # past the first checkpoints, well before the end
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
@@ -98,6 +99,6 @@ def test_a_killed_worker_restarts_the_pod_and_the_run_ends_with_the_same_losses(
     assert proc.returncode == 0, err[-3000:]
     assert "a worker failed" in err and "restart 1/1" in err and "run finished (attempt 1)" in err
     assert "resumed from" in (logs / "worker-0.log").read_text()
-    killed, straight = losses(env, f"gs://{gcs_server.bucket}/killed"), losses(env, uninterrupted["workdir"])
+    killed, straight = losses(env, f"gs://{gcs_server.bucket}/tpu-pod-killed"), losses(env, uninterrupted["workdir"])
     assert sorted(killed) == list(range(1, STEPS + 1))
     assert killed == straight
