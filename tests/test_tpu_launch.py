@@ -1,0 +1,160 @@
+"""launch.tpu plans and checks: every gcloud line of a dry run passes the installed gcloud's parser, and
+bad input is refused before any command runs.
+
+gcloud parses offline: with a throwaway CLOUDSDK_CONFIG (no account) a well-formed command exits 1
+("no active account"), a malformed one exits 2 with a usage error.
+"""
+import concurrent.futures
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from launch import tpu as launcher
+from launch.tpu_types import parse_tpu_type
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GCLOUD = shutil.which("gcloud")
+needs_gcloud = pytest.mark.skipif(GCLOUD is None, reason="the Google Cloud CLI is not installed")
+
+SLICES = {
+    "single-host v5e-8": ["--tpu", "v5e-8", "--zone", "us-west4-a", "--workdir", "gs://bkt/a"],
+    "multi-host v5p-32": ["--tpu", "v5p-32", "--zone", "us-east5-a", "--workdir", "gs://bkt/b", "--reserved"],
+    "queued spot v4-32": ["--tpu", "v4-32", "--zone", "us-central2-b", "--workdir", "gs://bkt/c", "--spot",
+                          "--queued", "--keep"],
+}
+
+
+def dry_run(capsys, *argv) -> list[str]:
+    assert launcher.main(list(argv)) == 0, capsys.readouterr().err
+    return capsys.readouterr().out.splitlines()
+
+
+def gcloud_parse(line: str, config_dir: str) -> tuple[int, str]:
+    env = {**os.environ, "CLOUDSDK_CONFIG": config_dir, "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+    result = subprocess.run(shlex.split(line), env=env, capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stderr
+
+
+@needs_gcloud
+def test_every_gcloud_line_of_the_plans_parses(capsys, tmp_path):
+    lines = []
+    for name, flags in SLICES.items():
+        plan = dry_run(capsys, "run", "experiments.quickstart", "train.steps=20", "--name", "t5-test",
+                       "--project", "my-proj", "--skip-compile-check", "--dry-run", *flags)
+        assert plan[0].split()[1:4] == ["-m", "pip", "wheel"], plan[0]   # the local build step first
+        gcloud_lines = plan[1:]
+        assert gcloud_lines and all(line.startswith("gcloud ") for line in gcloud_lines), plan
+        tpu = parse_tpu_type(flags[1])
+        create = gcloud_lines[0]
+        assert f"--accelerator-type={tpu.accelerator_type}" in create
+        assert tpu.generation.runtime_version in create
+        if "--queued" in flags:
+            assert "queued-resources create" in create and "--node-id=t5-test" in create and "--spot" in create
+            assert not any(" delete " in line for line in gcloud_lines)   # --keep
+        else:
+            assert "tpu-vm create" in create
+            assert "delete" in gcloud_lines[-1]
+        run = next(line for line in gcloud_lines if "python -m experiments.quickstart" in line)
+        assert "--worker=all" in run and "workdir=gs://bkt/" in run and "train.steps=20" in run
+        lines += gcloud_lines
+    for action in ("status", "logs", "stop", "delete"):
+        lines += dry_run(capsys, action, "--name", "t5-test", "--zone", "us-east5-a", "--project", "my-proj",
+                         "--dry-run")
+    config_dir = str(tmp_path / "gcloud")
+    os.makedirs(config_dir)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda line: gcloud_parse(line, config_dir), lines))
+    for line, (code, err) in zip(lines, results):
+        assert code != 2 and "usage" not in err.lower() and "unrecognized arguments" not in err, (line, err)
+        assert code == 1 and "account" in err, (line, code, err)  # parsed, then stopped for want of a login
+
+
+@needs_gcloud
+def test_a_misspelt_flag_is_what_the_parser_check_catches(tmp_path):
+    """The check above can fail: the same parser refuses a bad flag with exit 2."""
+    code, err = gcloud_parse("gcloud compute tpus tpu-vm ssh t5-test --zone=us-east5-a --wrker=all", str(tmp_path))
+    assert code == 2 and "unrecognized arguments" in err
+
+
+# Bad input: a clear error (exit 2) and no gcloud command run ------------------------------------------
+
+BAD = {
+    "unknown TPU type": (["--tpu", "v7x-99", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://b/r"],
+                         "not one this launcher knows"),
+    "a size the generation lacks": (["--tpu", "v5p-12", "--zone", "us-east5-a", "--project", "p",
+                                     "--workdir", "gs://b/r"], "slices come in these sizes"),
+    "zone without the type": (["--tpu", "v4-32", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://b/r"],
+                              "does not offer v4"),
+    "local workdir, multi-host": (["--tpu", "v5p-32", "--zone", "us-east5-a", "--project", "p",
+                                   "--workdir", "/tmp/run"], "gs://BUCKET/RUN"),
+    "mesh vs chips": (["--tpu", "v5p-32", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://b/r",
+                       "mesh.data=4", "mesh.fsdp=2"], "mesh does not match the slice (v5p-32 has 16 chips)"),
+    "no project, no gcloud default": (["--tpu", "v5e-8", "--zone", "us-west4-a", "--workdir", "gs://b/r"],
+                                      "no --project given"),
+    "no zone, no gcloud default": (["--tpu", "v5e-8", "--project", "p", "--workdir", "gs://b/r"],
+                                   "no --zone given"),
+}
+
+
+@pytest.fixture(scope="module")
+def gcloud_spy():
+    """A `gcloud` first on PATH that logs its arguments, then runs the real one (with no account)."""
+    d = tempfile.mkdtemp()
+    log = os.path.join(d, "calls.log")
+    spy = os.path.join(d, "gcloud")
+    with open(spy, "w") as f:
+        f.write(f'#!/bin/sh\necho "$*" >> {log}\nexec {GCLOUD} "$@"\n')
+    os.chmod(spy, os.stat(spy).st_mode | stat.S_IEXEC)
+    os.makedirs(os.path.join(d, "config"))
+    env = {**os.environ, "PATH": d + os.pathsep + os.environ["PATH"], "CLOUDSDK_CONFIG": os.path.join(d, "config"),
+           "PYTHONPATH": ROOT}
+    yield env, log
+    shutil.rmtree(d)
+
+
+@needs_gcloud
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_refused_before_any_command(case, gcloud_spy):
+    env, log = gcloud_spy
+    flags, expected = BAD[case]
+    if os.path.exists(log):
+        os.remove(log)
+    # Not a dry run: were the checks to pass, the launcher would start building and creating.
+    result = subprocess.run([sys.executable, "-m", "launch.tpu", "run", "experiments.quickstart", "--name", "bad",
+                             "--skip-compile-check", *flags], env=env, capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+    calls = open(log).read().splitlines() if os.path.exists(log) else []
+    assert all(c.startswith("config get-value") for c in calls), calls   # only reads of gcloud's defaults
+    assert "+ " not in result.stderr  # the launcher echoes every command it runs
+
+
+# The shell each worker runs ------------------------------------------------------------------------
+
+def test_the_worker_scripts_are_valid_shell_and_the_run_script_keeps_logs_and_exit_codes(tmp_path):
+    from launch import gcloud
+    for script in (gcloud.setup_script("t5like-0.1.0-py3-none-any.whl"), gcloud.CLEANUP_SCRIPT, gcloud.tail_script(),
+                   gcloud.logs_script(), gcloud.stop_script(), gcloud.run_script(["python", "-m", "x"], "gs://b/r/logs")):
+        assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0, script
+    # Run the run script as a worker would, with this machine's venv standing in for the worker's.
+    home = tmp_path / "home"
+    (home / "t5like").mkdir(parents=True)
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), home / "t5like" / "venv")
+    command = ["python", "-c", "import sys; print('step 1'); print('oops', file=sys.stderr); sys.exit(3)"]
+    script = gcloud.run_script(command, str(tmp_path / "workdir" / "logs"))
+    env = {**os.environ, "HOME": str(home)}
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 3                                   # the trainer's exit code reaches gcloud ssh
+    log = (home / "t5like" / "worker.log").read_text()
+    assert "step 1" in log and "oops" in log
+    copies = list((tmp_path / "workdir" / "logs").iterdir())
+    assert len(copies) == 1 and copies[0].read_text() == log        # kept in the workdir too, named by host
+    assert (home / "t5like" / "train.pid").read_text().strip().isdigit()
+    assert subprocess.run(["bash", "-c", gcloud.stop_script()], env=env).returncode == 0   # nothing left to stop

@@ -1,0 +1,104 @@
+"""launch.tpu's run loop on a local pod: the exact per-worker command as N processes joined by
+jax.distributed, with a gs:// workdir on the test GCS server (fake-gcs-server); and the preemption path
+(one worker SIGKILLed -> the launcher restarts the pod -> the run resumes and ends with the same losses)."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from t5like.data import DataConfig, get_tokenizer
+from tests.gcs import gcs_server  # noqa: F401  (the session's fake-gcs-server)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 300
+pytestmark = pytest.mark.slow   # three 2-process runs
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pod")
+    data = DataConfig(source="stdlib", max_files=60, tokenizer_train_chars=300_000)
+    get_tokenizer(data, str(root / "tok"), vocab_size=2048)
+    return {"tokenizer": str(root / "tok" / "tokenizer" / "spm.model"), "root": root}
+
+
+def overrides(shared):
+    # train.progress=true: worker 0's progress bar is how the test knows the run is under way.
+    return ["size=tiny", "data.max_files=60", "data.seq_len=32", "train.batch_size=8", "train.eval_steps=2",
+            "train.eval_every=0", "train.progress=true", f"data.tokenizer_path={shared['tokenizer']}",
+            f"train.steps={STEPS}", "checkpoint.every=25", "model.num_layers=1", "model.d_model=32",
+            "model.d_ff=64", "model.num_heads=2"]
+
+
+def start_pod(shared, gcs, name, max_restarts):
+    logs = shared["root"] / name
+    argv = [sys.executable, "-m", "launch.tpu", "run", "experiments.gpt2_small", *overrides(shared), "--name", name,
+            "--workdir", f"gs://{gcs.bucket}/{name}", "--local-pod", "2", "--local-devices", "2",
+            "--max-restarts", str(max_restarts), "--logs", str(logs)]
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **gcs.env, "PYTHONPATH": ROOT,
+           "JAX_COMPILATION_CACHE_DIR": str(shared["root"] / "jax_cache"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, logs, env
+
+
+def read_gs(env, path) -> str:
+    """A file from the test bucket, read the way the trainer writes it (etils.epath; the gcs_server
+    fixture points this process's clients at the server too)."""
+    from etils import epath
+    return epath.Path(path).read_text()
+
+
+def losses(env, workdir) -> dict[int, float]:
+    """step -> loss; after a resume the re-run steps appear twice, and the last row of a step wins."""
+    out = {}
+    for line in read_gs(env, f"{workdir}/metrics.jsonl").splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shared, gcs_server):  # noqa: F811
+    proc, logs, env = start_pod(shared, gcs_server, "tpu-pod-straight", max_restarts=0)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    return {"workdir": f"gs://{gcs_server.bucket}/tpu-pod-straight", "env": env, "logs": logs, "out": out, "err": err}
+
+
+def test_the_per_worker_command_runs_as_a_local_pod(uninterrupted):
+    summary = json.loads(read_gs(uninterrupted["env"], f"{uninterrupted['workdir']}/summary.json"))
+    assert summary["step"] == STEPS and summary["final_loss"] == summary["final_loss"]  # trained to the end, no NaN
+    for i in range(2):   # each worker ran `python -m experiments.gpt2_small ... workdir=gs://...` + its flags
+        log = (uninterrupted["logs"] / f"worker-{i}.log").read_text()
+        assert f"--process-id {i}" in log and "--num-processes 2" in log and "workdir=gs://" in log
+        assert log == read_gs(uninterrupted["env"], f"{uninterrupted['workdir']}/logs/worker-{i}.log")
+    assert "run finished (attempt 0)" in uninterrupted["err"]
+    assert len(losses(uninterrupted["env"], uninterrupted["workdir"])) == STEPS
+
+
+def progress(log_path) -> int:
+    steps = re.findall(rf"(\d+)/{STEPS}\b", log_path.read_text()) if log_path.exists() else []
+    return int(steps[-1]) if steps else 0
+
+
+def test_a_killed_worker_restarts_the_pod_and_the_run_ends_with_the_same_losses(shared, gcs_server,  # noqa: F811
+                                                                                 uninterrupted):
+    proc, logs, env = start_pod(shared, gcs_server, "tpu-pod-killed", max_restarts=1)
+    deadline = time.monotonic() + 600
+    while progress(logs / "worker-0.log") < 60:   # past the first checkpoints, well before the end
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    os.kill(int((logs / "worker-1.pid").read_text()), signal.SIGKILL)   # the fake preemption
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    assert "a worker failed" in err and "restart 1/1" in err and "run finished (attempt 1)" in err
+    assert "resumed from" in (logs / "worker-0.log").read_text()
+    killed, straight = losses(env, f"gs://{gcs_server.bucket}/tpu-pod-killed"), losses(env, uninterrupted["workdir"])
+    assert sorted(killed) == list(range(1, STEPS + 1))
+    assert killed == straight
