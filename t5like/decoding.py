@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t5like.data.tokenizer import EOS_ID, PAD_ID  # t5like's own ids; imported checkpoints bring theirs
+
 Array = jax.Array
-PAD_ID, EOS_ID = 0, 1
 STRATEGIES = ("greedy", "beam", "sample")
 NEG_INF = -1e9  # finite, so that dead beams never turn scores into NaN
 
