@@ -98,7 +98,8 @@ def load_for_inference(workdir: str, shard=None):
     cfg = read_config(workdir)
     step = latest_step_or_raise(workdir)
     shard = shard or Sharder()
-    abstract = nnx.eval_shape(lambda: FAMILIES[cfg.model.family](cfg.model, rngs=nnx.Rngs(0), shard=shard))
+    from t5like.finetune import adapt
+    abstract = nnx.eval_shape(lambda: adapt(FAMILIES[cfg.model.family](cfg.model, rngs=nnx.Rngs(0), shard=shard), cfg))
     graphdef, abstract_state = nnx.split(abstract)
     if shard.mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

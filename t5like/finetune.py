@@ -213,3 +213,63 @@ def task_logits(model, batch: dict, objective: str, rng=None) -> jax.Array:
     if objective == "classification":
         return model.classify(batch, rng=rng)
     return model(batch, rng=rng)
+
+
+# Starting from another run -------------------------------------------------------------------------
+
+def _abstract_params(cfg: Config) -> dict:
+    from t5like.models import FAMILIES
+    model = nnx.eval_shape(lambda: adapt(FAMILIES[cfg.model.family](cfg.model, rngs=nnx.Rngs(0)), cfg))
+    return traverse_util.flatten_dict(nnx.state(model).to_pure_dict())
+
+
+def init_from_plan(cfg: Config) -> dict:
+    """{path: shape} of the params to take from `checkpoint.init_from`: all of ours but the adapters and a new
+    classification head, which must exist there with the same shapes. Raises ValueError before any work."""
+    from t5like.checkpoint import latest_step_or_raise, read_config
+    src = cfg.checkpoint.init_from
+    other = read_config(src)
+    latest_step_or_raise(src)
+    if other.model.family != cfg.model.family:
+        raise ValueError(f"checkpoint.init_from={src!r} holds a {other.model.family} model but model.family="
+                         f"{cfg.model.family!r}; start from a run of the same family.")
+    theirs, ours = _abstract_params(other), _abstract_params(cfg)
+    if any(is_adapter(k) for k in theirs):
+        raise ValueError(f"checkpoint.init_from={src!r} is a finetune.method={other.finetune.method!r} run with "
+                         "adapters; merge them first (t5like.finetune.merge) or start from its base run.")
+    new_ok = lambda k: is_adapter(k) or (cfg.data.objective == "classification" and k[0] in HEAD_MODULES)
+    plan = {}
+    for k, v in ours.items():
+        if k not in theirs:
+            if new_ok(k):
+                continue
+            raise ValueError(f"checkpoint.init_from={src!r} has no parameter {'/'.join(k)}; its model differs "
+                             f"from model={cfg.model}. Use that run's model settings.")
+        if theirs[k].shape != v.shape:
+            raise ValueError(f"checkpoint.init_from={src!r}: parameter {'/'.join(k)} has shape {theirs[k].shape} "
+                             f"there but {v.shape} here; use that run's model settings.")
+        plan[k] = v.shape
+    return plan
+
+
+def load_init_params(cfg: Config, params: dict) -> dict:
+    """`params` (sharded, freshly initialised) with every parameter of `init_from_plan` read from the other
+    run's latest checkpoint into the same shardings; adapters and a new head keep their fresh values."""
+    from t5like.checkpoint import load_params
+    plan = init_from_plan(cfg)
+    flat = traverse_util.flatten_dict(params)
+    target = traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(flat[k].shape, flat[k].dtype,
+                                                                   sharding=flat[k].sharding) for k in plan})
+    loaded = traverse_util.flatten_dict(load_params(cfg.checkpoint.init_from, target))
+    return traverse_util.unflatten_dict({**flat, **loaded})
+
+
+def check_labels(cfg: Config, train_iter) -> None:
+    """Classification: the data's labels fit the model's head (before anything compiles)."""
+    if cfg.data.objective != "classification":
+        return
+    labels = train_iter.table.labels
+    ints = all(isinstance(x, int) for x in labels)
+    if (ints and (min(labels) < 0 or max(labels) >= cfg.model.num_classes)) or len(labels) > cfg.model.num_classes:
+        raise ValueError(f"the labels of data.paths are {labels[:20]} but model.num_classes={cfg.model.num_classes}; "
+                         f"set model.num_classes={max(labels) + 1 if ints else len(labels)}.")

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from t5like import finetune
 from t5like.accounting import param_counts, training_flops
-from t5like.checkpoint import Checkpointer, checkpoint_dir, latest_step_or_raise, load_params, read_config
+from t5like.checkpoint import Checkpointer, checkpoint_dir, read_config
 from t5like.config import Config, apply_overrides, flat_keys, to_dict
 from t5like.data import get_tokenizer, make_iterator
 from t5like.metrics import MetricsWriter, peak_flops_per_device
@@ -40,16 +41,16 @@ PREEMPTED_EXIT_CODE = 143
 
 def make_loss_fn(graphdef, cfg: Config):
     def loss_fn(params, batch, rng):
-        logits = nnx.merge(graphdef, params)(batch, rng=rng)
+        logits = finetune.task_logits(nnx.merge(graphdef, params), batch, cfg.data.objective, rng)
         return cross_entropy(logits, batch["targets"], batch["weights"],
                              label_smoothing=cfg.optim.label_smoothing, z_loss=cfg.optim.z_loss)
     return loss_fn
 
 
 def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation, schedule):
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
+    grad_fn = finetune.value_and_grad(make_loss_fn(graphdef, cfg), cfg)  # only trainable params under lora/prefix
     accum = cfg.optim.grad_accum_steps
-    use_dropout = cfg.model.dropout > 0
+    use_dropout = cfg.model.dropout > 0 or (cfg.finetune.method == "lora" and cfg.finetune.lora_dropout > 0)
 
     def train_step(state, batch):
         step = state["step"]
@@ -80,7 +81,7 @@ def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformati
 
 def make_eval_step(graphdef, cfg: Config):
     def eval_step(params, batch):
-        logits = nnx.merge(graphdef, params)(batch)
+        logits = finetune.task_logits(nnx.merge(graphdef, params), batch, cfg.data.objective)
         _, m = cross_entropy(logits, batch["targets"], batch["weights"])
         return {"loss_sum": m["loss"] * m["weight"], "correct": m["accuracy"] * m["weight"], "weight": m["weight"]}
     return eval_step
@@ -91,7 +92,7 @@ def make_eval_step(graphdef, cfg: Config):
 # Fields that must match for a workdir's checkpoints to be resumable by this config.
 def _resume_key(cfg: Config) -> dict:
     return {"model": to_dict(cfg.model), "optim.name": cfg.optim.name, "train.batch_size": cfg.train.batch_size,
-            "seed": cfg.seed, **{f"data.{k}": v for k, v in to_dict(cfg.data).items()
+            "seed": cfg.seed, "finetune": to_dict(cfg.finetune), **{f"data.{k}": v for k, v in to_dict(cfg.data).items()
                                  if k in ("source", "paths", "format", "text_field", "hub_name", "objective",
                                           "seq_len", "target_len", "max_files", "validation_fraction")}}
 
@@ -140,13 +141,15 @@ def build(cfg: Config, example_batch: dict) -> Setup:
     mesh = make_mesh(cfg.mesh)
     sharder = Sharder(mesh, cfg.mesh.rules or Sharder().rules)
     model_cls = FAMILIES[cfg.model.family]
-    abstract_model = nnx.eval_shape(lambda: model_cls(cfg.model, rngs=nnx.Rngs(cfg.seed), shard=sharder))
+    make_model = lambda: finetune.adapt(model_cls(cfg.model, rngs=nnx.Rngs(cfg.seed), shard=sharder), cfg)
+    abstract_model = nnx.eval_shape(make_model)
     graphdef, abstract_params = nnx.split(abstract_model)
     param_shardings = state_shardings(abstract_params, sharder).to_pure_dict()
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    optimizer = finetune.freeze(optimizer, cfg)  # lora/prefix: state and updates for trainable params only
 
     def init_state():
-        params = nnx.state(model_cls(cfg.model, rngs=nnx.Rngs(cfg.seed), shard=sharder)).to_pure_dict()
+        params = nnx.state(make_model()).to_pure_dict()
         params = jax.lax.with_sharding_constraint(params, param_shardings)
         return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -201,7 +204,7 @@ def train(cfg: Config) -> Result:
     cfg = cfg.validate()
     check_workdir(cfg)
     if cfg.checkpoint.init_from:
-        _check_init_from(cfg)
+        finetune.init_from_plan(cfg)  # the other run exists and its params fit this model (adapters aside)
     os.makedirs(cfg.workdir, exist_ok=True)
     processes = jax.process_count()
     if cfg.train.batch_size % processes:
@@ -212,6 +215,7 @@ def train(cfg: Config) -> Result:
     train_iter = make_iterator(cfg.data, tokenizer, "train", batch_size=per_host, seed=cfg.seed)
     eval_iter = make_iterator(cfg.data, tokenizer, "validation", batch_size=per_host, seed=cfg.seed,
                               num_batches=cfg.train.eval_steps)
+    finetune.check_labels(cfg, train_iter)
     write_config(cfg)  # after the data is known good, so a failed start leaves no run behind
     first_batch_state = train_iter.state()
     setup = build(cfg, next(iter(train_iter)))
@@ -234,7 +238,7 @@ def train(cfg: Config) -> Result:
         start = 0
         state = setup.init_state()
         if cfg.checkpoint.init_from:
-            state["params"] = load_params(cfg.checkpoint.init_from, setup.abstract_state["params"])
+            state["params"] = finetune.load_init_params(cfg, state["params"])
             print(f"initialised params from {cfg.checkpoint.init_from}", file=sys.stderr)
 
     preempted = []
@@ -296,15 +300,6 @@ def train(cfg: Config) -> Result:
             json.dump(summary, f, indent=2)
         os.replace(summary_path + ".tmp", summary_path)
     return Result(cfg, step, summary["final_loss"], summary["final_eval_loss"], bool(preempted), summary)
-
-
-def _check_init_from(cfg: Config) -> None:
-    other = read_config(cfg.checkpoint.init_from)
-    latest_step_or_raise(cfg.checkpoint.init_from)
-    if param_counts(other.model) != param_counts(cfg.model) or other.model.family != cfg.model.family:
-        raise ValueError(f"checkpoint.init_from={cfg.checkpoint.init_from!r} holds a {other.model.family} model with "
-                         f"{param_counts(other.model)['total']} params, which does not fit model {cfg.model}; "
-                         "use the same model settings as that run.")
 
 
 class _progress:
