@@ -5,7 +5,9 @@ data.paths=... . Examples are drawn in a fixed order (seeded), so a file is the 
 with the same Python.
 
   line_kinds        text/label           a stripped source line -> comment | import | def | other
-  signature_names   input/target         a `def` line -> the function's name
+  line_kinds_text   input/target         a stripped source line -> "comment" | "import" | ... (text-to-text)
+  signature_names   input/target         a `def` line -> the function's name (a copy task: harder; it needs
+                                         positions the decoder can point with, and more steps)
   line_kind_words   prompt/completion    a stripped source line -> " comment" | " import" | ...
 """
 from __future__ import annotations
@@ -75,6 +77,11 @@ def line_kind_words(path: str, per_class: int = 600, max_files: int = 400, seed:
     """Completion: the same task as line_kinds, answered in words after the line."""
     return _write(path, [{"prompt": f"{line} #", "completion": f" {kind}"}
                          for line, kind in _balanced(per_class, max_files, seed)])
+
+
+def line_kinds_text(path: str, per_class: int = 600, max_files: int = 400, seed: int = 0) -> str:
+    """Seq2seq: the line_kinds task cast as text-to-text, as T5 casts classification (Raffel et al. 2020)."""
+    return _write(path, [{"input": line, "target": kind} for line, kind in _balanced(per_class, max_files, seed)])
 
 
 def signature_names(path: str, count: int = 2400, max_files: int = 400, seed: int = 0) -> str:

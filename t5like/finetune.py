@@ -264,11 +264,10 @@ def load_init_params(cfg: Config, params: dict) -> dict:
     return traverse_util.unflatten_dict({**flat, **loaded})
 
 
-def check_labels(cfg: Config, train_iter) -> None:
-    """Classification: the data's labels fit the model's head (before anything compiles)."""
+def check_labels(cfg: Config, labels) -> None:
+    """Classification: the data's labels (t5like.data.tasks.label_names) fit the model's head."""
     if cfg.data.objective != "classification":
         return
-    labels = train_iter.table.labels
     ints = all(isinstance(x, int) for x in labels)
     if (ints and (min(labels) < 0 or max(labels) >= cfg.model.num_classes)) or len(labels) > cfg.model.num_classes:
         raise ValueError(f"the labels of data.paths are {labels[:20]} but model.num_classes={cfg.model.num_classes}; "

@@ -215,7 +215,8 @@ def train(cfg: Config) -> Result:
     train_iter = make_iterator(cfg.data, tokenizer, "train", batch_size=per_host, seed=cfg.seed)
     eval_iter = make_iterator(cfg.data, tokenizer, "validation", batch_size=per_host, seed=cfg.seed,
                               num_batches=cfg.train.eval_steps)
-    finetune.check_labels(cfg, train_iter)
+    if cfg.data.objective == "classification":
+        finetune.check_labels(cfg, train_iter.table.labels)  # before anything compiles
     write_config(cfg)  # after the data is known good, so a failed start leaves no run behind
     first_batch_state = train_iter.state()
     setup = build(cfg, next(iter(train_iter)))
