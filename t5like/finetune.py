@@ -1,8 +1,8 @@
 """Parameter-efficient fine-tuning: LoRA (Hu et al. 2021) and prefix tuning (Li & Liang 2021).
 
-    model = adapt(FAMILIES[family](cfg.model, rngs=...), cfg)   # attach adapters (nothing for method=full)
+    model = adapt(MODEL_CLASSES[family](cfg.model, rngs=...), cfg)   # attach adapters (nothing for method=full)
     optimizer = freeze(optimizer, cfg)                          # optimizer state for trainable params only
-    grad_fn = value_and_grad(loss_fn, cfg)                      # gradients for trainable params only
+    grad_fn = grad(loss_fn, cfg)                                # gradients for trainable params only
     merge(model)                                                # fold adapters into the base (export, decoding)
 
 Adapters are ordinary parameters of the model (plain NNX trees with logical axis names), so they are
@@ -115,6 +115,11 @@ def adapt(model, cfg: Config, seed: int = None):
     return model
 
 
+def adapter_fn(cfg: Config):
+    """`adapt` for t5like.models.abstract_model / sharded_init; None when method=full."""
+    return None if cfg.finetune.method == "full" else (lambda model: adapt(model, cfg))
+
+
 # Which parameters train ----------------------------------------------------------------------------
 
 def is_adapter(path: tuple) -> bool:
@@ -155,19 +160,19 @@ def freeze(optimizer: optax.GradientTransformation, cfg: Config) -> optax.Gradie
     return optax.transforms.partition({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
-def value_and_grad(loss_fn, cfg: Config):
-    """jax.value_and_grad(loss_fn, has_aux=True) over the first argument (a nested dict of params), but
-    under lora/prefix only the trainable leaves are differentiated; the others get zero gradients."""
+def grad(loss_fn, cfg: Config):
+    """jax.grad(loss_fn, has_aux=True) over the first argument (a nested dict of params), but under
+    lora/prefix only the trainable leaves are differentiated; the others get zero gradients."""
     if cfg.finetune.method == "full":
-        return jax.value_and_grad(loss_fn, has_aux=True)
+        return jax.grad(loss_fn, has_aux=True)
 
     def fn(params, *args):
         flat = traverse_util.flatten_dict(params)
         train = {k: v for k, v in flat.items() if is_trainable(k, cfg)}
         inner = lambda t: loss_fn(traverse_util.unflatten_dict({**flat, **t}), *args)
-        out, grads = jax.value_and_grad(inner, has_aux=True)(train)
+        grads, aux = jax.grad(inner, has_aux=True)(train)
         full = {k: grads[k] if k in grads else jnp.zeros_like(v) for k, v in flat.items()}
-        return out, traverse_util.unflatten_dict(full)
+        return traverse_util.unflatten_dict(full), aux
 
     return fn
 
@@ -218,9 +223,9 @@ def task_logits(model, batch: dict, objective: str, rng=None) -> jax.Array:
 # Starting from another run -------------------------------------------------------------------------
 
 def _abstract_params(cfg: Config) -> dict:
-    from t5like.models import FAMILIES
-    model = nnx.eval_shape(lambda: adapt(FAMILIES[cfg.model.family](cfg.model, rngs=nnx.Rngs(0)), cfg))
-    return traverse_util.flatten_dict(nnx.state(model).to_pure_dict())
+    from t5like.models import abstract_model
+    _, state = abstract_model(cfg.model, adapt=adapter_fn(cfg))
+    return traverse_util.flatten_dict(state.to_pure_dict())
 
 
 def init_from_plan(cfg: Config) -> dict:

@@ -101,8 +101,8 @@ def baseline(cfg: Config, tokenizer) -> tuple[float, str]:
 
 def untuned_model(cfg: Config):
     """The run's step-0 model on the default device: base (init_from or the seed's init) + fresh adapters."""
-    from t5like.models import FAMILIES
-    model = finetune.adapt(FAMILIES[cfg.model.family](cfg.model, rngs=nnx.Rngs(cfg.seed)), cfg)
+    from t5like.models import MODEL_CLASSES
+    model = finetune.adapt(MODEL_CLASSES[cfg.model.family](cfg.model, rngs=nnx.Rngs(cfg.seed)), cfg)
     if cfg.checkpoint.init_from:
         graphdef, state = nnx.split(model)
         params = finetune.load_init_params(cfg, jax.device_put(state.to_pure_dict(), jax.devices()[0]))

@@ -15,7 +15,7 @@ from t5like import finetune, train
 from t5like.config import (CheckpointConfig, Config, FinetuneConfig, MeshConfig, ModelConfig, OptimConfig,
                            TrainConfig, apply_overrides)
 from t5like.data import DataConfig
-from t5like.models import build_model
+from t5like.models import MODEL_CLASSES, build_model
 
 ALL_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out")
 FAMILIES = {  # family -> (activation, position): one of each kind of layer across the three
@@ -95,7 +95,7 @@ def run_steps(cfg: Config, family: str, steps: int = 3):
 
 def model_from(setup, params):
     abstract = nnx.eval_shape(lambda: finetune.adapt(
-        train.FAMILIES[setup.cfg.model.family](setup.cfg.model, rngs=nnx.Rngs(0), shard=setup.sharder), setup.cfg))
+        MODEL_CLASSES[setup.cfg.model.family](setup.cfg.model, rngs=nnx.Rngs(0), shard=setup.sharder), setup.cfg))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

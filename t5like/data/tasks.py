@@ -63,15 +63,14 @@ def training_texts(cfg: DataConfig):
 
 
 class TaskTable:
-    """A split's examples tokenised into fixed-length arrays; `rows(ids)` is a batch (id -1 = padding row)."""
+    """A split's examples tokenised into fixed-length arrays; `rows(ids)` is a batch (id -1 = padding row).
+    Every host holds the whole split and takes its rows of each global batch (pipeline.BatchIterator)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, split: str, process_index: int = 0, process_count: int = 1):
+    def __init__(self, cfg: DataConfig, tokenizer, split: str):
         ds = load_examples(cfg)
         self.objective = cfg.objective
         self.labels = label_names(ds) if cfg.objective == "classification" else None
-        keep = sources.host_share(sources.split_indices([str(i) for i in range(len(ds))], split,
-                                                        cfg.validation_fraction), process_index, process_count)
-        ds = ds.select(keep)
+        ds = ds.select(sources.split_indices([str(i) for i in range(len(ds))], split, cfg.validation_fraction))
         first, second = TASK_FIELDS[cfg.objective]
         a = tokenizer.encode_batch([str(x) for x in ds[first]])
         L = cfg.seq_len
