@@ -308,11 +308,16 @@ class FinetuneConfig:
         _positive("finetune.lora_rank", self.lora_rank)
         _positive("finetune.prefix_length", self.prefix_length)
         _positive("finetune.prefix_mlp_hidden", self.prefix_mlp_hidden)
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"finetune.lora_alpha={self.lora_alpha!r} must be > 0 (the adapter scale is "
-                             "lora_alpha / lora_rank); PEFT's default is 8, Hu et al. use alpha = 2 * rank.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"finetune.lora_dropout={self.lora_dropout} must be in [0, 1); e.g. 0.05.")
+        _real("finetune.lora_alpha", self.lora_alpha, 0, low_open=True,
+              hint="the adapter scale is lora_alpha / lora_rank; Hu et al. use alpha = 2 * rank.")
+        _real("finetune.lora_dropout", self.lora_dropout, 0, 1, high_open=True, hint="e.g. 0.05.")
+        if not isinstance(self.prefix_mlp, bool):
+            raise ValueError(f"finetune.prefix_mlp={self.prefix_mlp!r} must be true or false.")
+        for name in ("lora_targets", "train_modules"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"finetune.{name}={value!r} must be a tuple of names, e.g. finetune.{name}="
+                                 f"{'q,v' if name == 'lora_targets' else 'pooler'} on the command line.")
         if self.method == "lora" and not self.lora_targets:
             raise ValueError(f"finetune.lora_targets is empty; name projections from {list(LORA_TARGETS)}, "
                              "e.g. finetune.lora_targets=q,v.")

@@ -160,6 +160,23 @@ def freeze(optimizer: optax.GradientTransformation, cfg: Config) -> optax.Gradie
     return optax.transforms.partition({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
+def optimizer_shardings(opt_shapes, param_shardings: dict, abstract_params: dict, replicated):
+    """Shardings of a frozen optimizer's state: a leaf whose path ends in a parameter's path, with its shape,
+    is sharded like that parameter (the moments); anything else (counts) is replicated. Partitioned state
+    holds masked subtrees, which optax.tree_map_params cannot pair with the full parameter tree."""
+    shardings = {_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+    shapes = {_keys(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+
+    def one(path, leaf):
+        keys = _keys(path)
+        for i in range(len(keys)):
+            if shapes.get(keys[i:]) == leaf.shape:
+                return shardings[keys[i:]]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, opt_shapes)
+
+
 def grad(loss_fn, cfg: Config):
     """jax.grad(loss_fn, has_aux=True) over the first argument (a nested dict of params), but under
     lora/prefix only the trainable leaves are differentiated; the others get zero gradients."""

@@ -221,9 +221,12 @@ def build(cfg: Config, example_batch: dict, devices=None) -> Setup:
     # Moments shaped like a parameter are sharded like it; anything else (step counts, Adafactor's factored
     # row/column statistics, which are vectors) is small and replicated.
     opt_shapes = jax.eval_shape(optimizer.init, abstract_params)
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else repl,
-        opt_shapes, param_shardings, abstract_params, transform_non_params=lambda _: repl)
+    if cfg.finetune.method == "full":
+        opt_shardings = optax.tree_map_params(
+            optimizer, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else repl,
+            opt_shapes, param_shardings, abstract_params, transform_non_params=lambda _: repl)
+    else:
+        opt_shardings = finetune.optimizer_shardings(opt_shapes, param_shardings, abstract_params, repl)
     shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": repl}
     init_opt = jax.jit(optimizer.init, out_shardings=opt_shardings)
 

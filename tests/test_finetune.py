@@ -25,9 +25,9 @@ OBJECTIVE = {"decoder": "completion", "encoder": "classification", "encoder_deco
 
 def tiny(family: str, **kw) -> ModelConfig:
     act, pos = FAMILIES[family]
-    return ModelConfig(family=family, activation=act, position=pos, vocab_size=64, d_model=32, num_heads=4,
-                       num_kv_heads=2 if family == "decoder" else None, d_ff=64, num_layers=2, max_len=32,
-                       num_classes=3 if family == "encoder" else 0, use_bias=family == "encoder", **kw)
+    return ModelConfig(**{**dict(family=family, activation=act, position=pos, vocab_size=64, d_model=32, num_heads=4,
+                                 num_kv_heads=2 if family == "decoder" else None, d_ff=64, num_layers=2, max_len=32,
+                                 num_classes=3 if family == "encoder" else 0, use_bias=family == "encoder"), **kw})
 
 
 def config(family: str, method: str, **ft) -> Config:
@@ -183,8 +183,9 @@ def test_prefix_tuning_freezes_base_and_cached_decoding_sees_prefixes(family):
     np.testing.assert_allclose(cached_logits(model, family, batch, prefill=3), full, atol=1e-5, rtol=0)
     # `merge` replaces the MLP reparametrisation by the prefixes it computes; decoding is unchanged.
     finetune.merge(model)
+    stacks = 2 if family == "encoder_decoder" else 1
     assert sorted(k[-1] for k in flat(nnx.state(model).to_pure_dict()) if finetune.is_adapter(k)) == \
-        ["key", "key", "value", "value"][:2 * (1 + (family == "encoder_decoder"))]
+        ["key"] * stacks + ["value"] * stacks
     np.testing.assert_allclose(cached_logits(model, family, batch, prefill=5), full, atol=1e-5, rtol=0)
 
 
@@ -203,8 +204,9 @@ def test_lora_target_naming_no_module_lists_valid_names():
 @pytest.mark.parametrize("override, words", [
     ("finetune.method=qlora", r"finetune.method='qlora' is not one of \['full', 'lora', 'prefix'\]"),
     ("finetune.lora_rank=0", r"finetune.lora_rank=0 must be a positive integer"),
-    ("finetune.lora_alpha=-1", r"finetune.lora_alpha=-1.0 must be > 0"),
-    ("finetune.lora_dropout=1.0", r"finetune.lora_dropout=1.0 must be in \[0, 1\)"),
+    ("finetune.lora_alpha=-1", r"finetune.lora_alpha=-1.0 must be a finite number in \(0, inf\)"),
+    ("finetune.lora_alpha=nan", r"finetune.lora_alpha=nan must be a finite number"),
+    ("finetune.lora_dropout=1.0", r"finetune.lora_dropout=1.0 must be a finite number in \[0, 1\)"),
     ("finetune.prefix_length=0", r"finetune.prefix_length=0 must be a positive integer"),
     ("finetune.prefix_mlp_hidden=-4", r"finetune.prefix_mlp_hidden=-4 must be a positive integer"),
     ("finetune.lora_rank=two", r"finetune.lora_rank='two' is not a valid int"),
@@ -292,6 +294,6 @@ def test_t5_lora_seq2seq_learns(tasks):
 
 @pytest.mark.slow
 def test_gpt2_prefix_tuning_learns(tasks):
-    task = run_experiment(tasks, "finetune_gpt2_prefix", "words", "train.steps=150", "train.batch_size=16")
+    task = run_experiment(tasks, "finetune_gpt2_prefix", "words", "train.steps=200", "train.batch_size=32")
     assert task["metric"] == "exact_match" and task["examples"] >= 100
     assert task["finetuned"] >= task["baseline"] + 0.2, task
