@@ -83,6 +83,7 @@ def adapt(model, cfg: Config, seed: int = None):
     ft = cfg.finetune.validate()
     if ft.method == "full":
         return model
+    check_train_modules(nnx.state(model).to_pure_dict(), cfg)
     rngs = nnx.Rngs((cfg.seed if seed is None else seed) + ADAPTER_SEED_OFFSET)
     if ft.method == "prefix":
         for stack in _stacks(model):
@@ -145,7 +146,7 @@ def trainable_mask(params, cfg: Config):
 
 def check_train_modules(params, cfg: Config) -> None:
     """Each `finetune.train_modules` entry names a top-level module of the model."""
-    tops = sorted({str(p[0]) for p in traverse_util.flatten_dict(params)})
+    tops = sorted({str(p[0]) for p in traverse_util.flatten_dict(params, keep_empty_nodes=False)})
     for name in cfg.finetune.train_modules:
         if name not in tops:
             raise ValueError(f"finetune.train_modules entry {name!r} names no top-level module of this model; "

@@ -191,6 +191,14 @@ def test_prefix_tuning_freezes_base_and_cached_decoding_sees_prefixes(family):
 
 # Bad input ---------------------------------------------------------------------------------------------
 
+def test_train_modules_must_name_a_module():
+    cfg = dataclasses.replace(config("decoder", "prefix"), finetune=FinetuneConfig(method="prefix",
+                                                                                   train_modules=("lm_head",)))
+    with pytest.raises(ValueError, match=r"finetune.train_modules entry 'lm_head' names no top-level module of this "
+                                         r"model; its modules are \['decoder', 'embed'\]"):
+        finetune.adapt(build_model(cfg.model), cfg)
+
+
 def test_lora_target_naming_no_module_lists_valid_names():
     cfg = dataclasses.replace(config("encoder", "lora"), finetune=FinetuneConfig(method="lora",
                                                                                  lora_targets=("q", "mlp_gate")))
