@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from flax import traverse_util
@@ -142,6 +143,12 @@ def _keys(path) -> tuple:
 def trainable_mask(params, cfg: Config):
     """A tree of bools like `params`: True where the parameter trains."""
     return jax.tree_util.tree_map_with_path(lambda p, _: is_trainable(_keys(p), cfg), params)
+
+
+def count_trainable(params, cfg: Config) -> int:
+    """Parameters that train (all of them under method=full), as PEFT's print_trainable_parameters counts."""
+    return sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(params), jax.tree.leaves(trainable_mask(params, cfg)))
+               if t)
 
 
 def check_train_modules(params, cfg: Config) -> None:

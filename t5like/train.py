@@ -452,7 +452,7 @@ def _train(cfg: Config) -> Result:
                "tokens": setup.tokens_per_step * step, "flops": setup.flops_per_step * step,
                "final_loss": final_loss, "final_eval_loss": last_eval.get("eval_loss", float("nan")),
                "wall_time_s": time.perf_counter() - started, "peak_flops_source": peak_source,
-               "preempted": preempted}
+               "preempted": preempted, "trainable_params": finetune.count_trainable(setup.abstract_state["params"], cfg)}
     if preempted:
         print(f"SIGTERM: saved step {step} to {checkpoint_dir(cfg.workdir)}; rerun the same command to resume.",
               file=sys.stderr)
