@@ -257,7 +257,8 @@ def tasks(tmp_path_factory):
     from t5like.data import get_tokenizer
     root = tmp_path_factory.mktemp("tasks")
     files = {"classify": finetune_tasks.line_kinds(str(root / "kinds.jsonl"), per_class=150, max_files=150),
-             "words": finetune_tasks.line_kind_words(str(root / "words.jsonl"), per_class=150, max_files=150),
+             # Prefix tuning of a random base learns slowest: its task keeps the experiment's full size.
+             "words": finetune_tasks.line_kind_words(str(root / "words.jsonl")),
              "text": finetune_tasks.line_kinds_text(str(root / "text.jsonl"), per_class=150, max_files=150)}
     data = DataConfig(source="files", format="jsonl", paths=(files["words"],), objective="completion")
     get_tokenizer(data, str(root / "tok"), vocab_size=1024)
@@ -281,7 +282,8 @@ def run_experiment(tasks, module: str, task: str, *overrides) -> dict:
 
 
 # Margins: held-out sets have >= 100 examples, so a metric's binomial standard error is <= 0.05; each margin
-# below is at least 4 of those, and the un-fine-tuned model must do no better than chance + that error.
+# below is at least 4 of those (6 for the 400-example prefix-tuning set). Measured on this task set: BERT full
+# 100% / LoRA 98% vs a 20% majority baseline; T5 LoRA and GPT-2 prefix tuning: see test bodies and README.
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_bert_classification_learns(tasks, method):
@@ -302,6 +304,6 @@ def test_t5_lora_seq2seq_learns(tasks):
 
 @pytest.mark.slow
 def test_gpt2_prefix_tuning_learns(tasks):
-    task = run_experiment(tasks, "finetune_gpt2_prefix", "words", "train.steps=200", "train.batch_size=32")
-    assert task["metric"] == "exact_match" and task["examples"] >= 100
-    assert task["finetuned"] >= task["baseline"] + 0.2, task
+    task = run_experiment(tasks, "finetune_gpt2_prefix", "words")  # the experiment as it is: 300 steps x 32
+    assert task["metric"] == "exact_match" and task["examples"] >= 400  # standard error <= 0.025
+    assert task["finetuned"] >= task["baseline"] + 0.15, task
