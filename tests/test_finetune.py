@@ -307,3 +307,38 @@ def test_gpt2_prefix_tuning_learns(tasks):
     task = run_experiment(tasks, "finetune_gpt2_prefix", "words")  # the experiment as it is: 300 steps x 32
     assert task["metric"] == "exact_match" and task["examples"] >= 400  # standard error <= 0.025
     assert task["finetuned"] >= task["baseline"] + 0.15, task
+
+
+@pytest.mark.slow
+def test_lora_from_a_pretrained_run_keeps_its_base(tasks, tmp_path):
+    """checkpoint.init_from: an MLM run's params become the frozen base of a LoRA classifier (plus a new head);
+    a run whose shapes differ is refused, naming the tensor and both shapes."""
+    from t5like.checkpoint import load_for_inference
+    model = ModelConfig(family="encoder", vocab_size=1024, d_model=32, num_heads=4, d_ff=64, num_layers=2,
+                        max_len=64, position="learned", activation="gelu", norm="layernorm", norm_placement="post",
+                        embedding_norm=True, use_bias=True)
+    pre = Config(model=model, data=DataConfig(source="stdlib", max_files=20, objective="mlm", seq_len=32,
+                                              tokenizer_path=tasks["tokenizer"]),
+                 optim=OptimConfig(warmup_steps=0), train=TrainConfig(steps=2, batch_size=8, eval_steps=1,
+                                                                      eval_every=0, progress=False),
+                 checkpoint=CheckpointConfig(every=2, async_save=False), workdir=str(tmp_path / "pre"))
+    train.train(pre)
+    ft = dataclasses.replace(
+        pre, model=dataclasses.replace(model, num_classes=4),
+        data=DataConfig(source="files", format="jsonl", paths=(tasks["classify"],), objective="classification",
+                        seq_len=32, tokenizer_path=tasks["tokenizer"], validation_fraction=0.2),
+        finetune=FinetuneConfig(method="lora", lora_targets=("q", "v")),
+        checkpoint=dataclasses.replace(pre.checkpoint, init_from=pre.workdir), workdir=str(tmp_path / "ft"))
+    train.train(ft)
+    base = flat(nnx.state(load_for_inference(pre.workdir)[1]).to_pure_dict())
+    tuned = flat(nnx.state(load_for_inference(ft.workdir)[1]).to_pure_dict())
+    for k, v in base.items():
+        np.testing.assert_array_equal(tuned[k], v, err_msg=f"{k} is not the pre-trained run's")
+    new = sorted(set(tuned) - set(base))
+    assert {k[0] for k in new} == {"encoder", "pooler", "classifier"} and all(finetune.is_adapter(k) or
+                                                                             k[0] != "encoder" for k in new)
+    assert any(np.abs(tuned[k]).max() > 0 for k in new if k[-2:] == ("query_lora", "b"))
+    wider = dataclasses.replace(ft, model=dataclasses.replace(ft.model, d_ff=128), workdir=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"parameter encoder/layers/mlp/wi has shape \(2, 32, 64\) there but "
+                                         r"\(2, 32, 128\) here"):
+        train.train(wider)
