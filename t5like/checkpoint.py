@@ -5,7 +5,8 @@ Each checkpoint step holds three items:
   config  the run's config (JSON)
 A step only counts once orbax has finalised it (a rename locally, a commit marker on Cloud Storage), so a
 save that is killed never becomes the step `latest_step()` returns. A step that was finalised but later
-damaged (a truncated or deleted file) is skipped on resume with a warning naming it.
+damaged (a truncated or deleted file) is skipped on resume with a warning naming it, and moved aside to
+WORKDIR/unreadable_checkpoints/ so the run can write that step again.
 
 The data position is per host: host h's iterator state is row h of a [hosts, bytes] uint8 array in the
 state pytree, so each host saves and restores its own, in the same atomic step as the params.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any, Optional
 
 import jax
@@ -79,15 +81,29 @@ class Checkpointer:
                 bad.append(step)
                 continue
             if bad:
-                print(f"warning: resuming from step {step}, not from the unreadable step(s) {bad}; delete "
-                      f"{', '.join(storage.join(self.directory, str(s)) for s in bad)} to silence this.",
-                      file=sys.stderr)
+                aside = self._set_aside(bad)
+                print(f"warning: resuming from step {step}, not from the unreadable step(s) {bad}, which were moved "
+                      f"to {aside} (the run will write those steps again).", file=sys.stderr)
             return step, state, data
         if bad:
             raise UnreadableCheckpoint(
                 f"no checkpoint in {self.directory} reads back (steps {bad} are damaged). Delete those step "
                 "directories to start this run from scratch, or restore them from a copy.")
         return None, None, []
+
+    def _set_aside(self, steps: list[int]) -> str:
+        """Move damaged steps out of the checkpoint directory (the run will save those step numbers again),
+        into a sibling `unreadable_checkpoints/`, keeping their bytes for a post-mortem."""
+        aside = storage.join(storage.path(self.directory).parent, "unreadable_checkpoints")
+        if jax.process_index() == 0:
+            storage.makedirs(aside)
+            for step in steps:
+                target = storage.path(aside) / f"{step}-{int(time.time())}"
+                (storage.path(self.directory) / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("t5like: unreadable checkpoints set aside")
+        self.manager.reload()
+        return aside
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the params, e.g. to fine-tune from another run or to generate."""

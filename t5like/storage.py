@@ -20,6 +20,14 @@ def path(p: PathLike) -> epath.Path:
     return epath.Path(p)
 
 
+def _check_gcs_support(p: PathLike) -> None:
+    try:
+        import gcsfs  # noqa: F401  (epath's backend for gs:// without TensorFlow)
+    except ImportError:
+        raise ValueError(f"{str(p)!r} is a Cloud Storage path, but gcsfs is not installed; "
+                         "pip install 't5like[gcp]' (or '.[gcp]' in a checkout).") from None
+
+
 def is_remote(p: PathLike) -> bool:
     return str(p).startswith("gs://")
 
@@ -59,6 +67,7 @@ def makedirs(p: PathLike) -> None:
 def check_workdir(workdir: str, field: str = "workdir") -> None:
     """A clear error for a workdir that cannot hold a run, before any work starts."""
     if is_remote(workdir):
+        _check_gcs_support(workdir)
         bucket = str(workdir)[len("gs://"):].split("/", 1)[0]
         if not bucket:
             raise ValueError(f"{field}={workdir!r} names no bucket; use gs://BUCKET/PATH.")

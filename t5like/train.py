@@ -251,6 +251,28 @@ def build(cfg: Config, example_batch: dict, devices=None) -> Setup:
                  flops.per_sequence * cfg.train.batch_size, cfg.train.batch_size * (seq + target))
 
 
+def check_state_fits(setup: Setup) -> None:
+    """A clear error, before anything is allocated or compiled, when the parameters and optimizer state alone
+    exceed memory: per device on accelerators (their reported limit), per host on CPU (physical memory)."""
+    def per_device_bytes(x):
+        return math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    need = max(sum(per_device_bytes(x) for x in jax.tree.leaves(setup.abstract_state)), 1)
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        have, where = stats["bytes_limit"], f"each {device.device_kind}"
+    elif device.platform == "cpu":
+        need *= jax.local_device_count()  # simulated CPU devices share the host's memory
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host"
+    else:
+        return
+    if need > have:
+        raise ValueError(f"the parameters and optimizer state need {need / 2**30:.1f} GiB on {where}, which has "
+                         f"{have / 2**30:.1f} GiB. Reduce the model (model.d_model, model.num_layers, model.vocab_size), "
+                         "store params in bfloat16 (model.param_dtype=bfloat16), or shard them over more devices "
+                         "(mesh.fsdp=-1).")
+
+
 def global_batch(setup: Setup, local: dict) -> dict:
     """Per-host numpy rows -> global arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(setup.batch_shardings[k], v) for k, v in local.items()}
@@ -347,6 +369,7 @@ def _train(cfg: Config) -> Result:
     first_batch_state = train_iter.state()
     setup = build(cfg, next(iter(train_iter)))
     train_iter.restore(first_batch_state)
+    check_state_fits(setup)
 
     ckpt = Checkpointer(checkpoint_dir(cfg.workdir), cfg.checkpoint)
     try:

@@ -177,9 +177,9 @@ def test_indivisible_sharding_is_an_error_naming_the_parameter():
     from t5like.sharding import Sharder, make_mesh
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
     bad_heads = ModelConfig(d_model=96, num_heads=3, head_dim=32, d_ff=128, num_layers=1, vocab_size=512)
-    with pytest.raises(ValueError, match=r"parameter .*query.*'heads', size 3.*'tensor' \(size 2\)"):
+    with pytest.raises(ValueError, match=r"parameter decoder/layers/attn/.*'heads', size 3\).*'tensor' \(size 2\)"):
         create_sharded(bad_heads, Sharder(mesh))
-    bad_embed = ModelConfig(d_model=98, num_heads=2, d_ff=128, num_layers=1, vocab_size=512)
+    bad_embed = ModelConfig(d_model=98, num_heads=2, d_ff=128, num_layers=1, vocab_size=512, position="learned")
     with pytest.raises(ValueError, match=r"'embed', size 98.*'fsdp' \(size 4\)"):
         create_sharded(bad_embed, Sharder(mesh))
     # Fewer kv heads than tensor shards replicate K/V on purpose (REPLICATE_IF_INDIVISIBLE).
@@ -195,12 +195,13 @@ def test_training_state_shards_params_and_adam_moments(tok_path, tmp_path):
     setup = train.build(cfg, next(make_iterator(cfg.data, tok, "train", batch_size=8, seed=0)))
     state = setup.init_state()
     adam = state["opt_state"][1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
-    large = [path for path, x in jax.tree_util.tree_flatten_with_path(state["params"])[0] if x.ndim >= 2]
-    assert large
+    def large(tree):  # the weight matrices (biases and norm scales stay whole: they have no `embed` dim)
+        return [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+                if x.size >= 16384 and not str(p[-1]).endswith(("bias']", "scale']"))]
+    assert len(large(state["params"])) >= 5
     for tree in (state["params"], adam.mu, adam.nu):
-        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            if x.ndim >= 2:
-                assert x.addressable_shards[0].data.size * 8 == x.size, (path, x.sharding)
+        for path, x in large(tree):
+            assert x.addressable_shards[0].data.size * 8 == x.size, (path, x.sharding)
 
 
 # 10. A run stopped in its last steps still gets its final eval -----------------------------------------
@@ -256,6 +257,7 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(tok_path, finished,
     err = capsys.readouterr().err
     assert "checkpoint step 4" in err and "unreadable" in err and "at step 2" in err, err
     assert json.loads((workdir / "summary.json").read_text())["step"] == 4
+    assert len(os.listdir(workdir / "unreadable_checkpoints")) == 1  # kept for a post-mortem, out of the way
 
 
 def test_no_readable_checkpoint_is_a_clear_error(tok_path, finished, tmp_path, capsys):
@@ -297,3 +299,9 @@ def test_workdir_that_is_a_file_and_help_usage(tok_path, tmp_path, capsys):
     out = subprocess.run([sys.executable, "-m", "experiments.gpt2_small", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120).stdout
     assert "usage: python -m experiments.gpt2_small" in out and "--coordinator" in out and "train.steps=" in out
+
+
+def test_model_too_large_for_memory_is_refused_before_allocating(tok_path, tmp_path, capsys):
+    err = run_main(tok_path, tmp_path / "big", "model.d_model=16384", "model.d_ff=65536", "model.num_layers=24",
+                   "model.num_heads=128", capsys=capsys)
+    assert "GiB on this host" in err and "mesh.fsdp=-1" in err and "Traceback" not in err, err

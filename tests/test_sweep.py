@@ -16,7 +16,10 @@ import time
 
 import pytest
 
-from launch.sweep import COLUMNS, LocalBackend, ResultsTable, load_sweep, run_sweep
+from launch.backends import LocalBackend
+from launch.plan import load_sweep
+from launch.runner import run_sweep
+from launch.table import COLUMNS, ResultsTable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from t5like.data.tokenizer import EOS_ID, PAD_ID, UNK_ID  # noqa: F401  (defined once there; re-exported)
+
 if TYPE_CHECKING:
     from t5like.data.config import DataConfig
     from t5like.data.tokenizer import Tokenizer
 
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 FIRST_REGULAR_ID = 3  # ids below this are special; MLM never draws them as random replacements
 
 

@@ -114,7 +114,8 @@ def _sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int, num_sentinels: int,
                     max_chars: int) -> Tokenizer:
-    """Train a unigram SentencePiece model on up to `max_chars` of `texts`; write out_dir/spm.model.
+    """Train a unigram SentencePiece model on up to `max_chars` of `texts`; write out_dir/spm.model
+    (with spm.vocab and meta.json); out_dir may be local or gs://.
 
     Whitespace and newlines are kept exactly (identity normalisation, no dummy prefix) and unseen
     characters fall back to bytes, so decode(encode(x)) == x for code.
@@ -138,16 +139,18 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int, num_sen
             minloglevel=2)
     except RuntimeError as e:
         raise _explain_spm_error(e, vocab_size, num_sentinels, max_chars) from e
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "spm.model"), "wb") as f:
-        f.write(model.getvalue())
+    from t5like import storage
+
     tokenizer = Tokenizer(model.getvalue(), vocab_size, num_sentinels)
-    with open(os.path.join(out_dir, "spm.vocab"), "w", encoding="utf-8") as f:
-        for i in range(tokenizer.piece_size):
-            f.write(f"{tokenizer._sp.id_to_piece(i)}\t{tokenizer._sp.get_score(i)}\n")
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump({"vocab_size": vocab_size, "num_sentinels": num_sentinels, "pieces": tokenizer.piece_size,
-                   "train_chars": sum(map(len, sentences))}, f, indent=1)
+    sp = tokenizer._sp
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(tokenizer.piece_size))
+    meta = {"vocab_size": vocab_size, "num_sentinels": num_sentinels, "pieces": tokenizer.piece_size,
+            "train_chars": sum(map(len, sentences))}
+    # out_dir may be gs://. spm.model goes last, so its presence means the other files are there too.
+    storage.makedirs(out_dir)
+    storage.write_atomic(storage.join(out_dir, "spm.vocab"), vocab.encode("utf-8"))
+    storage.write_atomic(storage.join(out_dir, "meta.json"), json.dumps(meta, indent=1))
+    storage.write_atomic(storage.join(out_dir, "spm.model"), model.getvalue())
     return tokenizer
 
 

@@ -33,7 +33,8 @@ import sys
 
 import numpy as np
 
-from t5like.scaling.data import load_csv
+from t5like import storage
+from t5like.scaling.data import check_out_file, load_csv
 from t5like.scaling.fit import APPROACHES, Fit, fit_all, hoffmann_grid, load_fits, run_fit, save_fits
 
 
@@ -76,6 +77,8 @@ def _fit(data, approach: str, args) -> dict[str, Fit | str]:
 
 
 def cmd_fit(args) -> int:
+    if args.out:
+        check_out_file(args.out, "fit.json")
     data = _load(args)
     fits = _fit(data, args.approach, args)
     meta = {**data.meta(), "approach": args.approach, "bootstrap": args.bootstrap, "level": args.level,
@@ -151,6 +154,7 @@ def cmd_predict(args) -> int:
 def cmd_plot(args) -> int:
     from t5like.scaling.plot import plot_all  # matplotlib only when plotting
 
+    storage.check_workdir(args.out, "--out")
     data = _load(args)
     fits: dict[str, Fit] = {}
     if args.fit:

@@ -7,10 +7,12 @@ the row, the column and a fix, before any optimiser runs.
 from __future__ import annotations
 
 import csv
-import os
+import io
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+from t5like import storage
 
 # A sweep runner's table marks each run; only these count. Rows of other statuses (failed, running, ...)
 # are skipped, so a NaN loss on a failed run is not an error.
@@ -25,7 +27,7 @@ class ScalingData:
 
     `flops` is 6·params·tokens when the table had no flops column (`flops_from_6nd`). `budget` is the
     nominal IsoFLOP budget when the table had one. `rows` holds each row's 1-based data-row number in the
-    source, so that later messages can point at it.
+    source, so that later messages can point at it; for a CSV (`rows_are_lines`) that is its line number.
     """
 
     params: np.ndarray
@@ -39,6 +41,7 @@ class ScalingData:
     flops_from_6nd: bool = False
     source: str = "<arrays>"
     n_skipped_status: int = 0
+    rows_are_lines: bool = False
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -114,19 +117,47 @@ def from_arrays(params, tokens, loss, flops=None, budget=None, *, rows=None, los
                        flops_from_6nd=from_6nd, source=source, n_skipped_status=n_skipped_status)
 
 
+def read_input(path: str, what: str) -> bytes:
+    """The bytes of a file the user named (local or gs://), or an error that names it and says what is wrong."""
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        if storage.is_remote(path):
+            bucket = "gs://" + str(path)[len("gs://"):].split("/", 1)[0]
+            if not storage.exists(bucket):
+                raise FileNotFoundError(f"{path}: bucket {bucket} does not exist (or this account cannot see it); "
+                                        f"check the {what}'s path.") from None
+        raise FileNotFoundError(f"{path}: no such file; check the {what}'s path.") from None
+    except IsADirectoryError:
+        data = b""
+    if not data and storage.path(path).is_dir():  # on gs:// a "directory" reads as empty
+        raise ValueError(f"{path} is a directory; pass the {what} file itself.")
+    return data
+
+
+def check_out_file(out: str, example: str) -> None:
+    """--out names a file (local or gs://): refuse a directory or an unusable place before any work."""
+    if storage.path(out).is_dir():
+        raise ValueError(f"--out {out!r} is a directory; name the file to write, e.g. {storage.join(out, example)}.")
+    storage.check_workdir(str(storage.path(out).parent), "--out's directory")
+
+
 def load_csv(path: str, *, loss_column: str | None = None, params_column: str = "params",
              tokens_column: str = "tokens", flops_column: str = "flops", budget_column: str = "budget",
              status_column: str = "status") -> ScalingData:
     """Read a sweep table (or any CSV with params, tokens, loss columns) and validate it.
 
     Optional columns: `flops` (else 6·N·D), `budget` (nominal IsoFLOP budget, used to group runs) and
-    `status` (if present, only rows with status ok/finished are used).
+    `status` (if present, only rows with status ok/finished are used). `path` may be local or gs://.
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a spreadsheet's BOM
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        records = list(reader)
+    try:
+        text = read_input(path, "results table").decode("utf-8-sig")  # -sig: tolerate a spreadsheet's BOM
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the table as a UTF-8 CSV.") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    reader.fieldnames = header
+    records = list(reader)
     if not header:
         raise ValueError(f"{path}: empty file, expected a CSV header with at least params, tokens, loss columns.")
     have = ", ".join(header)
@@ -178,11 +209,12 @@ def load_csv(path: str, *, loss_column: str | None = None, params_column: str = 
         cols["budget"] = budget_column
     values = {k: column(c) for k, c in cols.items()}
     try:
-        return from_arrays(**values, rows=lines, loss_column=loss_column, columns=cols, source=str(path),
+        data = from_arrays(**values, rows=lines, loss_column=loss_column, columns=cols, source=str(path),
                            n_skipped_status=n_skipped)
     except ValueError as e:
         # from_arrays says "row <n>"; in a file that is the line number.
         raise ValueError(f"{path}: {str(e).replace('row ', 'line ', 1)}") from None
+    return replace(data, rows_are_lines=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,7 +274,7 @@ def table_warnings(data: ScalingData) -> list[str]:
     (see fit.py); these warnings go into fit.json's meta and the CLI's output."""
     out = []
     rows = data.rows if data.rows is not None else np.arange(1, len(data) + 1)
-    where = "lines" if os.path.isfile(data.source) else "rows"  # a CSV's rows are its line numbers
+    where = "lines" if data.rows_are_lines else "rows"
     budget = data.budget if data.budget is not None else np.zeros(len(data))  # not NaN: NaN != NaN in unique
     key = np.stack([data.params, data.tokens, data.flops, data.loss, budget], 1)
     _, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)

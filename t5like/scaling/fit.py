@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import jax.numpy as jnp
 import numpy as np
 
-from t5like.scaling.data import ScalingData, compute_groups
+from t5like import storage
+from t5like.scaling.data import ScalingData, compute_groups, read_input
 from t5like.scaling.lbfgs import minimize_batch
 
 APPROACHES = ("powerlaw", "envelope", "isoflop", "parametric")
@@ -577,15 +578,17 @@ def fits_to_json(fits: dict[str, Fit | str], meta: dict) -> dict:
 
 
 def save_fits(path: str, fits: dict[str, Fit | str], meta: dict) -> None:
-    with open(path, "w") as fh:
-        json.dump(fits_to_json(fits, meta), fh, indent=1, allow_nan=False)
-        fh.write("\n")
+    """Write fit.json (local or gs://) in one step, so a reader never sees half of it."""
+    storage.write_atomic(path, json.dumps(fits_to_json(fits, meta), indent=1, allow_nan=False) + "\n")
 
 
 def load_fits(path: str) -> tuple[dict[str, Fit], dict]:
-    """Read fit.json back: ({approach: Fit} for the approaches that succeeded, meta)."""
-    with open(path) as fh:
-        d = json.load(fh)
+    """Read fit.json (local or gs://) back: ({approach: Fit} for the approaches that succeeded, meta)."""
+    try:
+        d = json.loads(read_input(path, "fit.json"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e}); pass a fit.json written by "
+                         "`python -m t5like.scaling fit`.") from None
     if "approach" not in d:
         raise ValueError(f"{path}: not a fit.json written by `python -m t5like.scaling fit` (no 'approach' key).")
     if d["approach"] != "all":

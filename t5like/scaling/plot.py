@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-import os
+import io
 
 import matplotlib
 import matplotlib.ticker
@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from t5like import storage  # noqa: E402
 from t5like.scaling.data import ScalingData, compute_groups  # noqa: E402
 from t5like.scaling.fit import Fit  # noqa: E402
 
@@ -160,15 +161,17 @@ def plot_allocation(ax_n, ax_d, data: ScalingData, fits: dict[str, Fit]) -> None
 
 
 def plot_all(data: ScalingData, fits: dict[str, Fit], out_dir: str) -> list[str]:
-    """Write the three figures as PNG and PDF under out_dir; returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write the three figures as PNG and PDF under out_dir (local or gs://); returns the paths written."""
+    storage.makedirs(out_dir)
     paths = []
 
     def save(fig, name: str) -> None:
         fig.tight_layout()
         for ext in ("png", "pdf"):
-            path = os.path.join(out_dir, f"{name}.{ext}")
-            fig.savefig(path, dpi=130)
+            path = storage.join(out_dir, f"{name}.{ext}")
+            buf = io.BytesIO()  # render in memory, then one write: savefig cannot write to gs://
+            fig.savefig(buf, format=ext, dpi=130)
+            storage.write_atomic(path, buf.getvalue())
             paths.append(path)
         plt.close(fig)
 
