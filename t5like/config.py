@@ -367,6 +367,11 @@ class Config:
         if self.train.batch_size % self.optim.grad_accum_steps:
             raise ValueError(f"train.batch_size={self.train.batch_size} is not divisible by "
                              f"optim.grad_accum_steps={self.optim.grad_accum_steps}.")
+        gated = self.model.activation in ("gated_gelu", "swiglu")
+        if self.finetune.method == "lora" and "mlp_gate" in self.finetune.lora_targets and not gated:
+            raise ValueError(f"finetune.lora_targets entry 'mlp_gate' names no module of this model "
+                             f"(model.activation={self.model.activation!r} has no gate projection); valid targets "
+                             f"here are {[t for t in LORA_TARGETS if t != 'mlp_gate']}.")
         if self.data.objective == "classification" and self.model.num_classes < 2:
             raise ValueError(f"data.objective='classification' needs a classification head: model.num_classes="
                              f"{self.model.num_classes}; set model.num_classes to the number of labels.")

@@ -342,3 +342,11 @@ def test_lora_from_a_pretrained_run_keeps_its_base(tasks, tmp_path):
     with pytest.raises(ValueError, match=r"parameter encoder/layers/mlp/wi has shape \(2, 32, 64\) there but "
                                          r"\(2, 32, 128\) here"):
         train.train(wider)
+
+
+def test_config_refuses_a_gate_target_without_a_gate():
+    with pytest.raises(ValueError, match=r"'mlp_gate' names no module of this model \(model.activation='gelu' has no "
+                                         r"gate projection\); valid targets here are \['q', 'k', 'v', 'o', 'mlp_in', "
+                                         r"'mlp_out'\]"):
+        dataclasses.replace(config("encoder", "lora"), finetune=FinetuneConfig(
+            method="lora", lora_targets=("q", "mlp_gate"))).validate()
