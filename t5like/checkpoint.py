@@ -197,7 +197,8 @@ def load_for_inference(workdir: str, shard=None):
     cfg = read_config(workdir)
     step = latest_step_or_raise(workdir)
     shard = shard or Sharder()
-    graphdef, abstract_state = abstract_model(cfg.model, shard)
+    from t5like.finetune import adapter_fn
+    graphdef, abstract_state = abstract_model(cfg.model, shard, adapt=adapter_fn(cfg))
     if shard.mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract_state.to_pure_dict())

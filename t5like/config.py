@@ -293,6 +293,52 @@ class CheckpointConfig:
         return self
 
 
+FINETUNE_METHODS = ("full", "lora", "prefix")
+# LoRA targets: the projections of every attention (self and cross) and MLP in every stack.
+LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """What fine-tuning trains. "full": every parameter. "lora": low-rank adapters on `lora_targets`
+    (Hu et al. 2021; scale lora_alpha / lora_rank, as PEFT). "prefix": learned key/value prefixes of
+    `prefix_length` per self-attention layer (Li & Liang 2021), optionally through their MLP.
+    Under lora/prefix the base is frozen; `train_modules` (and a classification head) also train."""
+    method: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q", "v")
+    prefix_length: int = 16
+    prefix_mlp: bool = False                # Li & Liang's reparametrisation: prefixes = MLP(embedding)
+    prefix_mlp_hidden: int = 512
+    train_modules: tuple[str, ...] = ()     # top-level modules trained besides the adapters (PEFT modules_to_save)
+
+    def validate(self) -> "FinetuneConfig":
+        _choice("finetune.method", self.method, FINETUNE_METHODS)
+        _positive("finetune.lora_rank", self.lora_rank)
+        _positive("finetune.prefix_length", self.prefix_length)
+        _positive("finetune.prefix_mlp_hidden", self.prefix_mlp_hidden)
+        _real("finetune.lora_alpha", self.lora_alpha, 0, low_open=True,
+              hint="the adapter scale is lora_alpha / lora_rank; Hu et al. use alpha = 2 * rank.")
+        _real("finetune.lora_dropout", self.lora_dropout, 0, 1, high_open=True, hint="e.g. 0.05.")
+        if not isinstance(self.prefix_mlp, bool):
+            raise ValueError(f"finetune.prefix_mlp={self.prefix_mlp!r} must be true or false.")
+        for name in ("lora_targets", "train_modules"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"finetune.{name}={value!r} must be a tuple of names, e.g. finetune.{name}="
+                                 f"{'q,v' if name == 'lora_targets' else 'pooler'} on the command line.")
+        if self.method == "lora" and not self.lora_targets:
+            raise ValueError(f"finetune.lora_targets is empty; name projections from {list(LORA_TARGETS)}, "
+                             "e.g. finetune.lora_targets=q,v.")
+        for t in self.lora_targets:
+            if t not in LORA_TARGETS:
+                raise ValueError(f"finetune.lora_targets entry {t!r} names no module; valid targets are "
+                                 f"{list(LORA_TARGETS)} (e.g. finetune.lora_targets=q,k,v,o).")
+        return self
+
+
 def _data_config():
     from t5like.data.config import DataConfig  # data owns its config; imported lazily to keep this light
     return DataConfig()
@@ -306,6 +352,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     workdir: str = "runs/default"
     seed: int = 0
 
@@ -317,8 +364,10 @@ class Config:
         self.optim.validate()
         self.train.validate()
         self.checkpoint.validate()
+        self.finetune.validate()
         objective_family = {"lm": "decoder", "prefix_lm": "decoder", "mlm": "encoder",
-                            "span_corruption": "encoder_decoder"}
+                            "span_corruption": "encoder_decoder", "completion": "decoder",
+                            "classification": "encoder", "seq2seq": "encoder_decoder"}
         if objective_family[self.data.objective] != self.model.family:
             raise ValueError(
                 f"data.objective={self.data.objective!r} trains a {objective_family[self.data.objective]} model, "
@@ -329,6 +378,14 @@ class Config:
         if self.train.batch_size % self.optim.grad_accum_steps:
             raise ValueError(f"train.batch_size={self.train.batch_size} is not divisible by "
                              f"optim.grad_accum_steps={self.optim.grad_accum_steps}.")
+        gated = self.model.activation in ("gated_gelu", "swiglu")
+        if self.finetune.method == "lora" and "mlp_gate" in self.finetune.lora_targets and not gated:
+            raise ValueError(f"finetune.lora_targets entry 'mlp_gate' names no module of this model "
+                             f"(model.activation={self.model.activation!r} has no gate projection); valid targets "
+                             f"here are {[t for t in LORA_TARGETS if t != 'mlp_gate']}.")
+        if self.data.objective == "classification" and self.model.num_classes < 2:
+            raise ValueError(f"data.objective='classification' needs a classification head: model.num_classes="
+                             f"{self.model.num_classes}; set model.num_classes to the number of labels.")
         if not self.workdir:
             raise ValueError("workdir='' : set workdir=DIR, where the run's checkpoints and metrics go.")
         return self

@@ -11,6 +11,7 @@ layers stacked under `lax.scan` stay pure functions of (params, inputs, key).
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Callable, Optional
 
 import jax
@@ -44,6 +45,52 @@ def dropout(x: Array, rate: float, rng: Optional[Array]) -> Array:
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+# Adapters (t5like.finetune attaches them; a model without them runs exactly as before) -------------------
+
+class LoRA(nnx.Module):
+    """Hu et al. 2021: a low-rank update scale * dropout(x) A B beside a frozen projection W.
+
+    A [in..., r] is random and B [r, out...] zero, so a fresh adapter changes nothing; `in`/`out` are the
+    kernel's contracted and produced dims (e.g. [D] and [N, H] for a query kernel [D, N, H])."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], in_names: tuple, out_names: tuple,
+                 rank: int, scale: float, rate: float, dtype_name: str, *, rngs: nnx.Rngs):
+        pd = dtype_of(dtype_name)
+        self.a = param(rngs, (*in_shape, rank), (*in_names, None), pd, math.prod(in_shape) ** -0.5)
+        self.b = param(rngs, (rank, *out_shape), (None, *out_names), pd, init="zeros")
+        self.scale, self.rate, self.num_in = scale, rate, len(in_shape)
+
+    def __call__(self, x: Array, rng: Optional[Array]) -> Array:
+        x = dropout(x, self.rate, rng)
+        h = jnp.tensordot(x, self.a[...].astype(x.dtype), axes=self.num_in)
+        return self.scale * jnp.tensordot(h, self.b[...].astype(x.dtype), axes=1)
+
+
+def adapted(module: nnx.Module, kernel: str, x: Array, y: Array, rng: Optional[Array]) -> Array:
+    """y plus the LoRA update of `module.<kernel>` when an adapter `<kernel>_lora` is attached."""
+    lora = getattr(module, f"{kernel}_lora", None)
+    if lora is None:
+        return y
+    return y + lora(x, None if rng is None else jax.random.fold_in(rng, zlib.crc32(kernel.encode()))).astype(y.dtype)
+
+
+def with_prefix(k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array, bias_BNTS: Optional[Array],
+                prefix_kv: Optional[tuple[Array, Array]], shard: Sharder):
+    """Prepend learned prefix keys/values [P, K, H] (Li & Liang 2021): every query sees all P of them.
+    They carry no position, so a relative bias (T5) is 0 on their columns."""
+    if prefix_kv is None:
+        return k_BSKH, v_BSKH, mask_B1TS, bias_BNTS
+    pk_PKH, pv_PKH = prefix_kv
+    B, P = k_BSKH.shape[0], pk_PKH.shape[0]
+    names = ("batch", "length", "act_kv_heads", None)
+    grow = lambda p, x: shard(jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (B, *p.shape)), x], 1), names)
+    mask = jnp.concatenate([jnp.ones((*mask_B1TS.shape[:3], P), bool), jnp.broadcast_to(
+        mask_B1TS, (B, *mask_B1TS.shape[1:]))], axis=-1)
+    if bias_BNTS is not None:
+        bias_BNTS = jnp.concatenate([jnp.zeros((*bias_BNTS.shape[:3], P), bias_BNTS.dtype), bias_BNTS], -1)
+    return grow(pk_PKH, k_BSKH), grow(pv_PKH, v_BSKH), mask, bias_BNTS
 
 
 # Embeddings and positions --------------------------------------------------------------------------
@@ -202,17 +249,18 @@ class Attention(nnx.Module):
     def _w(self, p):
         return p[...].astype(self.dtype)
 
-    def project_query(self, x_BTD: Array, positions_BT: Optional[Array], shard: Sharder) -> Array:
-        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self._w(self.query))
+    def project_query(self, x_BTD: Array, positions_BT: Optional[Array], shard: Sharder, rng=None) -> Array:
+        q_BTNH = adapted(self, "query", x_BTD, jnp.einsum("btd,dnh->btnh", x_BTD, self._w(self.query)), rng)
         if self.use_bias:
             q_BTNH = q_BTNH + self._w(self.query_bias)
         if self.rope_theta is not None:
             q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope_theta)
         return shard(q_BTNH, ("batch", "length", "act_heads", None))
 
-    def project_kv(self, x_BSD: Array, positions_BS: Optional[Array], shard: Sharder) -> tuple[Array, Array]:
-        k_BSKH = jnp.einsum("bsd,dkh->bskh", x_BSD, self._w(self.key))
-        v_BSKH = jnp.einsum("bsd,dkh->bskh", x_BSD, self._w(self.value))
+    def project_kv(self, x_BSD: Array, positions_BS: Optional[Array], shard: Sharder,
+                   rng=None) -> tuple[Array, Array]:
+        k_BSKH = adapted(self, "key", x_BSD, jnp.einsum("bsd,dkh->bskh", x_BSD, self._w(self.key)), rng)
+        v_BSKH = adapted(self, "value", x_BSD, jnp.einsum("bsd,dkh->bskh", x_BSD, self._w(self.value)), rng)
         if self.use_bias:
             k_BSKH, v_BSKH = k_BSKH + self._w(self.key_bias), v_BSKH + self._w(self.value_bias)
         if self.rope_theta is not None:
@@ -221,20 +269,20 @@ class Attention(nnx.Module):
         return shard(k_BSKH, names), shard(v_BSKH, names)
 
     def attend(self, q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array,
-               bias_BNTS: Optional[Array], shard: Sharder) -> Array:
+               bias_BNTS: Optional[Array], shard: Sharder, rng=None) -> Array:
         # The T5 bias is added to the logits before softmax; jax.nn.dot_product_attention takes it as `bias`.
         bias = None if bias_BNTS is None else bias_BNTS.astype(q_BTNH.dtype)
         o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias, mask=mask_B1TS,
                                               scale=self.logit_scale, implementation=self.impl)
         o_BTNH = shard(o_BTNH, ("batch", "length", "act_heads", None))
-        y_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, self._w(self.out))
+        y_BTD = adapted(self, "out", o_BTNH, jnp.einsum("btnh,nhd->btd", o_BTNH, self._w(self.out)), rng)
         if self.use_bias:
             y_BTD = y_BTD + self._w(self.out_bias)
         return shard(y_BTD, ("batch", "length", "act_embed"))
 
     def attend_cached(self, x_BTD: Array, positions_BT: Array, k_cache_BSKH: Array, v_cache_BSKH: Array,
-                      index: Array, *, mask_B1TS: Array, shard: Sharder,
-                      bias_BNTS: Optional[Array] = None) -> tuple[Array, Array, Array]:
+                      index: Array, *, mask_B1TS: Array, shard: Sharder, bias_BNTS: Optional[Array] = None,
+                      prefix_kv=None) -> tuple[Array, Array, Array]:
         """Self-attention of T new tokens against a preallocated cache of S slots (decoding).
 
         Writes the new keys/values at slots [index, index + T) (RoPE already applied, so they are never
@@ -248,16 +296,19 @@ class Attention(nnx.Module):
             k_cache_BSKH, k_BTKH.astype(k_cache_BSKH.dtype), index, axis=1), names)
         v_cache_BSKH = shard(jax.lax.dynamic_update_slice_in_dim(
             v_cache_BSKH, v_BTKH.astype(v_cache_BSKH.dtype), index, axis=1), names)
-        y_BTD = self.attend(q_BTNH, k_cache_BSKH.astype(self.dtype), v_cache_BSKH.astype(self.dtype),
-                            mask_B1TS, bias_BNTS, shard)
+        # Prefixes are not written into the cache: they are the same at every step, prepended here.
+        k, v, mask_B1TS, bias_BNTS = with_prefix(k_cache_BSKH.astype(self.dtype), v_cache_BSKH.astype(self.dtype),
+                                                 mask_B1TS, bias_BNTS, prefix_kv, shard)
+        y_BTD = self.attend(q_BTNH, k, v, mask_B1TS, bias_BNTS, shard)
         return y_BTD, k_cache_BSKH, v_cache_BSKH
 
     def __call__(self, x_BTD: Array, context_BSD: Array, *, mask_B1TS: Array, shard: Sharder,
                  bias_BNTS: Optional[Array] = None, q_positions_BT: Optional[Array] = None,
-                 k_positions_BS: Optional[Array] = None) -> Array:
-        q = self.project_query(x_BTD, q_positions_BT, shard)
-        k, v = self.project_kv(context_BSD, k_positions_BS, shard)
-        return self.attend(q, k, v, mask_B1TS, bias_BNTS, shard)
+                 k_positions_BS: Optional[Array] = None, rng: Optional[Array] = None, prefix_kv=None) -> Array:
+        q = self.project_query(x_BTD, q_positions_BT, shard, rng)
+        k, v = self.project_kv(context_BSD, k_positions_BS, shard, rng)
+        k, v, mask_B1TS, bias_BNTS = with_prefix(k, v, mask_B1TS, bias_BNTS, prefix_kv, shard)
+        return self.attend(q, k, v, mask_B1TS, bias_BNTS, shard, rng)
 
 
 ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
@@ -286,17 +337,18 @@ class MLP(nnx.Module):
         self.activation = cfg.activation
         self.dtype = dtype_of(cfg.dtype)
 
-    def __call__(self, x_BLD: Array, shard: Sharder) -> Array:
+    def __call__(self, x_BLD: Array, shard: Sharder, rng: Optional[Array] = None) -> Array:
         act = ACTIVATION_FNS[self.activation]
-        h_BLF = jnp.einsum("bld,df->blf", x_BLD, self.wi[...].astype(self.dtype))
+        h_BLF = adapted(self, "wi", x_BLD, jnp.einsum("bld,df->blf", x_BLD, self.wi[...].astype(self.dtype)), rng)
         if self.use_bias:
             h_BLF = h_BLF + self.wi_bias[...].astype(self.dtype)
         if self.gated:
-            h_BLF = act(jnp.einsum("bld,df->blf", x_BLD, self.wi_gate[...].astype(self.dtype))) * h_BLF
+            gate_BLF = jnp.einsum("bld,df->blf", x_BLD, self.wi_gate[...].astype(self.dtype))
+            h_BLF = act(adapted(self, "wi_gate", x_BLD, gate_BLF, rng)) * h_BLF
         else:
             h_BLF = act(h_BLF)
         h_BLF = shard(h_BLF, ("batch", "length", "act_mlp"))
-        y_BLD = jnp.einsum("blf,fd->bld", h_BLF, self.wo[...].astype(self.dtype))
+        y_BLD = adapted(self, "wo", h_BLF, jnp.einsum("blf,fd->bld", h_BLF, self.wo[...].astype(self.dtype)), rng)
         if self.use_bias:
             y_BLD = y_BLD + self.wo_bias[...].astype(self.dtype)
         return shard(y_BLD, ("batch", "length", "act_embed"))

@@ -52,15 +52,17 @@ class Block(nnx.Module):
         return x + L.dropout(branch(norm(x)), self.dropout_rate, rng)
 
     def __call__(self, x_BTD: Array, *, mask, bias, positions, shard: Sharder, rng=None,
-                 encoded_BSD=None, cross_mask=None) -> Array:
+                 encoded_BSD=None, cross_mask=None, prefix_kv=None) -> Array:
         r = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
+        # LoRA dropout keys (t5like.finetune), folded in so that the residual dropout keys stay as they were.
+        a = [None] * 3 if rng is None else [jax.random.fold_in(rng, 3 + i) for i in range(3)]
         x_BTD = self._residual(x_BTD, self.attn_norm, lambda h: self.attn(
             h, h, mask_B1TS=mask, bias_BNTS=bias, q_positions_BT=positions, k_positions_BS=positions,
-            shard=shard), r[0])
+            shard=shard, rng=a[0], prefix_kv=prefix_kv), r[0])
         if self.cross:
             x_BTD = self._residual(x_BTD, self.cross_norm, lambda h: self.cross_attn(
-                h, encoded_BSD, mask_B1TS=cross_mask, shard=shard), r[1])
-        x_BTD = self._residual(x_BTD, self.mlp_norm, lambda h: self.mlp(h, shard), r[2])
+                h, encoded_BSD, mask_B1TS=cross_mask, shard=shard, rng=a[1]), r[1])
+        x_BTD = self._residual(x_BTD, self.mlp_norm, lambda h: self.mlp(h, shard, a[2]), r[2])
         return shard(x_BTD, ("batch", "length", "act_embed"))
 
 
@@ -72,11 +74,12 @@ class Block(nnx.Module):
         return norm(x + y) if self.post_norm else x + y
 
     def decode(self, x_BTD: Array, k_BSKH: Array, v_BSKH: Array, *, index, mask, bias, positions,
-               shard: Sharder, cross_k_BSKH=None, cross_v_BSKH=None, cross_mask=None):
+               shard: Sharder, cross_k_BSKH=None, cross_v_BSKH=None, cross_mask=None, prefix_kv=None):
         """One layer over T new tokens: self-attention against (and into) this layer's cache; cross-attention
         against the encoder's keys/values, computed once before decoding. Returns (x, k, v)."""
         y, k_BSKH, v_BSKH = self.attn.attend_cached(self._norm_in(x_BTD, self.attn_norm), positions, k_BSKH, v_BSKH,
-                                                    index, mask_B1TS=mask, bias_BNTS=bias, shard=shard)
+                                                    index, mask_B1TS=mask, bias_BNTS=bias, shard=shard,
+                                                    prefix_kv=prefix_kv)
         x_BTD = self._add(x_BTD, y, self.attn_norm)
         if self.cross:
             q_BTNH = self.cross_attn.project_query(self._norm_in(x_BTD, self.cross_norm), None, shard)
@@ -110,6 +113,7 @@ class Stack(nnx.Module):
                               if cfg.position == "relative" else None)
         self.num_layers, self.remat = num_layers, cfg.remat
         self.scan_unroll = min(cfg.scan_unroll, num_layers)
+        self.prefix = None  # prefix tuning (t5like.finetune): a module giving each layer's key/value prefixes
 
     def __call__(self, x_BTD, *, mask, positions, shard: Sharder, rng=None, encoded_BSD=None, cross_mask=None):
         bias = None if self.relative_bias is None else self.relative_bias(positions, positions)
@@ -117,16 +121,20 @@ class Stack(nnx.Module):
         keys = None if rng is None else jax.random.split(rng, self.num_layers)
 
         def body(x, xs):
-            layer_params, key = xs
+            layer_params, key, prefix_kv = xs
             layer = nnx.merge(graphdef, layer_params)
             return layer(x, mask=mask, bias=bias, positions=positions, shard=shard, rng=key,
-                         encoded_BSD=encoded_BSD, cross_mask=cross_mask), None
+                         encoded_BSD=encoded_BSD, cross_mask=cross_mask, prefix_kv=prefix_kv), None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=CHECKPOINT_POLICIES[self.remat], prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys), unroll=self.scan_unroll)
+        x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys, self._prefix_kv()), unroll=self.scan_unroll)
         return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
 
+
+    def _prefix_kv(self):
+        """Every layer's prefix keys and values, each [layers, P, K, H], or None."""
+        return None if self.prefix is None else self.prefix()
 
     # Decoding ---------------------------------------------------------------------------------------
     # The cache of a stack is stacked on the layer axis, like its params, and scanned together with them.
@@ -155,13 +163,15 @@ class Stack(nnx.Module):
         graphdef, params = nnx.split(self.layers)
 
         def body(x, xs):
-            layer_params, k, v, cross_k, cross_v = xs
+            layer_params, k, v, cross_k, cross_v, prefix_kv = xs
             layer = nnx.merge(graphdef, layer_params)
             x, k, v = layer.decode(x, k, v, index=index, mask=mask, bias=bias, positions=q_positions_BT, shard=shard,
-                                   cross_k_BSKH=cross_k, cross_v_BSKH=cross_v, cross_mask=cross_mask)
+                                   cross_k_BSKH=cross_k, cross_v_BSKH=cross_v, cross_mask=cross_mask,
+                                   prefix_kv=prefix_kv)
             return x, (k, v)
 
-        xs = (params, cache.k, cache.v, None if cross is None else cross.k, None if cross is None else cross.v)
+        xs = (params, cache.k, cache.v, None if cross is None else cross.k, None if cross is None else cross.v,
+              self._prefix_kv())
         x_BTD, (k, v) = jax.lax.scan(body, x_BTD, xs)
         x_BTD = x_BTD if self.final_norm is None else self.final_norm(x_BTD)
         return x_BTD, KVCache(shard(k, KV_CACHE_AXES), shard(v, KV_CACHE_AXES))
@@ -384,22 +394,24 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, shard: Sharder = Sharder()):
     return MODEL_CLASSES[cfg.validate().family](cfg, rngs=nnx.Rngs(seed), shard=shard)
 
 
-def abstract_model(cfg: ModelConfig, shard: Sharder = Sharder(), *, seed: int = 0):
-    """(graphdef, abstract state): shapes, dtypes and logical names, with nothing allocated."""
-    model = nnx.eval_shape(lambda: MODEL_CLASSES[cfg.family](cfg, rngs=nnx.Rngs(seed), shard=shard))
+def abstract_model(cfg: ModelConfig, shard: Sharder = Sharder(), *, seed: int = 0, adapt=None):
+    """(graphdef, abstract state): shapes, dtypes and logical names, with nothing allocated.
+    `adapt(model) -> model` attaches fine-tuning adapters (t5like.finetune.adapter_fn)."""
+    adapt = adapt or (lambda m: m)
+    model = nnx.eval_shape(lambda: adapt(MODEL_CLASSES[cfg.family](cfg, rngs=nnx.Rngs(seed), shard=shard)))
     return nnx.split(model)
 
 
-def sharded_init(cfg: ModelConfig, shard: Sharder, *, seed: int = 0):
+def sharded_init(cfg: ModelConfig, shard: Sharder, *, seed: int = 0, adapt=None):
     """(graphdef, abstract state, param shardings, init) where `init()` returns the params as a pure dict, created inside
     one jit whose outputs land directly in their shards: no full replica exists on any one device.
     The trainer and `create_sharded` both use this; it is the one sharded-init path."""
     cfg.validate()
-    graphdef, abstract_state = abstract_model(cfg, shard, seed=seed)
+    graphdef, abstract_state = abstract_model(cfg, shard, seed=seed, adapt=adapt)
     shardings = state_shardings(abstract_state, shard).to_pure_dict()
 
     def init():
-        model = MODEL_CLASSES[cfg.family](cfg, rngs=nnx.Rngs(seed), shard=shard)
+        model = (adapt or (lambda m: m))(MODEL_CLASSES[cfg.family](cfg, rngs=nnx.Rngs(seed), shard=shard))
         return nnx.state(model).to_pure_dict()
 
     return graphdef, abstract_state, shardings, jax.jit(init, out_shardings=shardings)

@@ -26,10 +26,9 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from t5like import distributed, storage
+from t5like import distributed, finetune, storage
 from t5like.accounting import param_counts, training_flops
-from t5like.checkpoint import (Checkpointer, UnreadableCheckpoint, checkpoint_dir, latest_step, latest_step_or_raise,
-                               load_params, read_config)
+from t5like.checkpoint import Checkpointer, UnreadableCheckpoint, checkpoint_dir, latest_step, read_config
 from t5like.config import Config, apply_overrides, flat_keys, to_dict
 from t5like.data import get_tokenizer, make_iterator
 from t5like.metrics import MetricsWriter, peak_flops_per_device, read_metrics
@@ -60,11 +59,11 @@ def make_grad_fn(graphdef, cfg: Config) -> Callable:
     however the target tokens are spread over the microbatches.
     """
     def objective_sum(params, batch, rng):
-        logits = nnx.merge(graphdef, params)(batch, rng=rng)
+        logits = finetune.task_logits(nnx.merge(graphdef, params), batch, cfg.data.objective, rng)
         return cross_entropy(logits, batch["targets"], batch["weights"],
                              label_smoothing=cfg.optim.label_smoothing, z_loss=cfg.optim.z_loss)
 
-    grad_sum = jax.grad(objective_sum, has_aux=True)
+    grad_sum = finetune.grad(objective_sum, cfg)  # under lora/prefix: the trainable params' gradients only
     accum = cfg.optim.grad_accum_steps
 
     def grads_and_metrics(params, batch, rng):
@@ -90,7 +89,7 @@ def make_grad_fn(graphdef, cfg: Config) -> Callable:
 
 def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation, schedule):
     grads_and_metrics = make_grad_fn(graphdef, cfg)
-    use_dropout = cfg.model.dropout > 0
+    use_dropout = cfg.model.dropout > 0 or (cfg.finetune.method == "lora" and cfg.finetune.lora_dropout > 0)
 
     def train_step(state, batch):
         step = state["step"]
@@ -106,7 +105,7 @@ def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformati
 
 def make_eval_step(graphdef, cfg: Config):
     def eval_step(params, batch):
-        logits = nnx.merge(graphdef, params)(batch)
+        logits = finetune.task_logits(nnx.merge(graphdef, params), batch, cfg.data.objective)
         _, sums = cross_entropy(logits, batch["targets"], batch["weights"])
         return sums
     return eval_step
@@ -124,7 +123,7 @@ def _resume_key(cfg: Config) -> dict:
     o = cfg.optim
     key = {"model": to_dict(cfg.model), "optim.name": o.name,
            "optim.grad_clip": "on" if o.grad_clip > 0 else "off",  # on/off changes the optimizer state's tree
-           "train.batch_size": cfg.train.batch_size, "seed": cfg.seed,
+           "train.batch_size": cfg.train.batch_size, "seed": cfg.seed, "finetune": to_dict(cfg.finetune),
            **{f"data.{k}": v for k, v in to_dict(cfg.data).items()
               if k in ("source", "paths", "format", "text_field", "hub_name", "objective",
                        "seq_len", "target_len", "max_files", "validation_fraction")}}
@@ -213,16 +212,21 @@ def build(cfg: Config, example_batch: dict, devices=None) -> Setup:
     `example_batch` is one host's batch (its rows are this host's share); `devices` defaults to all."""
     mesh = make_mesh(cfg.mesh, devices)
     sharder = Sharder(mesh, cfg.mesh.rules or DEFAULT_RULES)
-    graphdef, abstract_params, param_shardings, init_params = sharded_init(cfg.model, sharder, seed=cfg.seed)
+    graphdef, abstract_params, param_shardings, init_params = sharded_init(cfg.model, sharder, seed=cfg.seed,
+                                                                           adapt=finetune.adapter_fn(cfg))
     abstract_params = abstract_params.to_pure_dict()
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    optimizer = finetune.freeze(optimizer, cfg)  # lora/prefix: state and updates for trainable params only
     repl = replicated(mesh)
     # Moments shaped like a parameter are sharded like it; anything else (step counts, Adafactor's factored
     # row/column statistics, which are vectors) is small and replicated.
     opt_shapes = jax.eval_shape(optimizer.init, abstract_params)
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else repl,
-        opt_shapes, param_shardings, abstract_params, transform_non_params=lambda _: repl)
+    if cfg.finetune.method == "full":
+        opt_shardings = optax.tree_map_params(
+            optimizer, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else repl,
+            opt_shapes, param_shardings, abstract_params, transform_non_params=lambda _: repl)
+    else:
+        opt_shardings = finetune.optimizer_shardings(opt_shapes, param_shardings, abstract_params, repl)
     shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": repl}
     init_opt = jax.jit(optimizer.init, out_shardings=opt_shardings)
 
@@ -349,7 +353,7 @@ def train(cfg: Config) -> Result:
 def _train(cfg: Config) -> Result:
     check_workdir(cfg)
     if cfg.checkpoint.init_from:
-        _check_init_from(cfg)
+        finetune.init_from_plan(cfg)  # the other run exists and its params fit this model (adapters aside)
     processes = jax.process_count()
     if cfg.train.batch_size % processes:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {processes} hosts.")
@@ -360,6 +364,8 @@ def _train(cfg: Config) -> Result:
     train_iter = make_iterator(cfg.data, tokenizer, "train", batch_size=per_host, seed=cfg.seed)
     eval_iter = make_iterator(cfg.data, tokenizer, "validation", batch_size=per_host, seed=cfg.seed,
                               num_batches=cfg.train.eval_steps)
+    if cfg.data.objective == "classification":
+        finetune.check_labels(cfg, train_iter.table.labels)  # before anything compiles
     first_batch_state = train_iter.state()
     setup = build(cfg, next(iter(train_iter)))
     train_iter.restore(first_batch_state)
@@ -401,7 +407,7 @@ def _train(cfg: Config) -> Result:
                              "Reduce model size (d_model, num_layers, vocab_size), use param_dtype=bfloat16, or "
                              "shard more (mesh.fsdp=-1).") from None
         if cfg.checkpoint.init_from:
-            state["params"] = load_params(cfg.checkpoint.init_from, setup.abstract_state["params"])
+            state["params"] = finetune.load_init_params(cfg, state["params"])
             print(f"initialised params from {cfg.checkpoint.init_from}", file=sys.stderr)
 
     preemption = Preemption()
@@ -469,22 +475,13 @@ def _train(cfg: Config) -> Result:
                "tokens": setup.tokens_per_step * step, "flops": setup.flops_per_step * step,
                "final_loss": final_loss, "final_eval_loss": last_eval.get("eval_loss", float("nan")),
                "wall_time_s": time.perf_counter() - started, "peak_flops_source": peak_source,
-               "preempted": preempted}
+               "preempted": preempted, "trainable_params": finetune.count_trainable(setup.abstract_state["params"], cfg)}
     if preempted:
         print(f"SIGTERM: saved step {step} to {checkpoint_dir(cfg.workdir)}; rerun the same command to resume.",
               file=sys.stderr)
     elif jax.process_index() == 0:
         storage.write_atomic(summary_path, json.dumps(summary, indent=2))
     return Result(cfg, step, summary["final_loss"], summary["final_eval_loss"], preempted, summary)
-
-
-def _check_init_from(cfg: Config) -> None:
-    other = read_config(cfg.checkpoint.init_from)
-    latest_step_or_raise(cfg.checkpoint.init_from)
-    if param_counts(other.model) != param_counts(cfg.model) or other.model.family != cfg.model.family:
-        raise ValueError(f"checkpoint.init_from={cfg.checkpoint.init_from!r} holds a {other.model.family} model with "
-                         f"{param_counts(other.model)['total']} params, which does not fit model {cfg.model}; "
-                         "use the same model settings as that run.")
 
 
 class _progress:

@@ -7,7 +7,7 @@ import typing
 
 SOURCES = ("stdlib", "files", "hub")
 FORMATS = ("text", "json", "jsonl", "parquet", "csv")
-OBJECTIVES = ("lm", "prefix_lm", "span_corruption", "mlm")
+OBJECTIVES = ("lm", "prefix_lm", "span_corruption", "mlm", "seq2seq", "completion", "classification")
 
 
 @dataclasses.dataclass
@@ -38,9 +38,11 @@ class DataConfig:
     num_sentinels: int = 100  # ids reserved at the top of the vocab (T5 sentinels; the first is MLM's mask)
 
     # What each row of a batch is.
+    # Fine-tuning tasks (t5like.data.tasks) read JSONL examples from data.paths: seq2seq (input/target),
+    # completion (prompt/completion, loss on the completion), classification (text/label).
     objective: str = "lm"
-    seq_len: int = 128  # decoder length (lm, prefix_lm) or encoder length (span_corruption, mlm)
-    target_len: int = 0  # span_corruption decoder length; 0 = derive from noise_density as T5 does
+    seq_len: int = 128  # decoder length (lm, prefix_lm, completion) or encoder length (span_corruption, mlm, seq2seq)
+    target_len: int = 0  # decoder length: span_corruption (0 = derive from noise_density as T5 does), seq2seq (0 = seq_len)
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
     mlm_probability: float = 0.15
@@ -100,6 +102,11 @@ class DataConfig:
         if self.objective in ("span_corruption", "mlm") and self.num_sentinels < 1:
             raise ValueError(f"data.num_sentinels=0 but data.objective={self.objective!r} needs reserved ids "
                              "(sentinels / the mask id); set data.num_sentinels=100")
+        if self.objective in ("seq2seq", "completion", "classification") and (
+                self.source != "files" or self.format == "text"):
+            raise ValueError(f"data.objective={self.objective!r} reads labelled examples from files: set "
+                             "data.source='files', data.format='jsonl' and data.paths=('train.jsonl',); got "
+                             f"data.source={self.source!r}, data.format={self.format!r}")
         if self.objective == "span_corruption":
             from t5like.data.objectives import span_corruption_lengths  # lazy: objectives imports nothing from here
             span_corruption_lengths(self)  # raises if seq_len/target_len/num_sentinels do not fit together

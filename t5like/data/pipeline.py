@@ -20,6 +20,7 @@ from t5like.data import sources
 from t5like.data.config import DataConfig
 from t5like.data.objectives import Objective, make_objective
 from t5like.data.packing import PackedTable, StreamPacker
+from t5like.data.tasks import TASK_FIELDS, TaskTable
 from t5like.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -66,7 +67,7 @@ class BatchIterator:
     number of steps. A finished eval pass restarts from the beginning on the next iteration.
     """
 
-    def __init__(self, table: PackedTable, objective: Objective, *, batch_size: int, seed: int,
+    def __init__(self, table: PackedTable | TaskTable, objective: Objective | None, *, batch_size: int, seed: int,
                  shuffle: bool, infinite: bool, num_batches: int | None = None, host: tuple[int, int] = (0, 1)):
         self.table, self.objective = table, objective
         self.batch_size, self.seed = batch_size, seed
@@ -132,6 +133,8 @@ class BatchIterator:
         share = B // self.host_count
         mine = slice(self.host_index * share, (self.host_index + 1) * share)
         row_ids, row_epochs = np.concatenate(rows)[mine], np.concatenate(epochs)[mine]
+        if self.objective is None:  # a TaskTable: rows are whole, already-built examples
+            return self.table.rows(row_ids)
         tokens, segment_ids, positions = self.table.rows(row_ids)
         rngs = _row_rngs(self.seed, row_epochs, row_ids) if self.objective.is_random else None
         return self.objective(tokens, segment_ids, positions, rngs)
@@ -263,8 +266,12 @@ def make_iterator(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, batch_si
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-    objective = make_objective(cfg, tokenizer)
     train = split == "train"
+    if cfg.objective in TASK_FIELDS:  # labelled examples, one per row (fine-tuning); hosts as for local text
+        return BatchIterator(TaskTable(cfg, tokenizer, split), None, batch_size=batch_size * process_count,
+                             seed=seed, shuffle=train and cfg.shuffle, infinite=train, num_batches=num_batches,
+                             host=(process_index, process_count))
+    objective = make_objective(cfg, tokenizer)
 
     if cfg.source == "hub":
         ds = sources.open_stream(cfg, split, process_index, process_count, shuffle=train and cfg.shuffle, seed=seed)

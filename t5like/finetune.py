@@ -1,0 +1,304 @@
+"""Parameter-efficient fine-tuning: LoRA (Hu et al. 2021) and prefix tuning (Li & Liang 2021).
+
+    model = adapt(MODEL_CLASSES[family](cfg.model, rngs=...), cfg)   # attach adapters (nothing for method=full)
+    optimizer = freeze(optimizer, cfg)                          # optimizer state for trainable params only
+    grad_fn = grad(loss_fn, cfg)                                # gradients for trainable params only
+    merge(model)                                                # fold adapters into the base (export, decoding)
+
+Adapters are ordinary parameters of the model (plain NNX trees with logical axis names), so they are
+created sharded, checkpointed and restored like every other parameter:
+  LoRA     `<kernel>_lora` modules (layers.LoRA) beside the adapted kernels of every stack's layers;
+           the projections add scale * dropout(x) A B (layers.adapted). B starts at zero.
+  prefix   `prefix` on every Stack: keys/values [layers, P, K, H] that every self-attention query sees,
+           learned directly or through Li & Liang's MLP reparametrisation (which `merge` drops).
+The base is frozen through optax.transforms.partition (set_to_zero), and `value_and_grad` differentiates
+only the trainable leaves, so XLA never computes the frozen weights' gradients.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from flax import traverse_util
+
+from t5like import layers as L
+from t5like.config import LORA_TARGETS, Config, ModelConfig
+from t5like.models import Stack, stacked
+
+# target name -> (attention or MLP modules of a Block, the kernel it adapts)
+TARGET_KERNELS = {"q": ("attention", "query"), "k": ("attention", "key"), "v": ("attention", "value"),
+                  "o": ("attention", "out"), "mlp_in": ("mlp", "wi"), "mlp_gate": ("mlp", "wi_gate"),
+                  "mlp_out": ("mlp", "wo")}
+assert tuple(TARGET_KERNELS) == LORA_TARGETS
+ADAPTER_SEED_OFFSET = 0x5EED  # adapters draw from their own stream: the base init is the same as without them
+HEAD_MODULES = ("pooler", "classifier")  # a classification head is new at fine-tuning time, so it trains
+
+
+def _stacks(model) -> list[Stack]:
+    return [getattr(model, n) for n in ("encoder", "decoder") if isinstance(getattr(model, n, None), Stack)]
+
+
+def _kernel_shapes(kernel: str, shape: tuple[int, ...], names: tuple) -> tuple:
+    """(in_shape, out_shape, in_names, out_names) of a stacked kernel [layers, ...]."""
+    shape, names = shape[1:], names[1:]
+    n_in = 2 if kernel == "out" else 1  # out: [N, H, D]; every other kernel contracts one dim
+    return shape[:n_in], shape[n_in:], names[:n_in], names[n_in:]
+
+
+class Prefix(nnx.Module):
+    """Key/value prefixes of one stack: P positions for each of its layers.
+
+    Direct: the prefixes are parameters. With `prefix_mlp` (Li & Liang's reparametrisation, which they
+    found steadier to train): prefixes = MLP(E) for a learned E [P, D]; the MLP is only a training device,
+    and `merge` replaces it by the prefixes it produces."""
+
+    def __init__(self, cfg: ModelConfig, num_layers: int, length: int, mlp_hidden: int, *, rngs: nnx.Rngs):
+        K, H, D = cfg.kv_heads, cfg.dim_per_head, cfg.d_model
+        pd = L.dtype_of(cfg.param_dtype)
+        self.mlp = mlp_hidden > 0
+        if self.mlp:
+            self.embedding = L.param(rngs, (length, D), (None, "embed"), pd, 1.0)
+            self.w1 = L.param(rngs, (D, mlp_hidden), ("embed", "mlp"), pd, D ** -0.5)
+            self.b1 = L.param(rngs, (mlp_hidden,), ("mlp",), pd, init="zeros")
+            self.w2 = L.param(rngs, (mlp_hidden, num_layers, 2, K, H), ("mlp", "layers", None, "kv_heads", "head_dim"),
+                              pd, mlp_hidden ** -0.5)
+        else:
+            # Keys and values of a unit-RMS input through a fan-in projection are about N(0, 1).
+            self.key = L.param(rngs, (num_layers, length, K, H), ("layers", None, "kv_heads", "head_dim"), pd)
+            self.value = L.param(rngs, (num_layers, length, K, H), ("layers", None, "kv_heads", "head_dim"), pd)
+
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        """(keys, values), each [layers, P, K, H]."""
+        if not self.mlp:
+            return self.key[...], self.value[...]
+        h_PF = jnp.tanh(self.embedding[...] @ self.w1[...] + self.b1[...])
+        kv_PLTKH = jnp.einsum("pf,fltkh->pltkh", h_PF, self.w2[...])
+        kv_LTPKH = kv_PLTKH.transpose(1, 2, 0, 3, 4)
+        return kv_LTPKH[:, 0], kv_LTPKH[:, 1]
+
+
+def adapt(model, cfg: Config, seed: int = None):
+    """Attach `cfg.finetune`'s adapters to `model` (in place) and return it; method=full changes nothing."""
+    ft = cfg.finetune.validate()
+    if ft.method == "full":
+        return model
+    check_train_modules(nnx.state(model).to_pure_dict(), cfg)
+    rngs = nnx.Rngs((cfg.seed if seed is None else seed) + ADAPTER_SEED_OFFSET)
+    if ft.method == "prefix":
+        for stack in _stacks(model):
+            stack.prefix = nnx.data(Prefix(cfg.model, stack.num_layers, ft.prefix_length,
+                                           ft.prefix_mlp_hidden if ft.prefix_mlp else 0, rngs=rngs))
+        return model
+    for target in ft.lora_targets:
+        found = 0
+        for stack in _stacks(model):
+            kind, kernel = TARGET_KERNELS[target]
+            modules = [stack.layers.mlp] if kind == "mlp" else [stack.layers.attn] + (
+                [stack.layers.cross_attn] if stack.layers.cross else [])
+            for module in modules:
+                if getattr(module, kernel, None) is None:
+                    continue
+                var = getattr(module, kernel)
+                in_shape, out_shape, in_names, out_names = _kernel_shapes(
+                    kernel, var.shape, tuple(var.get_metadata()["logical_axes"]))
+                lora = stacked(lambda r: L.LoRA(in_shape, out_shape, in_names, out_names, ft.lora_rank,
+                                                ft.lora_alpha / ft.lora_rank, ft.lora_dropout,
+                                                cfg.model.param_dtype, rngs=r), stack.num_layers, rngs)
+                setattr(module, f"{kernel}_lora", lora)
+                found += 1
+        if not found:
+            have = [t for t, (kind, k) in TARGET_KERNELS.items()
+                    if any(getattr(s.layers.mlp if kind == "mlp" else s.layers.attn, k, None) is not None
+                           for s in _stacks(model))]
+            raise ValueError(f"finetune.lora_targets entry {target!r} names no module of this model "
+                             f"(model.activation={cfg.model.activation!r}); valid targets here are {have}.")
+    return model
+
+
+def adapter_fn(cfg: Config):
+    """`adapt` for t5like.models.abstract_model / sharded_init; None when method=full."""
+    return None if cfg.finetune.method == "full" else (lambda model: adapt(model, cfg))
+
+
+# Which parameters train ----------------------------------------------------------------------------
+
+def is_adapter(path: tuple) -> bool:
+    return any(str(p).endswith("_lora") or str(p) == "prefix" for p in path)
+
+
+def is_trainable(path: tuple, cfg: Config) -> bool:
+    """Under lora/prefix: adapters, `train_modules`, and a classification head; under full: everything."""
+    if cfg.finetune.method == "full":
+        return True
+    head = HEAD_MODULES if cfg.data.objective == "classification" else ()
+    return is_adapter(path) or str(path[0]) in cfg.finetune.train_modules + head
+
+
+def _keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+
+
+def trainable_mask(params, cfg: Config):
+    """A tree of bools like `params`: True where the parameter trains."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: is_trainable(_keys(p), cfg), params)
+
+
+def count_trainable(params, cfg: Config) -> int:
+    """Parameters that train (all of them under method=full), as PEFT's print_trainable_parameters counts."""
+    return sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(params), jax.tree.leaves(trainable_mask(params, cfg)))
+               if t)
+
+
+def check_train_modules(params, cfg: Config) -> None:
+    """Each `finetune.train_modules` entry names a top-level module of the model."""
+    tops = sorted({str(p[0]) for p in traverse_util.flatten_dict(params, keep_empty_nodes=False)})
+    for name in cfg.finetune.train_modules:
+        if name not in tops:
+            raise ValueError(f"finetune.train_modules entry {name!r} names no top-level module of this model; "
+                             f"its modules are {tops}.")
+
+
+def freeze(optimizer: optax.GradientTransformation, cfg: Config) -> optax.GradientTransformation:
+    """Under lora/prefix, `optimizer` updates only trainable params; frozen ones get zero updates and no state."""
+    if cfg.finetune.method == "full":
+        return optimizer
+    labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, cfg))
+    return optax.transforms.partition({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def optimizer_shardings(opt_shapes, param_shardings: dict, abstract_params: dict, replicated):
+    """Shardings of a frozen optimizer's state: a leaf whose path ends in a parameter's path, with its shape,
+    is sharded like that parameter (the moments); anything else (counts) is replicated. Partitioned state
+    holds masked subtrees, which optax.tree_map_params cannot pair with the full parameter tree."""
+    shardings = {_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+    shapes = {_keys(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+
+    def one(path, leaf):
+        keys = _keys(path)
+        for i in range(len(keys)):
+            if shapes.get(keys[i:]) == leaf.shape:
+                return shardings[keys[i:]]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, opt_shapes)
+
+
+def grad(loss_fn, cfg: Config):
+    """jax.grad(loss_fn, has_aux=True) over the first argument (a nested dict of params), but under
+    lora/prefix only the trainable leaves are differentiated; the others get zero gradients."""
+    if cfg.finetune.method == "full":
+        return jax.grad(loss_fn, has_aux=True)
+
+    def fn(params, *args):
+        flat = traverse_util.flatten_dict(params)
+        train = {k: v for k, v in flat.items() if is_trainable(k, cfg)}
+        inner = lambda t: loss_fn(traverse_util.unflatten_dict({**flat, **t}), *args)
+        grads, aux = jax.grad(inner, has_aux=True)(train)
+        full = {k: grads[k] if k in grads else jnp.zeros_like(v) for k, v in flat.items()}
+        return traverse_util.unflatten_dict(full), aux
+
+    return fn
+
+
+def base_params(params) -> dict:
+    """The params without adapters (a nested dict), e.g. to check the base stayed frozen."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_adapter(k)})
+
+
+# Merge ---------------------------------------------------------------------------------------------
+
+def merge(model):
+    """Fold LoRA adapters into their kernels (W += scale * A B, per layer) and replace MLP-reparametrised
+    prefixes by the prefixes they produce; in place, returns the model. A LoRA-merged model has the base
+    model's parameter tree, so it exports and decodes as an un-adapted one."""
+    for stack in _stacks(model):
+        for module in (stack.layers.attn, getattr(stack.layers, "cross_attn", None), stack.layers.mlp):
+            if module is None:
+                continue
+            for kernel in ("query", "key", "value", "out", "wi", "wi_gate", "wo"):
+                lora = getattr(module, f"{kernel}_lora", None)
+                if lora is None:
+                    continue
+                var = getattr(module, kernel)
+                delta = jax.vmap(lambda a, b: lora.scale * jnp.tensordot(a, b, axes=1))(lora.a[...], lora.b[...])
+                var[...] = (var[...].astype(jnp.float32) + delta.astype(jnp.float32)).astype(var.dtype)
+                delattr(module, f"{kernel}_lora")
+        if stack.prefix is not None and stack.prefix.mlp:
+            prefix, names = stack.prefix, ("layers", None, "kv_heads", "head_dim")
+            k, v = prefix()
+            prefix.key, prefix.value = nnx.Param(k, logical_axes=names), nnx.Param(v, logical_axes=names)
+            for name in ("embedding", "w1", "b1", "w2"):
+                delattr(prefix, name)
+            prefix.mlp = False
+    return model
+
+
+# Task forward --------------------------------------------------------------------------------------
+
+def task_logits(model, batch: dict, objective: str, rng=None) -> jax.Array:
+    """float32 logits the loss reads: [B, num_classes] for classification, else [B, L, V]."""
+    if objective == "classification":
+        return model.classify(batch, rng=rng)
+    return model(batch, rng=rng)
+
+
+# Starting from another run -------------------------------------------------------------------------
+
+def _abstract_params(cfg: Config) -> dict:
+    from t5like.models import abstract_model
+    _, state = abstract_model(cfg.model, adapt=adapter_fn(cfg))
+    return traverse_util.flatten_dict(state.to_pure_dict())
+
+
+def init_from_plan(cfg: Config) -> dict:
+    """{path: shape} of the params to take from `checkpoint.init_from`: all of ours but the adapters and a new
+    classification head, which must exist there with the same shapes. Raises ValueError before any work."""
+    from t5like.checkpoint import latest_step_or_raise, read_config
+    src = cfg.checkpoint.init_from
+    other = read_config(src)
+    latest_step_or_raise(src)
+    if other.model.family != cfg.model.family:
+        raise ValueError(f"checkpoint.init_from={src!r} holds a {other.model.family} model but model.family="
+                         f"{cfg.model.family!r}; start from a run of the same family.")
+    theirs, ours = _abstract_params(other), _abstract_params(cfg)
+    if any(is_adapter(k) for k in theirs):
+        raise ValueError(f"checkpoint.init_from={src!r} is a finetune.method={other.finetune.method!r} run with "
+                         "adapters; merge them first (t5like.finetune.merge) or start from its base run.")
+    new_ok = lambda k: is_adapter(k) or (cfg.data.objective == "classification" and k[0] in HEAD_MODULES)
+    plan = {}
+    for k, v in ours.items():
+        if k not in theirs:
+            if new_ok(k):
+                continue
+            raise ValueError(f"checkpoint.init_from={src!r} has no parameter {'/'.join(k)}; its model differs "
+                             f"from model={cfg.model}. Use that run's model settings.")
+        if theirs[k].shape != v.shape:
+            raise ValueError(f"checkpoint.init_from={src!r}: parameter {'/'.join(k)} has shape {theirs[k].shape} "
+                             f"there but {v.shape} here; use that run's model settings.")
+        plan[k] = v.shape
+    return plan
+
+
+def load_init_params(cfg: Config, params: dict) -> dict:
+    """`params` (sharded, freshly initialised) with every parameter of `init_from_plan` read from the other
+    run's latest checkpoint into the same shardings; adapters and a new head keep their fresh values."""
+    from t5like.checkpoint import load_params
+    plan = init_from_plan(cfg)
+    flat = traverse_util.flatten_dict(params)
+    target = traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(flat[k].shape, flat[k].dtype,
+                                                                   sharding=flat[k].sharding) for k in plan})
+    loaded = traverse_util.flatten_dict(load_params(cfg.checkpoint.init_from, target))
+    return traverse_util.unflatten_dict({**flat, **loaded})
+
+
+def check_labels(cfg: Config, labels) -> None:
+    """Classification: the data's labels (t5like.data.tasks.label_names) fit the model's head."""
+    if cfg.data.objective != "classification":
+        return
+    ints = all(isinstance(x, int) for x in labels)
+    if (ints and (min(labels) < 0 or max(labels) >= cfg.model.num_classes)) or len(labels) > cfg.model.num_classes:
+        raise ValueError(f"the labels of data.paths are {labels[:20]} but model.num_classes={cfg.model.num_classes}; "
+                         f"set model.num_classes={max(labels) + 1 if ints else len(labels)}.")
