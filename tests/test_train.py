@@ -204,8 +204,9 @@ def existing_run(shared):
 
 
 def snapshot(workdir):
+    """Every file of a run and its mtime; the trainer's lock file (which names its holder) is not run data."""
     return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
-            for d, _, files in os.walk(workdir) for f in files}
+            for d, _, files in os.walk(workdir) for f in files if f != ".lock"}
 
 
 def run_main(shared, workdir, args, capsys) -> str:
