@@ -109,7 +109,7 @@ class Stack(nnx.Module):
         self.relative_bias = (L.RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
                               if cfg.position == "relative" else None)
         self.num_layers, self.remat = num_layers, cfg.remat
-        self.scan_unroll = min(cfg.scan_unroll, num_layers)
+        self.scan_unroll = cfg.scan_unroll
 
     def __call__(self, x_BTD, *, mask, positions, shard: Sharder, rng=None, encoded_BSD=None, cross_mask=None):
         bias = None if self.relative_bias is None else self.relative_bias(positions, positions)
@@ -124,7 +124,8 @@ class Stack(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys), unroll=self.scan_unroll)
+        unroll = self.scan_unroll or (self.num_layers if L.platform(shard) == "cpu" else 1)
+        x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys), unroll=min(unroll, self.num_layers))
         return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
 
 

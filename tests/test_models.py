@@ -108,7 +108,7 @@ def test_prefix_lm_is_bidirectional_inside_the_prefix():
 
 def test_attention_mask_shapes_and_values():
     seg = jnp.array([[1, 1, 2, 0]])
-    m = np.asarray(L.attention_mask(seg, seg, causal=True))[0, 0]
+    m = np.asarray(L.attention_mask(seg, seg, causal=True).dense())[0, 0]
     expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], bool)
     np.testing.assert_array_equal(m, expected)
 

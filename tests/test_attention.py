@@ -1,0 +1,141 @@
+"""Attention kernels: splash (Pallas, interpreted on CPU) against XLA, the AOT TPU compile of a train step
+with splash, and config validation of the fused kernels."""
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from t5like import layers as L
+from t5like.config import Config, ModelConfig, OptimConfig, TrainConfig
+from t5like.data import DataConfig
+from t5like.optim import make_optimizer
+from t5like.sharding import MESH_AXES, Sharder, batch_sharding, replicated, state_shardings
+from t5like.train import make_train_step
+from t5like.models import FAMILIES
+
+# Other processes on this machine may hold libtpu's lockfile; topology-only (AOT) use needs no TPU to itself.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def packed_segments(B, T, rng):
+    """Rows of 2-3 packed segments with trailing padding (segment 0)."""
+    seg = np.zeros((B, T), np.int32)
+    for b in range(B):
+        cuts = sorted(rng.choice(np.arange(8, T - 8), 2, replace=False))
+        seg[b, :cuts[0]], seg[b, cuts[0]:cuts[1]], seg[b, cuts[1]:T - 5] = 1, 2, 3
+    return jnp.asarray(seg)
+
+
+def qkv(B, T, N, K, H, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(ks[0], (B, T, N, H)), jax.random.normal(ks[1], (B, T, K, H)),
+            jax.random.normal(ks[2], (B, T, K, H)))
+
+
+def both_kernels(q, k, v, mask, shard=Sharder()):
+    """Outputs and input gradients (of a fixed random projection of the output) from splash and XLA."""
+    w = jax.random.normal(jax.random.key(9), q.shape)
+
+    def run(impl):
+        f = lambda q, k, v: jnp.sum(L.attention_kernel(impl, q, k, v, mask, None, shard) * w)
+        out = jax.jit(lambda q, k, v: L.attention_kernel(impl, q, k, v, mask, None, shard))(q, k, v)
+        return out, jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    return run("splash"), run("xla")
+
+
+@pytest.mark.parametrize("causal, N, K", [(True, 4, 2), (False, 2, 2)])
+def test_splash_matches_xla_on_packed_segments(causal, N, K):
+    """Causal with GQA, and bidirectional, on rows of packed segments with padding (interpret mode)."""
+    B, T, H = 2, 128, 32
+    seg = packed_segments(B, T, np.random.RandomState(0))
+    q, k, v = qkv(B, T, N, K, H)
+    (out_s, grads_s), (out_x, grads_x) = both_kernels(q, k, v, L.attention_mask(seg, seg, causal=causal))
+    np.testing.assert_allclose(out_s, out_x, atol=2e-5, rtol=2e-5)
+    for gs, gx in zip(grads_s, grads_x):
+        np.testing.assert_allclose(gs, gx, atol=1e-4, rtol=1e-4)
+    # The mask matters: a token of segment 2 changes nothing in segment 1, and (causal) nothing before it.
+    moved = k.at[:, -10].add(5.0)
+    out_moved = L.attention_kernel("splash", q, moved, v, L.attention_mask(seg, seg, causal=causal), None, Sharder())
+    same = np.asarray(seg != seg[:, -10:-9])
+    np.testing.assert_allclose(np.asarray(out_moved)[same], np.asarray(out_s)[same], atol=1e-5)
+
+
+def test_splash_under_a_mesh_keeps_batch_and_heads_sharded():
+    """Under shard_map over (data=2, tensor=2) the kernel sees local shards and agrees with XLA."""
+    mesh = jax.make_mesh((2, 1, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:4])
+    shard = Sharder(mesh)
+    B, T, N, H = 4, 128, 2, 32
+    seg = packed_segments(B, T, np.random.RandomState(1))
+    q, k, v = qkv(B, T, N, N, H, seed=1)
+    (out_s, grads_s), (out_x, grads_x) = both_kernels(q, k, v, L.attention_mask(seg, seg, causal=True), shard)
+    np.testing.assert_allclose(out_s, out_x, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(grads_s[0], grads_x[0], atol=1e-4, rtol=1e-4)
+
+
+def test_train_step_with_splash_compiles_ahead_of_time_for_tpu():
+    """The whole train step (forward, backward, AdamW) with splash attention compiles for a v5e 2x2
+    topology through libtpu on this CPU host; the compiled program holds the Pallas TPU kernel."""
+    from jax.experimental import topologies
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
+                                           chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+    mesh = jax.make_mesh((2, 1, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+    cfg = Config(model=ModelConfig(family="decoder", vocab_size=512, d_model=128, num_heads=2, d_ff=256,
+                                   num_layers=1, max_len=128, dtype="bfloat16", attention_impl="splash"),
+                 data=DataConfig(objective="lm", seq_len=128), optim=OptimConfig(),
+                 train=TrainConfig(batch_size=4, steps=10)).validate()
+    sharder = Sharder(mesh)
+    model_cls = FAMILIES[cfg.model.family]
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: model_cls(cfg.model, rngs=nnx.Rngs(0), shard=sharder)))
+    param_shardings = state_shardings(abstract_params, sharder).to_pure_dict()
+    optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+
+    def init_state():
+        params = nnx.state(model_cls(cfg.model, rngs=nnx.Rngs(0), shard=sharder)).to_pure_dict()
+        params = jax.lax.with_sharding_constraint(params, param_shardings)
+        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    shardings = jax.jit(init_state).lower().compile().output_shardings
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         jax.eval_shape(init_state), shardings)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    example = {"inputs": np.zeros((B, T), np.int32), "targets": np.zeros((B, T), np.int32),
+               "weights": np.zeros((B, T), np.float32), "segment_ids": np.zeros((B, T), np.int32),
+               "positions": np.zeros((B, T), np.int32)}
+    batch_shardings = batch_sharding(sharder, example)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in example.items()}
+    step = jax.jit(make_train_step(graphdef, cfg, optimizer, schedule),
+                   in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated(mesh)))
+    compiled = step.lower(state, batch).compile()
+    text = compiled.as_text()
+    assert "tpu_custom_call" in text and "splash" in text
+    assert compiled.memory_analysis() is not None
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(attention_impl="cudnn", dtype="float32"), ["model.attention_impl='cudnn'", "model.dtype='float32'", "bfloat16"]),
+    (dict(attention_impl="cudnn", dtype="bfloat16", d_model=120, num_heads=4), ["head dim", "multiple of 8", "30"]),
+    (dict(attention_impl="cudnn", dtype="bfloat16", head_dim=512), ["at most", "512"]),
+    (dict(attention_impl="splash", position="relative"), ["splash", "model.position='relative'"]),
+    (dict(attention_impl="flash"), ["model.attention_impl='flash'", "splash"]),
+])
+def test_fused_kernels_refuse_what_they_cannot_run(overrides, words):
+    with pytest.raises(ValueError) as e:
+        dataclasses.replace(ModelConfig(), **overrides).validate()
+    for w in words:
+        assert w in str(e.value)
+    ModelConfig(attention_impl="cudnn", dtype="bfloat16").validate()  # the supported case passes
+
+
+def test_cudnn_path_keeps_causality_out_of_the_dense_mask():
+    """For cuDNN, causality travels as `is_causal`; the dense mask holds segments only, so packed rows
+    still cannot see other segments (checked on the mask the kernel receives)."""
+    seg = jnp.array([[1, 1, 2, 2, 0]])
+    spec = L.attention_mask(seg, seg, causal=True)
+    seg_only = np.asarray(spec.dense(with_causal=False))[0, 0]
+    assert seg_only[0, 1] and not seg_only[1, 2] and not seg_only[0, 4]  # later token, same segment: visible
+    np.testing.assert_array_equal(np.asarray(spec.dense())[0, 0], seg_only & np.tril(np.ones((5, 5), bool)))
