@@ -42,7 +42,8 @@ def hf_step_fn(cfg, batch: dict, threads: int):
     hf_cfg = transformers.GPT2Config(
         vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads,
         n_inner=m.d_ff, activation_function="gelu_new", layer_norm_epsilon=m.norm_eps, resid_pdrop=m.dropout,
-        embd_pdrop=m.dropout, attn_pdrop=m.dropout, tie_word_embeddings=m.tie_embeddings)
+        embd_pdrop=m.dropout, attn_pdrop=m.dropout, tie_word_embeddings=m.tie_embeddings, bos_token_id=0,
+        eos_token_id=0)
     model = transformers.GPT2LMHeadModel(hf_cfg).train()
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
@@ -55,7 +56,7 @@ def hf_step_fn(cfg, batch: dict, threads: int):
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     return step, sum(p.numel() for p in model.parameters())
 
