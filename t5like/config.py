@@ -6,6 +6,7 @@ compiled, and each error names the field, the value and a fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 FAMILIES = ("encoder", "decoder", "encoder_decoder")
@@ -24,8 +25,29 @@ def _choice(field: str, value, allowed) -> None:
 
 
 def _positive(field: str, value) -> None:
-    if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{field}={value!r} must be a positive integer.")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{field}={value!r} must be a positive integer; set {field} to 1 or more.")
+
+
+def _non_negative(field: str, value, hint: str = "") -> None:
+    """An integer >= 0 (0 usually meaning "off")."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{field}={value!r} must be an integer >= 0" + (f"; {hint}" if hint else "."))
+
+
+def _real(field: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+          high_open: bool = False, hint: str = "") -> None:
+    """A finite number in the interval [low, high] (an end excluded with *_open; None = unbounded).
+    NaN and inf are refused everywhere: no config field means anything by them."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+        raise ValueError(f"{field}={value!r} must be a finite number in {lo}, {hi}" + (f"; {hint}" if hint else "."))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,17 +88,18 @@ class ModelConfig:
     # layers.attention_kernel.
     attention_impl: Optional[str] = None
 
+    # None means "the default"; 0 is an error (validate), never a silent default.
     @property
     def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
     def dim_per_head(self) -> int:
-        return self.head_dim or self.d_model // self.num_heads
+        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
 
     @property
     def decoder_layers(self) -> int:
-        return self.num_decoder_layers or self.num_layers
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
     def validate(self) -> "ModelConfig":
         _choice("model.family", self.family, FAMILIES)
@@ -91,12 +114,25 @@ class ModelConfig:
             _positive(f"model.{name}", getattr(self, name))
         if self.scan_unroll is not None:
             _positive("model.scan_unroll", self.scan_unroll)
+        for name in ("num_kv_heads", "head_dim", "num_decoder_layers"):  # None = default; 0 is not
+            if getattr(self, name) is not None:
+                _positive(f"model.{name}", getattr(self, name))
+        _real("model.norm_eps", self.norm_eps, 0, low_open=True, hint="e.g. 1e-6 (T5) or 1e-5 (GPT-2, Llama).")
+        _real("model.rope_theta", self.rope_theta, 1, low_open=True,
+              hint="RoPE wavelengths grow as theta^(2i/d); 10000 is standard, larger for long contexts.")
+        _real("model.dropout", self.dropout, 0, 1, high_open=True, hint="e.g. 0.1, or 0 for none.")
+        _non_negative("model.num_classes", self.num_classes, "0 = no classification head.")
+        _positive("model.relative_buckets", self.relative_buckets)
+        _positive("model.relative_max_distance", self.relative_max_distance)
+        if self.relative_buckets < 4 or self.relative_max_distance <= self.relative_buckets // 2:
+            raise ValueError(f"model.relative_buckets={self.relative_buckets}, model.relative_max_distance="
+                             f"{self.relative_max_distance}: T5's log-bucketing needs at least 4 buckets and a max "
+                             "distance above half of them (its exact range); T5 uses 32 and 128.")
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}; "
                 f"pick num_heads from the divisors of {self.d_model}, or set model.head_dim explicitly.")
         if self.num_kv_heads is not None:
-            _positive("model.num_kv_heads", self.num_kv_heads)
             if self.num_heads % self.num_kv_heads:
                 raise ValueError(
                     f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads={self.num_heads}; "
@@ -105,8 +141,6 @@ class ModelConfig:
             raise ValueError(f"model.position='rope' needs an even head dim, got {self.dim_per_head}; "
                              "change model.d_model/model.num_heads or model.head_dim.")
         self._validate_attention_impl()
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1).")
         if self.num_classes and self.family != "encoder":
             raise ValueError(f"model.num_classes={self.num_classes} is for family='encoder' only; "
                              f"got family={self.family!r}. Set model.num_classes=0.")
@@ -224,14 +258,19 @@ class OptimConfig:
         _choice("optim.schedule", self.schedule, SCHEDULES)
         for kind in self.no_decay:
             _choice("optim.no_decay entry", kind, DECAY_EXCLUDABLE)
-        if self.learning_rate <= 0:
-            raise ValueError(f"optim.learning_rate={self.learning_rate} must be > 0.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0.")
+        _real("optim.learning_rate", self.learning_rate, 0, low_open=True, hint="the peak rate, e.g. 3e-4.")
+        _non_negative("optim.warmup_steps", self.warmup_steps)
         _positive("optim.grad_accum_steps", self.grad_accum_steps)
-        for name in ("end_lr_fraction", "wsd_decay_fraction", "label_smoothing"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"optim.{name}={getattr(self, name)} must be in [0, 1].")
+        for name in ("end_lr_fraction", "wsd_decay_fraction"):
+            _real(f"optim.{name}", getattr(self, name), 0, 1)
+        for name in ("b1", "b2"):  # decay rates of the moment averages: 1 would never update them
+            _real(f"optim.{name}", getattr(self, name), 0, 1, high_open=True, hint="AdamW uses b1=0.9, b2=0.95-0.999.")
+        _real("optim.eps", self.eps, 0, low_open=True, hint="it keeps m/(sqrt(v)+eps) finite where v=0; e.g. 1e-8.")
+        _real("optim.weight_decay", self.weight_decay, 0, hint="e.g. 0.1, or 0 for none.")
+        _real("optim.grad_clip", self.grad_clip, 0, hint="a global-norm bound, e.g. 1.0, or 0 for no clipping.")
+        _real("optim.z_loss", self.z_loss, 0, hint="e.g. 1e-4 (PaLM), or 0 for none.")
+        _real("optim.label_smoothing", self.label_smoothing, 0, 1, high_open=True,
+              hint="1 would train towards the uniform distribution; e.g. 0.1, or 0 for none.")
         return self
 
 
@@ -249,8 +288,7 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _positive("train.eval_steps", self.eval_steps)
         _positive("train.log_every", self.log_every)
-        if self.eval_every < 0:
-            raise ValueError(f"train.eval_every={self.eval_every} must be >= 0 (0 = only at the end).")
+        _non_negative("train.eval_every", self.eval_every, "0 = only at the end.")
         return self
 
 
@@ -265,8 +303,7 @@ class CheckpointConfig:
     def validate(self) -> "CheckpointConfig":
         _positive("checkpoint.every", self.every)
         _positive("checkpoint.keep", self.keep)
-        if self.keep_period < 0:
-            raise ValueError(f"checkpoint.keep_period={self.keep_period} must be >= 0.")
+        _non_negative("checkpoint.keep_period", self.keep_period, "0 = off.")
         return self
 
 
@@ -287,6 +324,8 @@ class Config:
     seed: int = 0
 
     def validate(self) -> "Config":
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed={self.seed!r} must be an integer, e.g. seed=0.")
         self.model.validate()
         self.data.validate()
         self.optim.validate()

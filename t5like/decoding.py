@@ -84,6 +84,10 @@ class DecodeConfig:
 
 def check_prompt_lengths(lengths: np.ndarray, *, family: str, max_len: int, cfg: DecodeConfig) -> None:
     """Every prompt non-empty and, with its special token and the new tokens, inside model.max_len."""
+    if family == "decoder" and 1 + 1 + cfg.max_new_tokens > max_len:  # BOS + at least one prompt token
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt: the decoder's "
+                         f"model.max_len={max_len} holds BOS, the prompt and the new tokens; pass --max-new-tokens "
+                         f"{max_len - 2} or less (fewer for longer prompts).")
     for i, n in enumerate(np.asarray(lengths).tolist()):
         if n < 1:
             raise ValueError(f"prompt {i} is empty (0 tokens); give every prompt at least one token.")

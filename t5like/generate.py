@@ -147,6 +147,22 @@ def fill_mask_text(model, tokenizer, prompts: Sequence[str], *, top_k: int = 5,
 
 # Command line ----------------------------------------------------------------------------------------------
 
+def _jsonl_prompt(path: str, n: int, line: str) -> str:
+    """Line n (1-based) of a .jsonl prompts file: a JSON string, or an object with a string "prompt"."""
+    fix = 'write each line as a JSON string ("def f(") or an object ({"prompt": "def f("})'
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno}); {fix}.") from None
+    if isinstance(item, dict):
+        if "prompt" not in item:
+            raise ValueError(f"{path}: line {n} has no \"prompt\" field (its fields: {sorted(item)}); {fix}.")
+        item = item["prompt"]
+    if not isinstance(item, str):
+        raise ValueError(f"{path}: line {n}: the prompt is {json.dumps(item)[:60]}, not text; {fix}.")
+    return item
+
+
 def read_prompts(args) -> list[str]:
     if args.prompt:
         prompts = list(args.prompt)
@@ -156,11 +172,7 @@ def read_prompts(args) -> list[str]:
         with open(args.prompts_file, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f]
         if args.prompts_file.endswith(".jsonl"):
-            prompts = []
-            for line in lines:
-                if line.strip():
-                    item = json.loads(line)
-                    prompts.append(item["prompt"] if isinstance(item, dict) else str(item))
+            prompts = [_jsonl_prompt(args.prompts_file, n, line) for n, line in enumerate(lines, 1) if line.strip()]
         else:
             prompts = [line for line in lines if line.strip()]
         if not prompts:

@@ -2,32 +2,36 @@
 
 MFU = model FLOPs per step (t5like.accounting.training_flops, causal attention halved)
       / step time / (peak FLOP/s per device x devices).
-Peaks are dense bf16 matmul figures from the vendors' data sheets. On CPU there is no data sheet:
+Peaks are dense matmul figures per compute dtype from the vendors' data sheets; a device or dtype the
+table does not know gives MFU None (null in metrics.jsonl) and one warning, never a stopped run. On CPU there is no data sheet:
 the peak is one jitted fp32 2048x2048x2048 matmul measured in the same process.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-# device_kind substring -> dense bf16 peak FLOP/s per device (chip).
+from t5like import storage
+
+# device_kind substring -> dense matmul peak FLOP/s per chip, by compute dtype, from the vendors' data
+# sheets. TPUs run float32 matmuls at JAX's default precision as one bfloat16 pass, so their float32
+# entry is the bf16 figure. NVIDIA float32 matmuls run on TF32 tensor cores at default precision.
 PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,   # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,   # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "H200": 989e12,
-    "H100": 989e12,          # SXM; PCIe is ~756e12
-    "A100": 312e12,
-    "L4": 121e12,
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},   # v5e
+    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},   # v6e (Trillium)
+    "TPU v6e": {"bfloat16": 918e12, "float32": 918e12},
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},   # SXM; PCIe is ~756e12 bf16
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
 }
 
 
@@ -45,49 +49,86 @@ def measure_cpu_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def peak_flops_per_device(device: Optional[jax.Device] = None) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from) for one device."""
+def peak_flops_per_device(device: Optional[jax.Device] = None, dtype: str = "bfloat16") -> tuple[Optional[float], str]:
+    """(peak FLOP/s for `dtype` matmuls, where it came from) for one device; (None, why) when unknown,
+    so MFU is reported as unknown rather than stopping a run."""
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return measure_cpu_peak(), "measured fp32 2048^3 matmul"
-    for kind, peak in PEAK_FLOPS.items():
+    for kind, peaks in PEAK_FLOPS.items():
         if kind.lower() in device.device_kind.lower():
-            return peak, f"table: {kind}"
-    raise ValueError(f"no peak FLOP/s known for device_kind={device.device_kind!r}; add it to "
-                     "t5like.metrics.PEAK_FLOPS.")
+            if dtype in peaks:
+                return peaks[dtype], f"table: {kind} {dtype}"
+            return None, f"no {dtype} peak in the table for {kind}"
+    return None, f"no peak FLOP/s known for device_kind={device.device_kind!r} (add it to t5like.metrics.PEAK_FLOPS)"
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
-    Only process 0 writes."""
+    """WORKDIR/metrics.jsonl (one JSON object per line) mirrored to TensorBoard. Only process 0 writes.
 
-    def __init__(self, workdir: str):
+    The readers' contract: every step appears once, in order. A run resumed from a checkpoint at step S
+    first truncates the file back to the rows with step <= S (one atomic replace), and TensorBoard is
+    told to purge the events after S, so the steps a killed run logged after its last checkpoint are
+    dropped rather than duplicated. Local files are appended line by line; a Cloud Storage object cannot
+    be appended to, so there the rows are buffered and the object rewritten on flush (every
+    `remote_flush_s`, at each checkpoint and at close).
+    """
+
+    def __init__(self, workdir: str, resume_step: Optional[int] = None, remote_flush_s: float = 30.0):
         self.enabled = jax.process_index() == 0
-        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.enabled else None
-        self.tb = None
-        if self.enabled:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.path = storage.join(workdir, "metrics.jsonl")
+        self.remote = storage.is_remote(workdir)
+        self.remote_flush_s, self.last_flush = remote_flush_s, time.monotonic()
+        self.rows: list[str] = []
+        self.file = self.tb = None
+        if not self.enabled:
+            return
+        kept = [json.dumps(r) for r in read_metrics(workdir) if resume_step is not None and r["step"] <= resume_step]
+        if self.remote:
+            self.rows = kept
+            self.flush()
+        else:
+            storage.write_atomic(self.path, "".join(line + "\n" for line in kept))
+            self.file = open(self.path, "a")
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(storage.join(workdir, "tensorboard"),
+                                purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        row = {"step": int(step), **{k: (None if v is None else float(v)) for k, v in metrics.items()}}
+        line = json.dumps(row)
+        if self.remote:
+            self.rows.append(line)
+            if time.monotonic() - self.last_flush > self.remote_flush_s:
+                self.flush()
+        else:
+            self.file.write(line + "\n")
+            self.file.flush()
         for k, v in row.items():
-            if k != "step":
+            if k != "step" and v is not None:
                 self.tb.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        if self.remote:
+            storage.write_atomic(self.path, "".join(line + "\n" for line in self.rows))
+            self.last_flush = time.monotonic()
+        if self.tb is not None:
+            self.tb.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
+            self.flush()
+            if self.file is not None:
+                self.file.close()
             self.tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "metrics.jsonl")
+    if not storage.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

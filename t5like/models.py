@@ -10,7 +10,6 @@ Layers are stacked with `nnx.vmap` and run with `lax.scan`, so program size does
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional
 
 import jax
@@ -23,7 +22,8 @@ from t5like.sharding import Sharder, state_shardings
 
 Array = jax.Array
 
-REMAT_POLICIES = {
+# model.remat name -> what jax.checkpoint saves ("none" applies no checkpointing).
+CHECKPOINT_POLICIES = {
     # "minimal": keep the weight matmuls' outputs, recompute attention scores and elementwise ops.
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # "full": keep only each layer's input; recompute the whole layer in the backward pass.
@@ -123,7 +123,7 @@ class Stack(nnx.Module):
                          encoded_BSD=encoded_BSD, cross_mask=cross_mask), None
 
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            body = jax.checkpoint(body, policy=CHECKPOINT_POLICIES[self.remat], prevent_cse=False)
         unroll = self.scan_unroll or (self.num_layers if L.platform(shard) == "cpu" else 1)
         x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys), unroll=min(unroll, self.num_layers))
         return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
@@ -368,27 +368,40 @@ class EncoderDecoder(_Base):
         return _decode_step(self, ids_BT, cache, last_only)
 
 
-FAMILIES = {"encoder": EncoderOnly, "decoder": DecoderOnly, "encoder_decoder": EncoderDecoder}
+# model.family name -> its class.
+MODEL_CLASSES = {"encoder": EncoderOnly, "decoder": DecoderOnly, "encoder_decoder": EncoderDecoder}
 
 
 def build_model(cfg: ModelConfig, *, seed: int = 0, shard: Sharder = Sharder()):
     """Build eagerly on the default device (tests, small models)."""
-    return FAMILIES[cfg.validate().family](cfg, rngs=nnx.Rngs(seed), shard=shard)
+    return MODEL_CLASSES[cfg.validate().family](cfg, rngs=nnx.Rngs(seed), shard=shard)
+
+
+def abstract_model(cfg: ModelConfig, shard: Sharder = Sharder(), *, seed: int = 0):
+    """(graphdef, abstract state): shapes, dtypes and logical names, with nothing allocated."""
+    model = nnx.eval_shape(lambda: MODEL_CLASSES[cfg.family](cfg, rngs=nnx.Rngs(seed), shard=shard))
+    return nnx.split(model)
+
+
+def sharded_init(cfg: ModelConfig, shard: Sharder, *, seed: int = 0):
+    """(graphdef, abstract state, param shardings, init) where `init()` returns the params as a pure dict, created inside
+    one jit whose outputs land directly in their shards: no full replica exists on any one device.
+    The trainer and `create_sharded` both use this; it is the one sharded-init path."""
+    cfg.validate()
+    graphdef, abstract_state = abstract_model(cfg, shard, seed=seed)
+    shardings = state_shardings(abstract_state, shard).to_pure_dict()
+
+    def init():
+        model = MODEL_CLASSES[cfg.family](cfg, rngs=nnx.Rngs(seed), shard=shard)
+        return nnx.state(model).to_pure_dict()
+
+    return graphdef, abstract_state, shardings, jax.jit(init, out_shardings=shardings)
 
 
 def create_sharded(cfg: ModelConfig, shard: Sharder, *, seed: int = 0):
-    """Abstract init to learn shapes and logical names, then a jitted init whose outputs land
-    directly in their shards: no full replica is materialised on any one device."""
-    cfg.validate()
-    make = functools.partial(FAMILIES[cfg.family], cfg, shard=shard)
-    abstract = nnx.eval_shape(lambda: make(rngs=nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
+    """The model, created sharded on `shard.mesh` (on the default device when there is no mesh)."""
     if shard.mesh is None:
         return build_model(cfg, seed=seed, shard=shard)
-    shardings = state_shardings(abstract_state, shard)
-
-    @functools.partial(jax.jit, out_shardings=shardings)
-    def init():
-        return nnx.state(make(rngs=nnx.Rngs(seed)))
-
-    return nnx.merge(graphdef, init())
+    graphdef, abstract_state, _, init = sharded_init(cfg, shard, seed=seed)
+    nnx.replace_by_pure_dict(abstract_state, init())
+    return nnx.merge(graphdef, abstract_state)

@@ -1,5 +1,11 @@
 """Optimizers and learning-rate schedules (optax).
 
+Weight decay means one thing for every optimizer: decoupled decay scaled by the learning rate
+(Loshchilov & Hutter). Each step, a decayed weight w also moves by -lr_t * weight_decay * w, so with
+zero gradients it is multiplied by exactly (1 - lr_t * weight_decay). This is optax.adamw's rule; for
+Adafactor it is added here, because optax.adafactor's `weight_decay_rate` is applied after the
+learning-rate scaling (w shrinks by weight_decay * w per step, whatever the learning rate).
+
 Gradient accumulation lives in the train step (a scan over microbatches), not here, so the optimizer
 sees one update per step and its state stays the same size.
 """
@@ -61,14 +67,29 @@ def decay_mask(params, no_decay: tuple[str, ...]):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def decoupled_weight_decay(schedule: optax.Schedule, weight_decay: float, mask) -> optax.GradientTransformation:
+    """Adds -schedule(count) * weight_decay * w to the (already learning-rate-scaled) updates of masked w."""
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params):
+        lr = schedule(state.count)
+        decayed = jax.tree.map(lambda u, w: u - lr * weight_decay * w.astype(u.dtype), updates, params)
+        return decayed, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.masked(optax.GradientTransformation(init, update), mask)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg.no_decay)
     if cfg.name == "adamw":
         opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
     else:
-        opt = optax.adafactor(learning_rate=schedule, weight_decay_rate=cfg.weight_decay or None,
-                              weight_decay_mask=mask)
+        opt = optax.adafactor(learning_rate=schedule)
+        if cfg.weight_decay:
+            opt = optax.chain(opt, decoupled_weight_decay(schedule, cfg.weight_decay, mask))
     if cfg.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
     return opt, schedule
@@ -76,10 +97,12 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array, *,
                   label_smoothing: float = 0.0, z_loss: float = 0.0) -> tuple[jax.Array, dict]:
-    """Weighted token cross-entropy (in float32) with optional label smoothing and z-loss.
+    """Weighted token cross-entropy (in float32) with optional label smoothing and z-loss, as SUMS over
+    tokens: (objective_sum, {"loss_sum", "correct_sum", "weight"}). Dividing by the weight happens once,
+    after every microbatch is summed, so accumulation gives the full batch's token mean exactly.
 
-    Returns (objective, metrics). metrics["loss"] is the plain cross-entropy (no smoothing, no z-loss)
-    so that it is comparable across settings; the objective adds both.
+    "loss_sum" is the plain cross-entropy (no smoothing, no z-loss), comparable across settings; the
+    objective adds both.
     """
     logits = logits_BLV.astype(jnp.float32)
     # logsumexp written out, so that its max also gives the accuracy (an argmax is a second, slower pass
@@ -97,8 +120,13 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
         objective = (1.0 - label_smoothing - low) * nll + low * vocab * mean_nll_all
     if z_loss:
         objective = objective + z_loss * jnp.square(log_z)
-    denom = jnp.maximum(weights_BL.sum(), 1.0)
+    weights = weights_BL.astype(jnp.float32)
     correct = (target_logit >= max_BL).astype(jnp.float32)  # the target is the top logit (ties count)
-    metrics = {"loss": (nll * weights_BL).sum() / denom, "accuracy": (correct * weights_BL).sum() / denom,
-               "weight": weights_BL.sum()}
-    return (objective * weights_BL).sum() / denom, metrics
+    sums = {"loss_sum": (nll * weights).sum(), "correct_sum": (correct * weights).sum(), "weight": weights.sum()}
+    return (objective * weights).sum(), sums
+
+
+def mean_metrics(sums: dict) -> dict:
+    """Token means from `cross_entropy`'s sums: loss, accuracy, and the weight they were taken over."""
+    denom = jnp.maximum(sums["weight"], 1.0)
+    return {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom, "weight": sums["weight"]}

@@ -49,6 +49,11 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("classes", None),
 )
 
+# Logical names that replicate, by design, over a mesh axis that does not divide them. With GQA/MQA
+# there may be fewer kv heads than `tensor` shards; copying K/V per shard is the standard answer
+# (Megatron, MaxText). Every other name that does not divide is an error: no silent replication.
+REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "act_kv_heads"})
+
 
 def validate_rules(rules: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
     """Each rule names existing mesh axes only."""
@@ -93,11 +98,12 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
 
 
 def logical_to_spec(names: Sequence[Optional[str]], shape: Optional[Sequence[int]], mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]]) -> P:
+                    rules: Sequence[tuple[str, Any]], *, what: Optional[str] = None) -> P:
     """PartitionSpec for an array whose dims carry `names`.
 
-    A mesh axis is skipped when it is already used by an earlier dim, or when it does not divide
-    the dim (e.g. 2 kv heads over tensor=4): that dim is then replicated over it, not padded.
+    A mesh axis already used by an earlier dim is skipped. A mesh axis that does not divide its dim is
+    an error naming `what` (a parameter or the batch), unless the name is in REPLICATE_IF_INDIVISIBLE;
+    with `what=None` (activation constraints, which follow the checked params and batch) it is skipped.
     """
     table = dict(rules)
     used: set[str] = set()
@@ -112,6 +118,12 @@ def logical_to_spec(names: Sequence[Optional[str]], shape: Optional[Sequence[int
             if axis in used or n == 1:
                 continue
             if size is not None and size % (n * math.prod(mesh.shape[a] for a in kept)):
+                if what is not None and name not in REPLICATE_IF_INDIVISIBLE:
+                    raise ValueError(
+                        f"{what}: dim {i} ({name!r}, size {size}) cannot be sharded over mesh axis {axis!r} "
+                        f"(size {n}{' after ' + str(kept) if kept else ''}): it does not divide {size}. Fix: a "
+                        f"mesh.{axis} that divides {size}, a model size divisible by it, or map {name!r} to None "
+                        "in mesh.rules to replicate it on purpose.")
                 continue
             kept.append(axis)
         used.update(kept)
@@ -131,8 +143,9 @@ class Sharder:
         spec = logical_to_spec(names, x.shape, self.mesh, self.rules)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-    def named(self, names: Sequence[Optional[str]], shape: Sequence[int]) -> NamedSharding:
-        return NamedSharding(self.mesh, logical_to_spec(names, shape, self.mesh, self.rules))
+    def named(self, names: Sequence[Optional[str]], shape: Sequence[int], what: Optional[str] = None) -> NamedSharding:
+        """The sharding of an array with these logical names; with `what`, indivisible dims are errors."""
+        return NamedSharding(self.mesh, logical_to_spec(names, shape, self.mesh, self.rules, what=what))
 
 
 def logical_axes(variable: nnx.Variable) -> tuple:
@@ -144,10 +157,10 @@ def logical_axes(variable: nnx.Variable) -> tuple:
 
 def state_shardings(state: nnx.State, sharder: Sharder) -> Any:
     """NamedShardings for every variable of an (abstract) model state, from its logical names."""
-    def one(var):
-        value = var.get_value()
-        return var.replace(sharder.named(logical_axes(var), value.shape))
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    def one(path, var):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return var.replace(sharder.named(logical_axes(var), var.get_value().shape, what=f"parameter {name}"))
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -156,4 +169,5 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(sharder: Sharder, batch: dict[str, np.ndarray]) -> dict[str, NamedSharding]:
     """Every batch array is [batch, length]: rows over the batch axes, length replicated."""
-    return {k: sharder.named(("batch",) + (None,) * (np.ndim(v) - 1), np.shape(v)) for k, v in batch.items()}
+    return {k: sharder.named(("batch",) + (None,) * (np.ndim(v) - 1), np.shape(v), what=f"batch[{k!r}]")
+            for k, v in batch.items()}

@@ -14,23 +14,28 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from t5like import distributed, storage
 from t5like.accounting import param_counts, training_flops
-from t5like.checkpoint import Checkpointer, checkpoint_dir, latest_step_or_raise, load_params, read_config
+from t5like.checkpoint import (Checkpointer, UnreadableCheckpoint, checkpoint_dir, latest_step, latest_step_or_raise,
+                               load_params, read_config)
 from t5like.config import Config, apply_overrides, flat_keys, to_dict
 from t5like.data import get_tokenizer, make_iterator
-from t5like.metrics import MetricsWriter, peak_flops_per_device
-from t5like.models import FAMILIES
-from t5like.optim import cross_entropy, make_optimizer
-from t5like.sharding import Sharder, batch_sharding, make_mesh, replicated, state_shardings
+from t5like.metrics import MetricsWriter, peak_flops_per_device, read_metrics
+from t5like.models import sharded_init
+from t5like.optim import cross_entropy, make_optimizer, mean_metrics
+from t5like.sharding import DEFAULT_RULES, Sharder, batch_sharding, make_mesh, replicated
 
 # A preempted run exits with 128 + SIGTERM, after saving, so schedulers see it did not finish.
 PREEMPTED_EXIT_CODE = 143
@@ -38,24 +43,33 @@ PREEMPTED_EXIT_CODE = 143
 
 # The steps ----------------------------------------------------------------------------------------
 
-def make_loss_fn(graphdef, cfg: Config):
-    def loss_fn(params, batch, rng):
+# Dropout draws from a stream of its own: fold_in(key(seed), step) alone would equal the step-th key of
+# nnx.Rngs(seed), which initialised the parameters.
+DROPOUT_STREAM = 2 ** 31 - 1
+
+
+def dropout_key(seed: int, step) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM), step)
+
+
+def make_grad_fn(graphdef, cfg: Config) -> Callable:
+    """(params, batch, rng) -> (gradient of the batch's token-mean objective, metrics).
+
+    With grad_accum_steps > 1 the batch is split into microbatches, whose objective SUMS and target weights
+    are summed; the total is divided by the total weight once. That is exactly the full batch's token mean,
+    however the target tokens are spread over the microbatches.
+    """
+    def objective_sum(params, batch, rng):
         logits = nnx.merge(graphdef, params)(batch, rng=rng)
         return cross_entropy(logits, batch["targets"], batch["weights"],
                              label_smoothing=cfg.optim.label_smoothing, z_loss=cfg.optim.z_loss)
-    return loss_fn
 
-
-def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation, schedule):
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
+    grad_sum = jax.grad(objective_sum, has_aux=True)
     accum = cfg.optim.grad_accum_steps
-    use_dropout = cfg.model.dropout > 0
 
-    def train_step(state, batch):
-        step = state["step"]
-        rng = jax.random.fold_in(jax.random.key(cfg.seed), step) if use_dropout else None
+    def grads_and_metrics(params, batch, rng):
         if accum == 1:
-            (_, metrics), grads = grad_fn(state["params"], batch, rng)
+            grads, sums = grad_sum(params, batch, rng)
         else:
             # Microbatch i takes rows i, i+accum, ...: every microbatch stays spread over all devices.
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -63,13 +77,25 @@ def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformati
             def body(carry, xs):
                 mb, i = xs
                 r = None if rng is None else jax.random.fold_in(rng, i)
-                (_, m), g = grad_fn(state["params"], mb, r)
-                return jax.tree.map(jnp.add, carry, (g, m)), None
+                return jax.tree.map(jnp.add, carry, grad_sum(params, mb, r)), None
 
-            (_, m_shape), g_shape = jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda x: x[0], micro), rng)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_shape, m_shape))
-            (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
-            grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
+            shapes = jax.eval_shape(grad_sum, params, jax.tree.map(lambda x: x[0], micro), rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+        denom = jnp.maximum(sums["weight"], 1.0)
+        return jax.tree.map(lambda g: g / denom, grads), mean_metrics(sums)
+
+    return grads_and_metrics
+
+
+def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation, schedule):
+    grads_and_metrics = make_grad_fn(graphdef, cfg)
+    use_dropout = cfg.model.dropout > 0
+
+    def train_step(state, batch):
+        step = state["step"]
+        rng = dropout_key(cfg.seed, step) if use_dropout else None
+        grads, metrics = grads_and_metrics(state["params"], batch, rng)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
@@ -81,48 +107,95 @@ def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformati
 def make_eval_step(graphdef, cfg: Config):
     def eval_step(params, batch):
         logits = nnx.merge(graphdef, params)(batch)
-        _, m = cross_entropy(logits, batch["targets"], batch["weights"])
-        return {"loss_sum": m["loss"] * m["weight"], "correct": m["accuracy"] * m["weight"], "weight": m["weight"]}
+        _, sums = cross_entropy(logits, batch["targets"], batch["weights"])
+        return sums
     return eval_step
 
 
 # Set-up -------------------------------------------------------------------------------------------
 
-# Fields that must match for a workdir's checkpoints to be resumable by this config.
+HORIZON_SCHEDULES = ("cosine", "linear", "wsd")  # their shape is built from train.steps
+
+
 def _resume_key(cfg: Config) -> dict:
-    return {"model": to_dict(cfg.model), "optim.name": cfg.optim.name, "train.batch_size": cfg.train.batch_size,
-            "seed": cfg.seed, **{f"data.{k}": v for k, v in to_dict(cfg.data).items()
-                                 if k in ("source", "paths", "format", "text_field", "hub_name", "objective",
-                                          "seq_len", "target_len", "max_files", "validation_fraction")}}
+    """Fields that must match for a workdir's checkpoints to be resumable by this config. train.steps is
+    part of it when the schedule's horizon is built from it, so a resumed run follows the curve it started
+    on; an explicit change of learning-rate settings on resume (e.g. a lower peak after a spike) is allowed."""
+    o = cfg.optim
+    key = {"model": to_dict(cfg.model), "optim.name": o.name,
+           "optim.grad_clip": "on" if o.grad_clip > 0 else "off",  # on/off changes the optimizer state's tree
+           "train.batch_size": cfg.train.batch_size, "seed": cfg.seed,
+           **{f"data.{k}": v for k, v in to_dict(cfg.data).items()
+              if k in ("source", "paths", "format", "text_field", "hub_name", "objective",
+                       "seq_len", "target_len", "max_files", "validation_fraction")}}
+    if o.schedule in HORIZON_SCHEDULES:
+        key["train.steps"] = cfg.train.steps
+    return key
 
 
 def check_workdir(cfg: Config) -> None:
-    """An existing run in the workdir must be compatible; otherwise stop before touching anything."""
-    if not os.path.exists(os.path.join(cfg.workdir, "config.json")):
+    """A workdir whose checkpoints were trained with another config is refused before anything is touched.
+    Only checkpoints bind a workdir: a config.json without one (a start that failed) is overwritten."""
+    if latest_step(cfg.workdir) is None or not storage.exists(storage.join(cfg.workdir, "config.json")):
         return
     old, new = _resume_key(read_config(cfg.workdir)), _resume_key(cfg)
     diffs = []
-    for key in new:
-        if isinstance(new[key], dict):
+    for key in sorted(set(old) | set(new)):
+        if isinstance(new.get(key), dict):
             diffs += [f"{key}.{k}: {old[key].get(k)!r} -> {v!r}" for k, v in new[key].items() if old[key].get(k) != v]
-        elif json.loads(json.dumps(old[key])) != json.loads(json.dumps(new[key])):
-            diffs.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+        elif json.loads(json.dumps(old.get(key))) != json.loads(json.dumps(new.get(key))):
+            diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     if diffs:
-        raise ValueError(f"workdir={cfg.workdir!r} holds a run with an incompatible config ({'; '.join(diffs)}). "
-                         "Nothing was overwritten. Use a new workdir, or checkpoint.init_from=OLD_WORKDIR to start "
-                         "from its params.")
+        hint = ""
+        if any(d.startswith("train.steps") for d in diffs):
+            hint = (f" optim.schedule={cfg.optim.schedule!r} is built over train.steps, so changing it would bend "
+                    "the learning-rate curve of a run that is under way.")
+        raise ValueError(f"workdir={cfg.workdir!r} holds checkpoints trained with an incompatible config "
+                         f"({'; '.join(diffs)}).{hint} Nothing was overwritten. Rerun with the old values to resume, "
+                         "or use a new workdir (checkpoint.init_from=OLD_WORKDIR starts from its params).")
 
 
 def write_config(cfg: Config) -> None:
-    path = os.path.join(cfg.workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
-    os.replace(path + ".tmp", path)
+    if jax.process_index() == 0:
+        storage.write_atomic(storage.join(cfg.workdir, "config.json"), json.dumps(to_dict(cfg), indent=2))
+
+
+class WorkdirLock:
+    """One trainer per workdir. An flock on WORKDIR/.lock, held by process 0 for the whole run; the kernel
+    drops it when the process dies, so a killed run never blocks the next one. Cloud Storage has no locks:
+    there, one trainer per gs:// workdir is the launcher's job (launch.tpu names each run)."""
+
+    def __init__(self, workdir: str):
+        self.file = None
+        if storage.is_remote(workdir) or jax.process_index() != 0:
+            return
+        import fcntl
+        storage.makedirs(workdir)
+        path = storage.join(workdir, ".lock")
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            self.file = None
+            raise ValueError(f"workdir={workdir!r} is in use by another trainer ({holder}); wait for it to finish, "
+                             "stop it, or use another workdir.") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self.file.flush()
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 @dataclasses.dataclass
 class Setup:
-    """Everything `train` builds before the first step; also used by the benchmark."""
+    """Everything `train` builds before the first step; also used by benchmarks and the AOT compile."""
     cfg: Config
     sharder: Sharder
     graphdef: Any
@@ -135,36 +208,42 @@ class Setup:
     tokens_per_step: int
 
 
-def build(cfg: Config, example_batch: dict) -> Setup:
-    """Mesh, model, optimizer and the jitted steps; compiles nothing until first called."""
-    mesh = make_mesh(cfg.mesh)
-    sharder = Sharder(mesh, cfg.mesh.rules or Sharder().rules)
-    model_cls = FAMILIES[cfg.model.family]
-    abstract_model = nnx.eval_shape(lambda: model_cls(cfg.model, rngs=nnx.Rngs(cfg.seed), shard=sharder))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    param_shardings = state_shardings(abstract_params, sharder).to_pure_dict()
+def build(cfg: Config, example_batch: dict, devices=None) -> Setup:
+    """Mesh, sharded model and optimizer state, and the jitted steps; compiles nothing until first called.
+    `example_batch` is one host's batch (its rows are this host's share); `devices` defaults to all."""
+    mesh = make_mesh(cfg.mesh, devices)
+    sharder = Sharder(mesh, cfg.mesh.rules or DEFAULT_RULES)
+    graphdef, abstract_params, param_shardings, init_params = sharded_init(cfg.model, sharder, seed=cfg.seed)
+    abstract_params = abstract_params.to_pure_dict()
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    repl = replicated(mesh)
+    # Moments shaped like a parameter are sharded like it; anything else (step counts, Adafactor's factored
+    # row/column statistics, which are vectors) is small and replicated.
+    opt_shapes = jax.eval_shape(optimizer.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else repl,
+        opt_shapes, param_shardings, abstract_params, transform_non_params=lambda _: repl)
+    shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": repl}
+    init_opt = jax.jit(optimizer.init, out_shardings=opt_shardings)
 
     def init_state():
-        params = nnx.state(model_cls(cfg.model, rngs=nnx.Rngs(cfg.seed), shard=sharder)).to_pure_dict()
-        params = jax.lax.with_sharding_constraint(params, param_shardings)
-        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+        params = init_params()
+        return {"params": params, "opt_state": init_opt(params), "step": jax.device_put(jnp.zeros((), jnp.int32), repl)}
 
-    # The optimizer state's shardings follow the params' through XLA's propagation; read them off the
-    # compiled init so the train step, restore and init all agree.
-    init = jax.jit(init_state).lower().compile()
-    shardings = init.output_shardings
-    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  jax.eval_shape(init_state), shardings)
-    batch_shardings = batch_sharding(sharder, example_batch)
+    abstract = {"params": abstract_params, "opt_state": opt_shapes, "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    hosts = jax.process_count() if devices is None else len({d.process_index for d in devices})
+    global_example = {k: np.zeros((np.shape(v)[0] * hosts, *np.shape(v)[1:]), np.asarray(v).dtype)
+                      for k, v in example_batch.items()}
+    batch_shardings = batch_sharding(sharder, global_example)
     train_step = jax.jit(make_train_step(graphdef, cfg, optimizer, schedule), donate_argnums=0,
-                         in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated(mesh)))
+                         in_shardings=(shardings, batch_shardings), out_shardings=(shardings, repl))
     eval_step = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(shardings["params"], batch_shardings),
-                        out_shardings=replicated(mesh))
+                        out_shardings=repl)
     seq = example_batch["encoder_inputs" if cfg.model.family == "encoder_decoder" else "inputs"].shape[1]
     target = example_batch["targets"].shape[1] if cfg.model.family == "encoder_decoder" else 0
     flops = training_flops(cfg.model, seq, target)
-    return Setup(cfg, sharder, graphdef, abstract_state, init, train_step, eval_step, batch_shardings,
+    return Setup(cfg, sharder, graphdef, abstract_state, init_state, train_step, eval_step, batch_shardings,
                  flops.per_sequence * cfg.train.batch_size, cfg.train.batch_size * (seq + target))
 
 
@@ -185,6 +264,10 @@ class Result:
     summary: dict
 
 
+class NonFiniteLoss(Exception):
+    """The loss or gradient became NaN/inf; nothing was saved for that step."""
+
+
 def evaluate(setup: Setup, params, eval_iter) -> dict:
     eval_iter.reset()
     totals = None
@@ -194,108 +277,182 @@ def evaluate(setup: Setup, params, eval_iter) -> dict:
     totals = jax.tree.map(float, totals)
     loss = totals["loss_sum"] / max(totals["weight"], 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-            "eval_accuracy": totals["correct"] / max(totals["weight"], 1.0)}
+            "eval_accuracy": totals["correct_sum"] / max(totals["weight"], 1.0)}
+
+
+class Preemption:
+    """Has a SIGTERM asked this run to stop? One process: a signal handler. Several: JAX's preemption sync
+    point, which JAX's distributed runtime arms for SIGTERM; a notice reaching any host makes every host
+    return True at the same step, so all of them save that step together."""
+
+    def __init__(self):
+        self.multihost = jax.process_count() > 1
+        self.flag: list = []
+        self.previous = None if self.multihost else signal.signal(signal.SIGTERM, lambda *_: self.flag.append(1))
+
+    def reached(self, step: int) -> bool:
+        if self.multihost:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return bool(self.flag)
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _data_position(saved: list[dict], cfg: Config, step: int) -> dict:
+    """This host's iterator position from the positions every host of the saving run wrote."""
+    hosts = jax.process_count()
+    if len(saved) == hosts:
+        return saved[jax.process_index()]
+    if cfg.data.source != "hub":
+        # Local sources walk one global order, and every host saved the same position (see make_iterator):
+        # it holds for any host count. Batch size per host changes; the global batch does not.
+        return {**saved[0], "batch_size": cfg.train.batch_size // hosts}
+    raise ValueError(f"checkpoint step {step} was saved by {len(saved)} hosts, and this run has {hosts}. A "
+                     "data.source='hub' stream is split between hosts, so its position cannot be carried over: "
+                     f"resume with {len(saved)} hosts, or start a new workdir with checkpoint.init_from.")
 
 
 def train(cfg: Config) -> Result:
     cfg = cfg.validate()
+    storage.check_workdir(cfg.workdir)
+    lock = WorkdirLock(cfg.workdir)
+    try:
+        return _train(cfg)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config) -> Result:
     check_workdir(cfg)
     if cfg.checkpoint.init_from:
         _check_init_from(cfg)
-    os.makedirs(cfg.workdir, exist_ok=True)
     processes = jax.process_count()
     if cfg.train.batch_size % processes:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {processes} hosts.")
     per_host = cfg.train.batch_size // processes
+    storage.makedirs(cfg.workdir)
 
     tokenizer = get_tokenizer(cfg.data, cfg.workdir, cfg.model.vocab_size)
     train_iter = make_iterator(cfg.data, tokenizer, "train", batch_size=per_host, seed=cfg.seed)
     eval_iter = make_iterator(cfg.data, tokenizer, "validation", batch_size=per_host, seed=cfg.seed,
                               num_batches=cfg.train.eval_steps)
-    write_config(cfg)  # after the data is known good, so a failed start leaves no run behind
     first_batch_state = train_iter.state()
     setup = build(cfg, next(iter(train_iter)))
     train_iter.restore(first_batch_state)
 
     ckpt = Checkpointer(checkpoint_dir(cfg.workdir), cfg.checkpoint)
-    start = ckpt.latest_step()
-    summary_path = os.path.join(cfg.workdir, "summary.json")
-    if start is not None and start >= cfg.train.steps and os.path.exists(summary_path):
+    try:
+        start, state, saved_positions = ckpt.restore_latest_readable(setup.abstract_state)
+    except UnreadableCheckpoint as e:
         ckpt.close()
-        with open(summary_path) as f:
-            summary = json.load(f)
-        print(f"{cfg.workdir} already finished {start} steps; raise train.steps to train further.", file=sys.stderr)
-        return Result(cfg, start, summary["final_loss"], summary["final_eval_loss"], False, summary)
+        raise ValueError(str(e)) from None
+    summary_path = storage.join(cfg.workdir, "summary.json")
+    if start is not None and start > cfg.train.steps:
+        ckpt.close()
+        raise ValueError(f"train.steps={cfg.train.steps} is below the step of the latest checkpoint ({start}) in "
+                         f"{checkpoint_dir(cfg.workdir)}; a run cannot be shortened. Rerun with train.steps={start} "
+                         "(or more, where the schedule allows), or use a new workdir.")
+    if start == cfg.train.steps and storage.exists(summary_path):
+        summary = json.loads(storage.read_text(summary_path))
+        if summary.get("step") == start:
+            ckpt.close()
+            more = ("raise train.steps to train further" if cfg.optim.schedule not in HORIZON_SCHEDULES else
+                    f"its {cfg.optim.schedule} schedule has ended; to train further, start a new workdir with "
+                    f"checkpoint.init_from={cfg.workdir}")
+            print(f"{cfg.workdir} already finished {start} steps; {more}.", file=sys.stderr)
+            return Result(cfg, start, summary["final_loss"], summary["final_eval_loss"], False, summary)
     if start is not None:
-        state, data_state = ckpt.restore(start, setup.abstract_state)
-        train_iter.restore(data_state)
+        train_iter.restore(_data_position(saved_positions, cfg, start))
         print(f"resumed from {checkpoint_dir(cfg.workdir)} at step {start}", file=sys.stderr)
     else:
         start = 0
-        state = setup.init_state()
+        try:
+            state = setup.init_state()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            ckpt.close()
+            raise ValueError(f"the model and optimizer state do not fit in device memory ({str(e).splitlines()[0]}). "
+                             "Reduce model size (d_model, num_layers, vocab_size), use param_dtype=bfloat16, or "
+                             "shard more (mesh.fsdp=-1).") from None
         if cfg.checkpoint.init_from:
             state["params"] = load_params(cfg.checkpoint.init_from, setup.abstract_state["params"])
             print(f"initialised params from {cfg.checkpoint.init_from}", file=sys.stderr)
 
-    preempted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-    writer = MetricsWriter(cfg.workdir)
-    peak, peak_source = peak_flops_per_device()
+    preemption = Preemption()
+    writer = MetricsWriter(cfg.workdir, resume_step=start or None)
+    peak, peak_source = peak_flops_per_device(dtype=cfg.model.dtype)
+    if peak is None:
+        print(f"warning: MFU unknown: {peak_source}; training continues, mfu is null in metrics.", file=sys.stderr)
     devices = jax.devices()
     # A CPU "device" simulated by XLA shares the host's cores: the measured peak is per host.
-    total_peak = peak * (processes if devices[0].platform == "cpu" else len(devices))
+    total_peak = None if peak is None else peak * (processes if devices[0].platform == "cpu" else len(devices))
     counts = param_counts(cfg.model)
     progress = _progress(cfg, start)
     metrics, last_eval, t_last, step, started = {}, {}, time.perf_counter(), start, time.perf_counter()
+    preempted = False
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             state, metrics = setup.train_step(state, global_batch(setup, next(train_iter)))
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                metrics = jax.tree.map(float, metrics)
-                if not math.isfinite(metrics["loss"]):
+            preempted = preemption.reached(step)
+            save = step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted
+            log = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            if log or save:
+                metrics = jax.tree.map(float, metrics)  # replicated: every host sees the same values
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     ckpt.wait()
-                    raise FloatingPointError(
-                        f"loss is {metrics['loss']} at step {step}; stopped without saving. The last good checkpoint "
-                        f"is step {ckpt.latest_step()} in {checkpoint_dir(cfg.workdir)}. Lower optim.learning_rate "
-                        "or raise optim.warmup_steps, then rerun to resume from it.")
+                    good = ckpt.latest_step()
+                    where = (f"The last good checkpoint is step {good} in {checkpoint_dir(cfg.workdir)}: lower "
+                             "optim.learning_rate, raise optim.warmup_steps or set optim.grad_clip, then rerun to "
+                             "resume from it." if good is not None else
+                             "No checkpoint was saved yet: lower optim.learning_rate, raise optim.warmup_steps or "
+                             "set optim.grad_clip, and rerun.")
+                    raise NonFiniteLoss(f"loss={metrics['loss']}, grad_norm={metrics['grad_norm']} at step {step}; "
+                                        f"stopped without saving it. {where}")
+            if log:
                 now = time.perf_counter()
                 dt = (now - t_last) / cfg.train.log_every
                 t_last = now
                 row = {"loss": metrics["loss"], "accuracy": metrics["accuracy"], "lr": metrics["lr"],
-                       "grad_norm": metrics["grad_norm"], "step_time": dt,
-                       "tokens_per_s": setup.tokens_per_step / dt, "mfu": setup.flops_per_step / dt / total_peak}
+                       "grad_norm": metrics["grad_norm"], "step_time": dt, "tokens_per_s": setup.tokens_per_step / dt,
+                       "mfu": None if total_peak is None else setup.flops_per_step / dt / total_peak}
                 writer.write(step, row)
                 progress.update(step, row)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                 last_eval = evaluate(setup, state["params"], eval_iter)
                 writer.write(step, last_eval)
                 t_last = time.perf_counter()
-            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted:
+            if save:
+                write_config(cfg)  # describes the checkpoints from now on
+                writer.flush()
                 ckpt.save(step, state, train_iter.state(), to_dict(cfg))
             if preempted:
                 break
-        if not preempted and cfg.train.steps > start:
+        if not preempted:
             last_eval = evaluate(setup, state["params"], eval_iter)
             writer.write(cfg.train.steps, last_eval)
     finally:
         progress.close()
         ckpt.close()
         writer.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        preemption.close()
 
+    final_loss = metrics.get("loss")
+    if final_loss is None:  # resumed at the last step: the loss it logged before it stopped
+        final_loss = next((r["loss"] for r in reversed(read_metrics(cfg.workdir)) if "loss" in r), float("nan"))
     summary = {"step": step, "params": counts["total"], "non_embedding_params": counts["non_embedding"],
                "tokens": setup.tokens_per_step * step, "flops": setup.flops_per_step * step,
-               "final_loss": metrics.get("loss", float("nan")), "final_eval_loss": last_eval.get("eval_loss", float("nan")),
+               "final_loss": final_loss, "final_eval_loss": last_eval.get("eval_loss", float("nan")),
                "wall_time_s": time.perf_counter() - started, "peak_flops_source": peak_source,
-               "preempted": bool(preempted)}
+               "preempted": preempted}
     if preempted:
         print(f"SIGTERM: saved step {step} to {checkpoint_dir(cfg.workdir)}; rerun the same command to resume.",
               file=sys.stderr)
     elif jax.process_index() == 0:
-        with open(summary_path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(summary_path + ".tmp", summary_path)
-    return Result(cfg, step, summary["final_loss"], summary["final_eval_loss"], bool(preempted), summary)
+        storage.write_atomic(summary_path, json.dumps(summary, indent=2))
+    return Result(cfg, step, summary["final_loss"], summary["final_eval_loss"], preempted, summary)
 
 
 def _check_init_from(cfg: Config) -> None:
@@ -320,8 +477,8 @@ class _progress:
     def update(self, step: int, row: dict) -> None:
         if self.bar is not None:
             self.bar.update(step - self.last)
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                 mfu=f"{row['mfu']:.2f}")
+            mfu = "?" if row["mfu"] is None else f"{row['mfu']:.2f}"
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=mfu)
         self.last = step
 
     def close(self) -> None:
@@ -355,11 +512,30 @@ def parse_args(config_fn: Callable[..., Config], argv: list[str]) -> Config:
     return apply_overrides(cfg, overrides)
 
 
+def _module_name(config_fn: Callable) -> str:
+    """The experiment's importable name, also when it runs as `python -m experiments.X` (then __main__)."""
+    name = config_fn.__module__
+    if name == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        name = spec.name if spec is not None else "experiments.NAME"
+    return name
+
+
 def main(config_fn: Callable[..., Config], argv: Optional[list[str]] = None) -> Result:
+    """An experiment's command line: `python -m experiments.X [key=value ...] [multi-host flags]`."""
+    import argparse
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
+    module = _module_name(config_fn)
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", add_help=False,
+                                     usage=f"python -m {module} [key=value ...] [--coordinator HOST:PORT "
+                                           "--num-processes N --process-id I]")
+    parser.add_argument("-h", "--help", action="store_true")
+    distributed.add_flags(parser)
+    args, rest = parser.parse_known_args(argv)
+    if args.help:
+        parser.print_help()
         cfg = config_fn()
-        print(f"usage: python -m {config_fn.__module__} [key=value ...]\n\nkeys (current values):")
+        print("\nkeys (current values):")
         for key in flat_keys(cfg):
             value = cfg
             for part in key.split("."):
@@ -367,14 +543,23 @@ def main(config_fn: Callable[..., Config], argv: Optional[list[str]] = None) -> 
             print(f"  {key}={value}")
         sys.exit(0)
     try:
-        cfg = parse_args(config_fn, argv)
+        bad = [a for a in rest if a.startswith("-")]
+        if bad:
+            raise ValueError(f"unknown flag {bad[0]!r}; flags are --coordinator, --num-processes, --process-id and "
+                             "--coordinator-timeout, and config keys are given as key=value (see --help).")
+        cluster = distributed.from_args(args)
+        cfg = parse_args(config_fn, rest)  # a bad key fails before any host waits for another
+        distributed.initialize(cluster)
         result = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except ConnectionError as e:
-        print(f"error: {e}. This machine cannot reach the Hugging Face hub; use local data (data.source=stdlib or "
-              "data.source=files data.paths=...), or size=tiny where the experiment has it.", file=sys.stderr)
+        if "coordinator" in str(e):
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            print(f"error: {e}. This machine cannot reach the Hugging Face hub; use local data (data.source=stdlib "
+                  "or data.source=files data.paths=...), or size=tiny where the experiment has it.", file=sys.stderr)
         sys.exit(2)
     if result.preempted:
         sys.exit(PREEMPTED_EXIT_CODE)

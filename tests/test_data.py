@@ -387,11 +387,19 @@ def test_train_validation_disjoint_and_hosts_partition(stdlib_cfg, tok):
     assert sorted([*shares[0], *shares[1]]) == list(train)
     for i in range(2):
         assert list(sources.load_documents(stdlib_cfg, "train", i, 2)["text"]) == [text[j] for j in shares[i]]
-    # Through the iterator: each host packs only its own documents, together all of them.
-    tables = [_it(stdlib_cfg, tok, process_index=i, process_count=2).table for i in range(2)]
-    whole = _it(stdlib_cfg, tok).table
-    parts = [_docs_in(t.tokens) for t in tables]
-    assert collections.Counter(parts[0] + parts[1]) == collections.Counter(_docs_in(whole.tokens))
+
+def test_hosts_take_their_rows_of_one_global_order(stdlib_cfg, tok):
+    """Local sources: host h of n yields rows [h*B/n, (h+1)*B/n) of the one-host global batch, so a run's
+    data, its random masks and its saved position do not depend on the host count."""
+    cfg = dataclasses.replace(stdlib_cfg, objective="span_corruption")
+    whole = _it(cfg, tok, batch_size=4)
+    hosts = [_it(cfg, tok, batch_size=2, process_index=i, process_count=2) for i in range(2)]
+    for _ in range(3):
+        full, parts = next(whole), [next(h) for h in hosts]
+        for key in full:
+            np.testing.assert_array_equal(full[key], np.concatenate([p[key] for p in parts]))
+        assert not np.array_equal(parts[0]["encoder_inputs"], parts[1]["encoder_inputs"])  # masks differ by host
+    assert hosts[0].state() == hosts[1].state() == {**whole.state(), "batch_size": 4}
 
 
 def test_split_is_stable_and_independent_of_location():
@@ -547,4 +555,29 @@ def test_iterator_argument_errors(small_cfg, tok):
     with pytest.raises(ValueError, match="validation split of 6 documents is empty"):
         _it(small_cfg, tok, split="validation")
     with pytest.raises(ValueError, match="host 7 of 8 gets none"):
-        _it(small_cfg, tok, process_index=7, process_count=8)
+        sources.load_documents(small_cfg, "train", 7, 8)
+
+
+def test_bad_jsonl_line_is_named_with_file_and_line(tmp_path, cache_dir):
+    from t5like.data.sources import load_documents
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+    (tmp_path / "b.jsonl").write_text('{"text": "x = 1"}\n\n{"text": "y = 2"}\n{"text": oops}\n')
+    cfg = DataConfig(source="files", paths=(str(tmp_path / "*.jsonl"),), format="jsonl", validation_fraction=0.0,
+                     cache_dir=cache_dir)
+    with pytest.raises(ValueError, match=r"b\.jsonl: line 4 is not valid JSON .*'\{\"text\": oops\}'.*fix or delete"):
+        load_documents(cfg, "train")
+    (tmp_path / "b.jsonl").write_text('{"text": "x = 1"}\n"just a string"\n')
+    with pytest.raises(ValueError, match=r"b\.jsonl: line 2 is a JSON string, not an object such as \{\"text\""):
+        load_documents(cfg, "train")
+
+
+def test_one_document_cannot_be_split_says_so(tmp_path, cache_dir):
+    from t5like.data.sources import load_documents
+    (tmp_path / "one.txt").write_text("x = 1\n")
+    cfg = DataConfig(source="files", paths=(str(tmp_path / "one.txt"),), validation_fraction=0.02, cache_dir=cache_dir)
+    assert len(load_documents(cfg, "train")) == 1
+    with pytest.raises(ValueError) as e:
+        load_documents(cfg, "validation")
+    msg = str(e.value)
+    assert "validation_fraction=0.02" in msg and "single document" in msg and "at least 2" in msg, msg
+    assert "validation_fraction=0 " not in msg

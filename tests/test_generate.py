@@ -446,3 +446,38 @@ def test_cli_rejects_bad_flags_before_loading_and_a_workdir_without_checkpoint(t
         gen.main(["--workdir", str(tmp_path / "nope"), "--prompt", "x", "--strategy", "sample", "--top-p", "2"])
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         gen.main(["--workdir", str(tmp_path), "--prompt", "x"])
+
+
+def test_bad_prompts_file_is_a_clean_error_naming_file_and_line(tmp_path):
+    # Found before any checkpoint is read (the workdir does not exist); blank lines count in line numbers.
+    path = tmp_path / "p.jsonl"
+    cases = [('{"prompt": "a"}\n\n{"text": "b"}\n', ['p.jsonl: line 3 has no "prompt" field', "['text']"]),
+             ('"a"\n{"prompt": "b"\n', ["p.jsonl: line 2 is not valid JSON"]),
+             ('{"prompt": 5}\n', ["p.jsonl: line 1: the prompt is 5, not text"])]
+    for text, words in cases:
+        path.write_text(text)
+        with pytest.raises(ValueError) as e:
+            gen.main(["--workdir", str(tmp_path / "nope"), "--prompts-file", str(path)])
+        for w in words:
+            assert w in str(e.value), (text, str(e.value))
+    import subprocess
+    import sys
+    path.write_text('{"text": "no prompt field"}\n')
+    proc = subprocess.run([sys.executable, "-m", "t5like.generate", "--workdir", str(tmp_path / "nope"),
+                           "--prompts-file", str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert "line 1 has no \"prompt\" field" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_max_new_tokens_beyond_max_len_is_blamed_not_the_prompt():
+    with pytest.raises(ValueError) as e:
+        decoding.check_prompt_lengths(np.array([5]), family="decoder", max_len=256,
+                                      cfg=DecodeConfig(max_new_tokens=1000))
+    msg = str(e.value)
+    assert "max_new_tokens=1000 leaves no room for a prompt" in msg and "--max-new-tokens 254" in msg, msg
+    assert "at most -" not in msg
+    # a prompt that fits alone with room to spare is fine; one too long for the room left is named
+    decoding.check_prompt_lengths(np.array([5]), family="decoder", max_len=256, cfg=DecodeConfig(max_new_tokens=250))
+    with pytest.raises(ValueError, match=r"prompt 0 has 10 tokens.*at most 5 tokens"):
+        decoding.check_prompt_lengths(np.array([10]), family="decoder", max_len=256,
+                                      cfg=DecodeConfig(max_new_tokens=250))

@@ -202,7 +202,7 @@ def test_bert_preset_learns_from_context():
     Regression: post-norm BERT without its embedding LayerNorm started with near-zero activations and
     never learned to use attention."""
     import optax
-    from t5like.optim import cross_entropy
+    from t5like.optim import cross_entropy, mean_metrics
     cfg = dataclasses.replace(TINY["bert_base"], vocab_size=64, dropout=0.0)
     graphdef, params = nnx.split(build_model(cfg))
     params = params.to_pure_dict()
@@ -213,7 +213,8 @@ def test_bert_preset_learns_from_context():
     @jax.jit
     def step(params, opt_state, batch):
         def loss(p):
-            return cross_entropy(nnx.merge(graphdef, p)(batch), batch["targets"], batch["weights"])
+            objective, sums = cross_entropy(nnx.merge(graphdef, p)(batch), batch["targets"], batch["weights"])
+            return objective / jnp.maximum(sums["weight"], 1.0), mean_metrics(sums)
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics

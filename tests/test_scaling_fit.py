@@ -133,6 +133,26 @@ def test_frontier_is_pareto_set():
     assert frontier(flops, loss).tolist() == [0, 2, 4, 6]
 
 
+def test_frontier_one_point_per_isoflop_budget():
+    # The scaling_tiny shape: 3 budgets x 5 sizes, each run's FLOPs within 1% of its budget (whole steps).
+    # Give worse runs slightly less compute, as happens: a plain Pareto set over flops then keeps several
+    # runs of one budget. With budgets the frontier is each budget's lowest-loss run, and 3 points are
+    # too few for the 3-parameter power law.
+    data = synthetic_isoflop(LAW, budgets=[1e18, 1e19, 1e20], sizes_per_budget=5, noise=0.0)
+    flops = data.flops.copy()
+    for C in np.unique(data.budget):
+        rows = np.flatnonzero(data.budget == C)
+        rank = np.argsort(np.argsort(-data.loss[rows]))  # 0 = worst run of the budget
+        flops[rows] = C * (0.99 + 0.01 * rank / (len(rows) - 1))
+    data = from_arrays(data.params, data.tokens, data.loss, flops=flops, budget=data.budget)
+    fr = frontier(data.flops, data.loss, data.budget)
+    best = [np.flatnonzero(data.budget == C)[np.argmin(data.loss[data.budget == C])] for C in (1e18, 1e19, 1e20)]
+    assert fr.tolist() == best
+    assert len(frontier(data.flops, data.loss)) > 3  # the plain Pareto set: what the fit used to take
+    with pytest.raises(ValueError, match=r"powerlaw fit needs at least 4 runs on the compute frontier.*got 3"):
+        fit_powerlaw(data)
+
+
 def test_groups_merge_nearby_flops_without_budget_column():
     flops = np.array([0.98e18, 1.02e18, 1.01e18, 3.1e18, 2.96e18, 1e19])
     data = from_arrays(np.ones(6), np.ones(6), np.ones(6) * 3, flops=flops)
@@ -329,3 +349,79 @@ def test_cli_single_approach_and_errors(tmp_path):
     assert set(fits) == {"isoflop"}
     out = json.loads(run_cli("predict", tmp_path / "iso.json", "--flops", "1e21", "--json").stdout)
     assert out[0]["approach"] == "isoflop" and "loss" not in out[0] and "N_opt_ci" not in out[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# One compute convention per table; degenerate tables
+
+
+def test_predict_at_a_table_budget_returns_its_optimum(tmp_path):
+    # A table whose flops column counts 12·N·D (a model's own formula, not 6·N·D), drawn noise-free from
+    # the law, centred on the law's optimum under that convention. Every approach must read C the same
+    # way: predict at one of the table's budgets gives the table's optimum, and N_opt·D_opt·12 = C.
+    from t5like.scaling.fit import fit_all, hoffmann_grid, save_fits
+    k, budgets = 12.0, np.logspace(18, 21, 7)
+    n_star = lambda C: LAW.G * (C / k) ** LAW.a
+    N = np.concatenate([n_star(C) * np.logspace(-0.75, 0.75, 9) for C in budgets])
+    C = np.repeat(budgets, 9)
+    D = C / (k * N)
+    data = from_arrays(N, D, LAW.loss(N, D), flops=k * N * D, budget=C)
+    fits = fit_all(data, parametric_starts=hoffmann_grid(coarse=True))
+    assert all(isinstance(f, Fit) for f in fits.values()), fits
+    save_fits(tmp_path / "fit.json", fits, data.meta())
+    d = json.loads((tmp_path / "fit.json").read_text())
+
+    C0 = budgets[3]
+    iso_opt = next(o for o in d["isoflop"]["optima"] if o["budget"] == C0)
+    rows = json.loads(run_cli("predict", tmp_path / "fit.json", "--flops", C0, "--json").stdout)
+    by = {r["approach"]: r for r in rows}
+    for name in ("envelope", "isoflop", "parametric"):
+        r = by[name]
+        assert abs(np.log(r["N_opt"] / n_star(C0))) < np.log(1.05), (name, r["N_opt"], n_star(C0))
+        assert abs(np.log(r["N_opt"] / iso_opt["N_opt"])) < np.log(1.05), (name, r["N_opt"], iso_opt)
+        assert r["N_opt"] * r["D_opt"] * k == pytest.approx(C0, rel=0.02), name
+    assert by["parametric"]["loss"] == pytest.approx(LAW.loss(n_star(C0), C0 / (k * n_star(C0))), rel=1e-3)
+    table = run_cli("predict", tmp_path / "fit.json", "--flops", C0).stdout
+    assert "compute: C = the table's 'flops' column (about 12·N·D" in table
+    assert d["meta"]["flops_convention"]["flops_per_param_token"] == pytest.approx(k)
+    for name in ("powerlaw", "envelope", "isoflop", "parametric"):
+        assert "12·N·D" in d[name]["flops_convention"], d[name]["flops_convention"]
+
+
+def test_degenerate_tables_are_refused_or_warned():
+    # one budget, nine sizes: ln N + ln D is fixed, so the parametric law is not identified
+    N = LAW.n_opt(1e20) * np.logspace(-1, 1, 9)
+    one_budget = from_arrays(N, 1e20 / (6 * N), LAW.loss(N, 1e20 / (6 * N)))
+    with pytest.raises(ValueError, match=r"parametric fit needs at least 2 compute budgets.*got 1"):
+        fit_parametric(one_budget, starts=FEW_STARTS)
+    # one size at five budgets: the envelope's N_opt ∝ C^0 would be an artefact
+    D = np.logspace(9, 11, 5)
+    one_size = from_arrays(np.full(5, 1e8), D, LAW.loss(1e8, D))
+    with pytest.raises(ValueError, match=r"envelope fit needs at least 2 distinct model sizes.*got 1"):
+        fit_envelope(one_size)
+    from t5like.scaling.data import table_warnings
+    assert any("one compute budget" in w for w in table_warnings(one_budget))
+    assert any("one model size" in w for w in table_warnings(one_size))
+    assert "learning curve" in fit_powerlaw(one_size).details["warnings"][0]
+    # a healthy table has no warnings
+    assert table_warnings(synthetic_isoflop(LAW, seed=0)) == []
+
+
+def test_cli_warns_on_bad_flops_and_duplicates_and_plots_without_powerlaw(tmp_path):
+    # 3 budgets × 5 sizes: 3 frontier points, too few for the power law, so `plot` must draw without
+    # it. The flops column is in PFLOP/s-days-like units (1e-15 of FLOPs) and one run is pasted twice.
+    data = synthetic_isoflop(LAW, budgets=[1e18, 1e19, 1e20], sizes_per_budget=5, seed=2)
+    rows = [[n, d, c * 1e-15, l] for n, d, c, l in zip(data.params, data.tokens, data.flops, data.loss)]
+    rows.append(rows[6])
+    csv_path = write_csv(tmp_path / "r.csv", ["params", "tokens", "flops", "loss"], rows)
+    fit_path = tmp_path / "fit.json"
+    proc = run_cli("fit", csv_path, "--grid", "coarse", "--out", fit_path)
+    plot = run_cli("plot", csv_path, "--fit", fit_path, "--out", tmp_path / "plots", check=False)
+    assert plot.returncode == 0 and "Traceback" not in plot.stderr, plot.stderr
+    assert len(os.listdir(tmp_path / "plots")) == 6
+    assert "warning: column 'flops' is on average 1e-15× 6·N·D" in proc.stderr, proc.stderr
+    assert "warning: 1 exactly duplicated row(s) (lines 8, 17)" in proc.stderr, proc.stderr
+    d = json.loads(fit_path.read_text())
+    assert any("orders of magnitude" in w for w in d["meta"]["warnings"])
+    assert any("duplicated" in w for w in d["meta"]["warnings"])
+    assert "powerlaw fit needs at least 4 runs on the compute frontier" in d["powerlaw"]["error"]

@@ -1,6 +1,7 @@
 """Command line for the data pipeline.
 
     python -m t5like.data train-tokenizer --out DIR --vocab-size 32128 [--source files --paths 'c/*.txt']
+    (DIR may be gs://bucket/path)
     python -m t5like.data preview --tokenizer DIR/spm.model --vocab-size 32128 --objective span_corruption
 """
 from __future__ import annotations
@@ -47,11 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     preview.add_argument("--split", choices=("train", "validation"), default="train")
     _add_source_args(preview)
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace) -> int:
+    from t5like import storage
     from t5like.data.sources import training_texts
     from t5like.data.tokenizer import get_tokenizer, train_tokenizer
 
     if args.command == "train-tokenizer":
+        storage.check_workdir(args.out, "--out")  # local or gs://; refused before reading any text
         cfg = _config(args, tokenizer_train_chars=args.train_chars)
         tok = train_tokenizer(training_texts(cfg), args.out, args.vocab_size, cfg.num_sentinels, args.train_chars)
         print(f"wrote {args.out}/spm.model: {tok.piece_size} pieces + {cfg.num_sentinels} sentinels "

@@ -90,7 +90,7 @@ class DataConfig:
         _in_range("mlm_probability", self.mlm_probability, 0, 1)
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"data.validation_fraction={self.validation_fraction} must be in [0, 1); try 0.02")
-        if self.mean_noise_span_length < 1:
+        if not 1 <= self.mean_noise_span_length < float("inf"):  # NaN fails this too
             raise ValueError(f"data.mean_noise_span_length={self.mean_noise_span_length} must be >= 1; T5 uses 3.0")
         for name, low in (("seq_len", 2), ("num_proc", 1), ("tokenizer_train_chars", 1), ("shuffle_buffer", 1),
                           ("max_files", 0), ("target_len", 0), ("num_sentinels", 0)):

@@ -67,9 +67,15 @@ class BatchIterator:
     """
 
     def __init__(self, table: PackedTable, objective: Objective, *, batch_size: int, seed: int,
-                 shuffle: bool, infinite: bool, num_batches: int | None = None):
+                 shuffle: bool, infinite: bool, num_batches: int | None = None, host: tuple[int, int] = (0, 1)):
         self.table, self.objective = table, objective
         self.batch_size, self.seed = batch_size, seed
+        # Every host holds the whole table and walks the same global order; host h of n takes rows
+        # [h*B/n, (h+1)*B/n) of each global batch of B rows. The position is therefore global (the same on
+        # every host, whatever their number), and a row's random draws depend on its global row id only.
+        self.host_index, self.host_count = host
+        if batch_size % self.host_count:
+            raise ValueError(f"global batch_size={batch_size} does not divide over {self.host_count} hosts")
         self.shuffle, self.infinite, self.num_batches = shuffle, infinite, num_batches
         self.num_rows = table.num_rows
         self._epoch, self._index, self._emitted = 0, 0, 0
@@ -123,7 +129,9 @@ class BatchIterator:
             epochs.append(np.full(take, self._epoch))
             self._index += take
         self._emitted += 1
-        row_ids, row_epochs = np.concatenate(rows), np.concatenate(epochs)
+        share = B // self.host_count
+        mine = slice(self.host_index * share, (self.host_index + 1) * share)
+        row_ids, row_epochs = np.concatenate(rows)[mine], np.concatenate(epochs)[mine]
         tokens, segment_ids, positions = self.table.rows(row_ids)
         rngs = _row_rngs(self.seed, row_epochs, row_ids) if self.objective.is_random else None
         return self.objective(tokens, segment_ids, positions, rngs)
@@ -235,8 +243,10 @@ def make_iterator(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, batch_si
     """Batches of `cfg.objective` for this host: dicts of numpy arrays, [batch_size, ...] each.
 
     split: "train" (infinite, shuffled when cfg.shuffle) or "validation" (one ordered pass, repeatable).
-    batch_size: rows per batch on THIS host. process_index/count default to jax's; each host reads a
-    disjoint share of the documents. num_batches (validation only): yield exactly this many batches.
+    batch_size: rows per batch on THIS host. process_index/count default to jax's. Local sources: every
+    host reads all documents and takes its rows of each global batch, so the order, the random draws
+    and the saved position do not depend on the host count. The hub source streams a disjoint share of
+    the documents to each host. num_batches (validation only): yield exactly this many batches.
     Keys per objective are listed in t5like.data.objectives; `it.state()` / `it.restore(state)` resume.
     """
     cfg.validate()
@@ -260,8 +270,9 @@ def make_iterator(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, batch_si
         ds = sources.open_stream(cfg, split, process_index, process_count, shuffle=train and cfg.shuffle, seed=seed)
         return StreamingBatchIterator(ds, tokenizer, objective, batch_size=batch_size, seed=seed, infinite=train,
                                       num_batches=num_batches)
-    docs = sources.load_documents(cfg, split, process_index, process_count)
+    docs = sources.load_documents(cfg, split, 0, 1)
     tokens, lengths = tokenize_documents(docs, tokenizer, cfg.num_proc)
     table = PackedTable.from_lengths(tokens, lengths, objective.row_len)
-    return BatchIterator(table, objective, batch_size=batch_size, seed=seed, shuffle=train and cfg.shuffle,
-                         infinite=train, num_batches=num_batches)
+    return BatchIterator(table, objective, batch_size=batch_size * process_count, seed=seed,
+                         shuffle=train and cfg.shuffle, infinite=train, num_batches=num_batches,
+                         host=(process_index, process_count))

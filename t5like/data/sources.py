@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import json
 import os
 import sysconfig
 from typing import Iterator
@@ -113,9 +114,19 @@ def split_indices(keys: list[str], split: str, validation_fraction: float) -> np
             held_out[np.argmax(u)] = False
     chosen = np.flatnonzero(held_out if split == "validation" else ~held_out)
     if not len(chosen):
-        why = ("data.validation_fraction=0 holds nothing out; set it > 0, e.g. 0.02" if split == "validation"
-               else "there are too few documents; add data or lower data.validation_fraction")
-        raise ValueError(f"the {split} split of {len(keys)} documents is empty: {why}")
+        if not keys:
+            why = "there are no documents; check data.paths"
+        elif split == "validation" and validation_fraction == 0:
+            why = "data.validation_fraction=0 holds nothing out; set it > 0, e.g. 0.02"
+        elif len(keys) < 2:
+            # the split is by whole documents (files for format=text, rows otherwise): one cannot be shared
+            why = (f"with data.validation_fraction={validation_fraction} whole documents are held out, and a "
+                   f"single document cannot be split into train and validation; add documents (at least 2; "
+                   f"for format=text each file is one document), e.g. split the file in two")
+        else:
+            why = (f"data.validation_fraction={validation_fraction} leaves no document for it; "
+                   "add documents or lower data.validation_fraction")
+        raise ValueError(f"the {split} split of {len(keys)} document{'' if len(keys) == 1 else 's'} is empty: {why}")
     return chosen
 
 
@@ -183,10 +194,49 @@ def load_documents(cfg: DataConfig, split: str, process_index: int = 0, process_
     return ds
 
 
+def _json_kind(item) -> str:
+    return {str: "a JSON string", list: "a JSON array", bool: "a JSON boolean", type(None): "JSON null"}.get(
+        type(item), "a JSON number")
+
+
+def _bad_json_line(path: str, text_field: str) -> str | None:
+    """Why a JSON-lines file cannot be read, naming its first bad line (1-based, as an editor shows it);
+    None when every non-blank line is a JSON object."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                return f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno}): {line.strip()[:80]!r}"
+            if not isinstance(item, dict):
+                return (f"{path}: line {n} is {_json_kind(item)}, not an object such as "
+                        f'{{"{text_field}": "..."}}')
+    return None
+
+
+def _whole_file_json(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+        return True
+    except ValueError:
+        return False
+
+
 def _load(cfg: DataConfig, builder: str, files: list[str], cache_dir: str | None, **kwargs) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
     except Exception as e:  # the builders' own errors do not say which config field to change
+        if builder == "json":  # say which line of which file; only on failure, so good files are read once
+            for f in files:
+                if cfg.format == "json" and _whole_file_json(f):
+                    continue  # a JSON array/object file, not lines
+                why = _bad_json_line(f, cfg.text_field)
+                if why:
+                    raise ValueError(f"{why}; fix or delete that line (data.format={cfg.format!r} reads one JSON "
+                                     f"object per line)") from e
         raise ValueError(f"could not load {len(files)} file(s) such as {files[0]} as data.format={cfg.format!r}: "
                          f"{type(e).__name__}: {e}") from e
 

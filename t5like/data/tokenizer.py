@@ -46,8 +46,8 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str, vocab_size: int, num_sentinels: int) -> "Tokenizer":
-        with open(path, "rb") as f:
-            return cls(f.read(), vocab_size, num_sentinels)
+        from t5like import storage
+        return cls(storage.read_bytes(path), vocab_size, num_sentinels)
 
     # Pickle as the model bytes: datasets.map needs that for num_proc > 1 and to fingerprint its cache.
     def __getstate__(self):
@@ -114,7 +114,8 @@ def _sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int, num_sentinels: int,
                     max_chars: int) -> Tokenizer:
-    """Train a unigram SentencePiece model on up to `max_chars` of `texts`; write out_dir/spm.model.
+    """Train a unigram SentencePiece model on up to `max_chars` of `texts`; write out_dir/spm.model
+    (with spm.vocab and meta.json); out_dir may be local or gs://.
 
     Whitespace and newlines are kept exactly (identity normalisation, no dummy prefix) and unseen
     characters fall back to bytes, so decode(encode(x)) == x for code.
@@ -138,16 +139,18 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int, num_sen
             minloglevel=2)
     except RuntimeError as e:
         raise _explain_spm_error(e, vocab_size, num_sentinels, max_chars) from e
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "spm.model"), "wb") as f:
-        f.write(model.getvalue())
+    from t5like import storage
+
     tokenizer = Tokenizer(model.getvalue(), vocab_size, num_sentinels)
-    with open(os.path.join(out_dir, "spm.vocab"), "w", encoding="utf-8") as f:
-        for i in range(tokenizer.piece_size):
-            f.write(f"{tokenizer._sp.id_to_piece(i)}\t{tokenizer._sp.get_score(i)}\n")
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump({"vocab_size": vocab_size, "num_sentinels": num_sentinels, "pieces": tokenizer.piece_size,
-                   "train_chars": sum(map(len, sentences))}, f, indent=1)
+    sp = tokenizer._sp
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(tokenizer.piece_size))
+    meta = {"vocab_size": vocab_size, "num_sentinels": num_sentinels, "pieces": tokenizer.piece_size,
+            "train_chars": sum(map(len, sentences))}
+    # out_dir may be gs://. spm.model goes last, so its presence means the other files are there too.
+    storage.makedirs(out_dir)
+    storage.write_atomic(storage.join(out_dir, "spm.vocab"), vocab.encode("utf-8"))
+    storage.write_atomic(storage.join(out_dir, "meta.json"), json.dumps(meta, indent=1))
+    storage.write_atomic(storage.join(out_dir, "spm.model"), model.getvalue())
     return tokenizer
 
 
@@ -167,38 +170,59 @@ def _explain_spm_error(e: RuntimeError, vocab_size: int, num_sentinels: int, max
     return ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {msg}")
 
 
+def _train_into(cfg: DataConfig, final: str, vocab_size: int) -> None:
+    """Train in a local temporary directory, then publish: a rename locally; on Cloud Storage one upload
+    per file with spm.model last, so its presence means the tokenizer is complete."""
+    from t5like import storage
+    from t5like.data.sources import training_texts
+
+    remote = storage.is_remote(final)
+    parent = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
+    try:
+        train_tokenizer(training_texts(cfg), tmp, vocab_size, cfg.num_sentinels, cfg.tokenizer_train_chars)
+        if remote:
+            for name in ("meta.json", "spm.vocab", "spm.model"):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    storage.write_atomic(storage.join(final, name), f.read())
+            return
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.exists(os.path.join(final, "spm.model")):  # not a lost race: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def get_tokenizer(cfg: DataConfig, workdir: str, vocab_size: int) -> Tokenizer:
     """The run's tokenizer: cfg.tokenizer_path if set, else WORKDIR/tokenizer/spm.model, trained on first use.
 
-    Training reads up to cfg.tokenizer_train_chars of training-split text, writes to a temporary
-    directory and renames it into place, so a crash never leaves a half-written tokenizer behind.
+    Training reads up to cfg.tokenizer_train_chars of training-split text on host 0, writes to a temporary
+    directory and publishes it whole (see _train_into), so a crash never leaves a half-written tokenizer
+    behind; the other hosts wait for it. WORKDIR may be gs://.
     """
     cfg.validate()
     if cfg.tokenizer_path:
         return Tokenizer.from_file(cfg.tokenizer_path, vocab_size, cfg.num_sentinels)
-    final = os.path.join(workdir, "tokenizer")
-    path = os.path.join(final, "spm.model")
-    if not os.path.exists(path):
-        import jax  # only here: everything else in t5like.data works without initialising a backend
+    from t5like import storage
 
+    final = storage.join(workdir, "tokenizer")
+    path = storage.join(final, "spm.model")
+    import jax  # only here: everything else in t5like.data works without initialising a backend
+
+    missing = not storage.exists(path)
+    if jax.process_count() > 1:  # host 0's view decides, so every host takes the same branch
+        from jax.experimental import multihost_utils
+        import numpy as np
+        missing = bool(multihost_utils.broadcast_one_to_all(np.array(missing)))
+    if missing:
+        # One host trains, the others wait for it: hosts training separately could differ.
+        if jax.process_index() == 0:
+            _train_into(cfg, final, vocab_size)
         if jax.process_count() > 1:
-            # Hosts training separately could end up with different vocabularies.
-            raise ValueError(f"no tokenizer at {path} and data.tokenizer_path is empty, but this is a "
-                             f"{jax.process_count()}-host run; train one first with `python -m t5like.data "
-                             "train-tokenizer --out DIR --vocab-size N` and set data.tokenizer_path=DIR/spm.model")
-        from t5like.data.sources import training_texts
-
-        os.makedirs(workdir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=workdir)
-        try:
-            train_tokenizer(training_texts(cfg), tmp, vocab_size, cfg.num_sentinels, cfg.tokenizer_train_chars)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not os.path.exists(path):  # not a lost race with another process: a real error
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            multihost_utils.sync_global_devices("t5like: tokenizer trained")
     tokenizer = Tokenizer.from_file(path, vocab_size, cfg.num_sentinels)
     if tokenizer.piece_size != vocab_size - cfg.num_sentinels:
         raise ValueError(f"{path} was trained for vocab_size={tokenizer.piece_size + cfg.num_sentinels}, not "

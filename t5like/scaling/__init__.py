@@ -12,7 +12,8 @@ Names are imported on first use, so `import t5like.scaling.design` does not pay 
 import importlib
 
 _EXPORTS = {
-    "data": ("ChinchillaLaw", "ScalingData", "compute_groups", "from_arrays", "load_csv", "synthetic_isoflop"),
+    "data": ("ChinchillaLaw", "ScalingData", "compute_groups", "from_arrays", "load_csv", "synthetic_isoflop",
+             "table_warnings"),
     "fit": ("APPROACHES", "Fit", "fit_all", "fit_envelope", "fit_isoflop", "fit_parametric", "fit_powerlaw",
             "frontier", "hoffmann_grid", "load_fits", "run_fit", "save_fits"),
 }

@@ -7,6 +7,12 @@
 RESULTS.csv is a sweep runner's table or any CSV with params, tokens and loss columns (flops optional,
 else 6·params·tokens; budget optional, else runs whose flops agree within 10% form one budget).
 
+One compute convention per table: every approach takes C from the table's own flops column when it has
+one, else C = 6·N·D; budgets only group runs. fit.json's meta.flops_convention states it, with k, the
+table's flops/(N·D); `predict --flops C` reads C in that convention. A table with one budget or one
+model size, duplicated rows, or a flops column orders of magnitude from 6·N·D gets warnings (stderr and
+meta.warnings); an approach that cannot be identified on it is refused.
+
 fit.json is one JSON object. For one approach its fitted parameters are top-level keys; with
 `--approach all` each approach is a key ("powerlaw", "envelope", "isoflop", "parametric") holding that
 object, or {"error": ...} if it could not run on this data. Per approach:
@@ -14,7 +20,8 @@ object, or {"error": ...} if it could not run on this data. Per approach:
   envelope    a, b, N_coef, D_coef (N_opt = N_coef·C^a, D_opt = D_coef·C^b), points
   isoflop     a, b, N_coef, D_coef, optima [{budget, N_opt, D_opt, loss_opt, ...}], skipped_budgets
   parametric  E, A, B, alpha, beta (L = E + A/N^alpha + B/D^beta); a = beta/(alpha+beta), b = alpha/(alpha+beta),
-              G = (alpha·A/(beta·B))^(1/(alpha+beta)): N_opt = G·(C/6)^a = N_coef·C^a, D_opt = (C/6)^b/G = D_coef·C^b
+              G = (alpha·A/(beta·B))^(1/(alpha+beta)): N_opt = G·(C/k)^a = N_coef·C^a, D_opt = (C/k)^b/G = D_coef·C^b
+              with C = k·N·D, k = flops_per_param_token (6 without a flops column)
 With --bootstrap N each parameter also has <name>_ci = [lo, hi] and "bootstrap" stores the
 resampled parameters (so `predict` can give intervals). "meta" records the input and options.
 """
@@ -26,7 +33,8 @@ import sys
 
 import numpy as np
 
-from t5like.scaling.data import load_csv
+from t5like import storage
+from t5like.scaling.data import check_out_file, load_csv
 from t5like.scaling.fit import APPROACHES, Fit, fit_all, hoffmann_grid, load_fits, run_fit, save_fits
 
 
@@ -69,6 +77,8 @@ def _fit(data, approach: str, args) -> dict[str, Fit | str]:
 
 
 def cmd_fit(args) -> int:
+    if args.out:
+        check_out_file(args.out, "fit.json")
     data = _load(args)
     fits = _fit(data, args.approach, args)
     meta = {**data.meta(), "approach": args.approach, "bootstrap": args.bootstrap, "level": args.level,
@@ -76,8 +86,13 @@ def cmd_fit(args) -> int:
             "isoflop_window": args.isoflop_window}
     if not any(isinstance(f, Fit) for f in fits.values()):
         raise ValueError("no approach could be fitted:\n  " + "\n  ".join(f"{k}: {v}" for k, v in fits.items()))
+    print(f"compute: {meta['flops_convention']['text']}", file=sys.stderr)
+    for w in meta["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     for name, f in fits.items():
         print(f.summary() if isinstance(f, Fit) else f"{name}: skipped: {f}", file=sys.stderr)
+        for w in f.details.get("warnings", []) if isinstance(f, Fit) else []:
+            print(f"warning: {name}: {w}", file=sys.stderr)
     if args.out:
         save_fits(args.out, fits, meta)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -98,6 +113,12 @@ def cmd_predict(args) -> int:
         if args.approach not in fits:
             raise ValueError(f"{args.fit} has no successful '{args.approach}' fit; it has: {', '.join(fits) or 'none'}.")
         fits = {args.approach: fits[args.approach]}
+    convention = (meta.get("flops_convention") or {}).get("text", "unknown (fit.json predates this field)")
+    for w in meta.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    for name, f in fits.items():
+        for w in f.details.get("warnings", []):
+            print(f"warning: {name}: {w}", file=sys.stderr)
     rows = []
     for C in args.flops:
         if not C > 0:
@@ -105,13 +126,15 @@ def cmd_predict(args) -> int:
         for name, f in fits.items():
             point = {k: float(v) for k, v in f.predict(C).items()}
             ci = {k: v.tolist() for k, v in f.predict_interval(C).items()}
-            rows.append({"flops": C, "approach": name, **point, **{f"{k}_ci": v for k, v in ci.items()}})
+            rows.append({"flops": C, "approach": name, **point, **{f"{k}_ci": v for k, v in ci.items()},
+                         "flops_convention": convention})
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         print()
         return 0
     level = next((f.level for f in fits.values() if f.samples), None)
     print(f"{args.fit}: " + (f"[{level:.0%} bootstrap intervals]" if level else "(no bootstrap: point estimates only)"))
+    print(f"compute: {convention}")
     cols = (("loss", "loss [nats/token]"), ("N_opt", "N_opt [params]"), ("D_opt", "D_opt [tokens]"),
             ("tokens_per_param", "tokens/param"))
     print(f"{'C [FLOPs]':>10}  {'approach':<11}" + "".join(f"  {h:<28}" for _, h in cols))
@@ -131,6 +154,7 @@ def cmd_predict(args) -> int:
 def cmd_plot(args) -> int:
     from t5like.scaling.plot import plot_all  # matplotlib only when plotting
 
+    storage.check_workdir(args.out, "--out")
     data = _load(args)
     fits: dict[str, Fit] = {}
     if args.fit:

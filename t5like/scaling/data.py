@@ -7,9 +7,12 @@ the row, the column and a fix, before any optimiser runs.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+from t5like import storage
 
 # A sweep runner's table marks each run; only these count. Rows of other statuses (failed, running, ...)
 # are skipped, so a NaN loss on a failed run is not an error.
@@ -24,7 +27,7 @@ class ScalingData:
 
     `flops` is 6·params·tokens when the table had no flops column (`flops_from_6nd`). `budget` is the
     nominal IsoFLOP budget when the table had one. `rows` holds each row's 1-based data-row number in the
-    source, so that later messages can point at it.
+    source, so that later messages can point at it; for a CSV (`rows_are_lines`) that is its line number.
     """
 
     params: np.ndarray
@@ -38,6 +41,7 @@ class ScalingData:
     flops_from_6nd: bool = False
     source: str = "<arrays>"
     n_skipped_status: int = 0
+    rows_are_lines: bool = False
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -48,11 +52,26 @@ class ScalingData:
         return replace(self, params=self.params[idx], tokens=self.tokens[idx], flops=self.flops[idx],
                        loss=self.loss[idx], budget=pick(self.budget), rows=pick(self.rows))
 
+    def convention(self) -> dict:
+        """The table's one compute convention: every fit takes C from `flops` (the table's own flops column
+        when it has one, else 6·N·D). `flops_per_param_token` k is the geometric mean of flops/(N·D) over
+        the runs: the parametric fit allocates a budget as C = k·N·D."""
+        k = self.flops / (self.params * self.tokens)
+        k_mean = float(np.exp(np.mean(np.log(k))))
+        if self.flops_from_6nd:
+            text = "C = 6·N·D (the table has no flops column)"
+        else:
+            text = (f"C = the table's '{self.columns.get('flops', 'flops')}' column "
+                    f"(about {k_mean:.3g}·N·D; {k.min():.3g}–{k.max():.3g}·N·D across runs)")
+        return {"text": text, "from_6nd": self.flops_from_6nd, "flops_per_param_token": k_mean,
+                "flops_per_param_token_range": [float(k.min()), float(k.max())]}
+
     def meta(self) -> dict:
         """What went into a fit, for fit.json."""
         return {"source": self.source, "n_points": len(self), "loss_column": self.loss_column,
                 "columns": dict(self.columns), "flops_from_6nd": self.flops_from_6nd,
-                "has_budget": self.budget is not None, "n_skipped_status": self.n_skipped_status}
+                "has_budget": self.budget is not None, "n_skipped_status": self.n_skipped_status,
+                "flops_convention": self.convention(), "warnings": table_warnings(self)}
 
 
 def _check_values(name: str, values: np.ndarray, rows: np.ndarray, column: str | None = None) -> None:
@@ -98,19 +117,47 @@ def from_arrays(params, tokens, loss, flops=None, budget=None, *, rows=None, los
                        flops_from_6nd=from_6nd, source=source, n_skipped_status=n_skipped_status)
 
 
+def read_input(path: str, what: str) -> bytes:
+    """The bytes of a file the user named (local or gs://), or an error that names it and says what is wrong."""
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        if storage.is_remote(path):
+            bucket = "gs://" + str(path)[len("gs://"):].split("/", 1)[0]
+            if not storage.exists(bucket):
+                raise FileNotFoundError(f"{path}: bucket {bucket} does not exist (or this account cannot see it); "
+                                        f"check the {what}'s path.") from None
+        raise FileNotFoundError(f"{path}: no such file; check the {what}'s path.") from None
+    except IsADirectoryError:
+        data = b""
+    if not data and storage.path(path).is_dir():  # on gs:// a "directory" reads as empty
+        raise ValueError(f"{path} is a directory; pass the {what} file itself.")
+    return data
+
+
+def check_out_file(out: str, example: str) -> None:
+    """--out names a file (local or gs://): refuse a directory or an unusable place before any work."""
+    if storage.path(out).is_dir():
+        raise ValueError(f"--out {out!r} is a directory; name the file to write, e.g. {storage.join(out, example)}.")
+    storage.check_workdir(str(storage.path(out).parent), "--out's directory")
+
+
 def load_csv(path: str, *, loss_column: str | None = None, params_column: str = "params",
              tokens_column: str = "tokens", flops_column: str = "flops", budget_column: str = "budget",
              status_column: str = "status") -> ScalingData:
     """Read a sweep table (or any CSV with params, tokens, loss columns) and validate it.
 
     Optional columns: `flops` (else 6·N·D), `budget` (nominal IsoFLOP budget, used to group runs) and
-    `status` (if present, only rows with status ok/finished are used).
+    `status` (if present, only rows with status ok/finished are used). `path` may be local or gs://.
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a spreadsheet's BOM
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        records = list(reader)
+    try:
+        text = read_input(path, "results table").decode("utf-8-sig")  # -sig: tolerate a spreadsheet's BOM
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the table as a UTF-8 CSV.") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    reader.fieldnames = header
+    records = list(reader)
     if not header:
         raise ValueError(f"{path}: empty file, expected a CSV header with at least params, tokens, loss columns.")
     have = ", ".join(header)
@@ -162,11 +209,12 @@ def load_csv(path: str, *, loss_column: str | None = None, params_column: str = 
         cols["budget"] = budget_column
     values = {k: column(c) for k, c in cols.items()}
     try:
-        return from_arrays(**values, rows=lines, loss_column=loss_column, columns=cols, source=str(path),
+        data = from_arrays(**values, rows=lines, loss_column=loss_column, columns=cols, source=str(path),
                            n_skipped_status=n_skipped)
     except ValueError as e:
         # from_arrays says "row <n>"; in a file that is the line number.
         raise ValueError(f"{path}: {str(e).replace('row ', 'line ', 1)}") from None
+    return replace(data, rows_are_lines=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,6 +251,64 @@ def compute_groups(data: ScalingData, bins_per_decade: float | None = None,
         gid[order] = gid_sorted
     budgets = np.exp(np.bincount(gid, np.log(data.flops)) / np.bincount(gid))
     return gid, budgets
+
+
+# ------------------------------------------------------------------------------------------------
+# Degenerate tables: what a fit cannot see for itself
+
+# A flops column more than this factor away from 6·N·D is in other units or counts something else.
+CONVENTION_FACTOR = 10.0
+# A budget column this far from its runs' flops was computed under another convention than the flops.
+BUDGET_FACTOR = 1.5
+
+
+def _lines(rows: np.ndarray, idx) -> str:
+    idx = list(idx)
+    shown = ", ".join(str(rows[i]) for i in idx[:5])
+    return shown + (f" (and {len(idx) - 5} more)" if len(idx) > 5 else "")
+
+
+def table_warnings(data: ScalingData) -> list[str]:
+    """What is wrong with a table although each value is valid: duplicated runs, a flops column in
+    other units, one budget or one model size. Fits that cannot be identified on such a table refuse
+    (see fit.py); these warnings go into fit.json's meta and the CLI's output."""
+    out = []
+    rows = data.rows if data.rows is not None else np.arange(1, len(data) + 1)
+    where = "lines" if data.rows_are_lines else "rows"
+    budget = data.budget if data.budget is not None else np.zeros(len(data))  # not NaN: NaN != NaN in unique
+    key = np.stack([data.params, data.tokens, data.flops, data.loss, budget], 1)
+    _, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    dup_groups = [np.flatnonzero(inverse == g) for g in np.flatnonzero(counts > 1)]
+    if dup_groups:
+        listed = "; ".join(f"{where} {_lines(rows, g)}" for g in dup_groups[:5])
+        out.append(f"{sum(len(g) - 1 for g in dup_groups)} exactly duplicated row(s) ({listed}): the same run "
+                   "entered twice counts twice in every fit. Drop the copies, or rerun the runs if they are "
+                   "meant to be repeats (a real repeat does not reproduce the loss to the last digit).")
+    if not data.flops_from_6nd:
+        k = data.convention()["flops_per_param_token"]
+        if not 6.0 / CONVENTION_FACTOR <= k <= 6.0 * CONVENTION_FACTOR:
+            col = data.columns.get("flops", "flops")
+            out.append(f"column '{col}' is on average {k / 6.0:.3g}× 6·N·D (flops/(N·D) = {k:.3g}, where a "
+                       "transformer's training FLOPs are about 6·N·D): it disagrees with the FLOPs convention by "
+                       "orders of magnitude. Is it in other units (PFLOP/s-days, per step, per token)? Convert "
+                       "it to total training FLOPs, or drop the column to use 6·N·D.")
+    if data.budget is not None:
+        ratio = data.flops / data.budget
+        bad = np.flatnonzero((ratio > BUDGET_FACTOR) | (ratio < 1 / BUDGET_FACTOR))
+        if bad.size:
+            out.append(f"{bad.size} row(s) have flops far from their budget ({where} {_lines(rows, bad)}; "
+                       f"flops/budget = {ratio[bad[0]]:.3g} at the first): the budget column and the flops follow "
+                       "different conventions. Budgets only group the runs; every fit uses the flops as C.")
+    _, budgets = compute_groups(data)
+    if len(budgets) < 2:
+        out.append(f"all {len(data)} runs are at one compute budget (C ≈ {budgets[0]:.3g}): no fit can say how "
+                   "loss or the optimal size changes with compute. Add runs at more budgets.")
+    sizes = np.unique(data.params)
+    if len(sizes) < 2:
+        out.append(f"all {len(data)} runs have one model size (N = {sizes[0]:.4g}): there is no compute-optimal "
+                   "size to find, only that model's learning curve. Add runs of other sizes.")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

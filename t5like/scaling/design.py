@@ -47,8 +47,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from t5like import storage
 from t5like.accounting import param_counts, training_flops
 from t5like.config import Config, ModelConfig, apply_overrides, to_dict
+from t5like.scaling.data import check_out_file
 
 GATED = ("gated_gelu", "swiglu")
 
@@ -286,8 +288,7 @@ class Plan:
             text = buf.getvalue()
         else:
             raise ValueError(f"--out {path!r}: the plan is written as .csv or .json; name the file accordingly.")
-        with open(path, "w") as f:
-            f.write(text)
+        storage.write_atomic(path, text)
 
     def table(self) -> str:
         lines = [f"{'trial':<34} {'budget':>8} {'params':>9} {'non-emb':>9} {'L':>3} {'d':>5} {'tokens':>9} "
@@ -517,6 +518,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.sizes:
             design = dataclasses.replace(design, sizes_per_budget=args.sizes,
                                          min_sizes_per_budget=min(design.min_sizes_per_budget, args.sizes))
+        if args.out:
+            check_out_file(args.out, "plan.csv")
         plan = plan_isoflop(base, design)
         print(plan.table())
         for reason in plan.skipped:

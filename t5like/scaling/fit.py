@@ -10,21 +10,21 @@
 
 Every fit returns a `Fit`; `bootstrap=n` resamples runs with replacement n times and refits, giving
 percentile intervals and the parameter samples (which `Fit.predict` propagates to predictions).
-Nonlinear fits use a batched L-BFGS in JAX (float64, inside `jax.enable_x64`), vectorised over starts
-and bootstrap resamples, so the 4500-start Hoffmann grid takes seconds.
+Nonlinear fits use the batched L-BFGS of lbfgs.py (JAX, float64), vectorised over starts and bootstrap
+resamples, so the 4500-start Hoffmann grid takes seconds.
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass, field
-from functools import partial
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5like.scaling.data import ScalingData, compute_groups
+from t5like import storage
+from t5like.scaling.data import ScalingData, compute_groups, read_input
+from t5like.scaling.lbfgs import minimize_batch
 
 APPROACHES = ("powerlaw", "envelope", "isoflop", "parametric")
 # Fitted parameters per approach, in the order fit.json lists them.
@@ -36,21 +36,9 @@ PARAM_NAMES = {
 }
 HUBER_DELTA = 1e-3
 
-# ================================================================================================
-# Batched L-BFGS
-#
-# optax.lbfgs under jax.vmap works but is slow on CPU (its zoom line search is a data-dependent
-# while_loop; vmapped over the 4500 Hoffmann starts it took minutes here). Instead the line search is
-# vectorised: each iteration evaluates the objective at a fixed ladder of step sizes along the L-BFGS
-# direction, for every start at once, and keeps the best. Converged starts hand their slot to queued
-# ones between chunks of iterations (see minimize_batch).
 
-# Step ladders along the search direction. An L-BFGS direction is well scaled (t = 1 is usually right).
-# Steepest descent (first iteration, or after a reset) is taken with unit length, and near an optimum of
-# the nearly piecewise-linear Huber objective the right step can be far below that: hence 1 down to 1e-8.
-_STEPS = np.array([4.0, 1.0, 1 / 4, 1 / 16, 1 / 128, 1 / 2048])
-_STEPS_SD = np.array([1.0, 2.5e-2, 6.3e-4, 1.6e-5, 4e-7, 1e-8])
-_MAX_TRIAL_ELEMENTS = 2e7  # slots × steps × points: bounds the trial tensor's memory
+# ================================================================================================
+# Objectives (minimised by the batched L-BFGS in lbfgs.py)
 
 
 def _huber(r, delta):
@@ -72,139 +60,6 @@ def _powerlaw_objective(theta, w, X, y, delta):
     e, k, alpha = theta[0], theta[1], theta[2]
     pred = jnp.logaddexp(e, k - alpha * X[:, 0])
     return 0.5 * jnp.sum(w * (pred - y) ** 2)
-
-
-def _finite(v):
-    return jnp.where(jnp.isfinite(v), v, jnp.inf)
-
-
-def _batch_fns(objective, w, X, y, delta):
-    w_axis = 0 if w.ndim == 2 else None
-    f = lambda th, ww: objective(th, ww, X, y, delta)
-    value_and_grad = jax.vmap(jax.value_and_grad(f), in_axes=(0, w_axis))
-    trials = jax.vmap(jax.vmap(f, in_axes=(0, None)), in_axes=(0, w_axis))
-    return value_and_grad, trials
-
-
-def _two_loop(g, s_hist, y_hist, rho):
-    """L-BFGS direction −H·g from the (s, y) history; the newest pair is last, empty slots have rho = 0."""
-    def back(q, hist):
-        s, yv, r = hist
-        a = r * jnp.sum(s * q, -1)
-        return q - a[:, None] * yv, a
-
-    def forward(r, hist):
-        s, yv, rh, a = hist
-        return r + s * (a - rh * jnp.sum(yv * r, -1))[:, None], None
-
-    hist = (jnp.swapaxes(s_hist, 0, 1), jnp.swapaxes(y_hist, 0, 1), rho.T)  # memory axis first, for scan
-    q, alphas = jax.lax.scan(back, g, hist, reverse=True)
-    has = rho[:, -1] > 0
-    sy = jnp.sum(s_hist[:, -1] * y_hist[:, -1], -1)
-    yy = jnp.sum(y_hist[:, -1] ** 2, -1)
-    gnorm = jnp.maximum(jnp.linalg.norm(g, axis=-1), 1e-300)
-    # Without history: a unit-length steepest-descent step, which the step ladder then scales.
-    gamma = jnp.where(has, sy / jnp.where(has, yy, 1.0), 1.0 / gnorm)
-    r, _ = jax.lax.scan(forward, gamma[:, None] * q, hist + (alphas,))
-    d = -r
-    descent = jnp.sum(d * g, -1) < 0
-    return jnp.where(descent[:, None], d, -g / gnorm[:, None])
-
-
-@partial(jax.jit, static_argnames=("objective", "n_iter"))
-def _lbfgs_chunk(objective, x, s_hist, y_hist, rho, done, w, X, y, delta, n_iter: int, gtol: float):
-    """Up to n_iter L-BFGS iterations for every row of x (S, P); rows with done=True stay frozen.
-    The (s, y, rho) history carries over between chunks; a fresh start enters with rho = 0."""
-    value_and_grad, trials = _batch_fns(objective, w, X, y, delta)
-    ladder, ladder_sd = jnp.asarray(_STEPS)[None], jnp.asarray(_STEPS_SD)[None]
-    f, g = value_and_grad(x, w)
-    f = _finite(f)
-    done = done | ~jnp.isfinite(f) | ~jnp.all(jnp.isfinite(g), -1)
-    col = lambda m, a: m.reshape((-1,) + (1,) * (a.ndim - 1))
-
-    def body(c):
-        i, x, f, g, s_hist, y_hist, rho, done = c
-        d = _two_loop(g, s_hist, y_hist, rho)
-        had_history = rho[:, -1] > 0
-        steps = jnp.where(had_history[:, None], ladder, ladder_sd)
-        cand = x[:, None, :] + steps[:, :, None] * d[:, None, :]
-        fc = _finite(trials(cand, w))
-        j = jnp.argmin(fc, axis=1)
-        f_new = jnp.take_along_axis(fc, j[:, None], 1)[:, 0]
-        x_new = jnp.take_along_axis(cand, j[:, None, None], 1)[:, 0]
-        improved = (f_new < f - 1e-15 * jnp.abs(f)) & ~done
-        _, g_new = value_and_grad(x_new, w)
-        s, yv = x_new - x, g_new - g
-        sy = jnp.sum(s * yv, -1)
-        # Keep the curvature pair only when s·y > 0, so the implicit Hessian stays positive definite.
-        good = improved & (sy > 1e-12 * jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(yv, axis=-1))
-        push = lambda h, new: jnp.where(col(good, h), jnp.concatenate([h[:, 1:], new[:, None]], 1), h)
-        keep = lambda new, old: jnp.where(col(improved, new), new, old)
-        # No progress along an L-BFGS direction: forget the history and try steepest descent next.
-        # No progress along steepest descent either, or a tiny gradient: this row has converged.
-        wipe = ~improved & had_history & ~done
-        done = done | (~improved & ~had_history) | ((jnp.max(jnp.abs(g_new), -1) < gtol) & improved)
-        s_hist, y_hist = push(s_hist, s), push(y_hist, yv)
-        rho = push(rho, 1.0 / jnp.where(good, sy, 1.0))
-        s_hist, y_hist, rho = (jnp.where(col(wipe, h), 0.0, h) for h in (s_hist, y_hist, rho))
-        return i + 1, keep(x_new, x), keep(f_new, f), keep(g_new, g), s_hist, y_hist, rho, done
-
-    c = jax.lax.while_loop(lambda c: (c[0] < n_iter) & ~jnp.all(c[-1]), body, (0, x, f, g, s_hist, y_hist, rho, done))
-    _, x, f, _, s_hist, y_hist, rho, done = c
-    return x, f, s_hist, y_hist, rho, done
-
-
-def minimize_batch(objective, starts: np.ndarray, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None,
-                   *, delta: float = HUBER_DELTA, max_iter: int = 1000, chunk_iters: int = 20, memory: int = 10,
-                   gtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
-    """Minimise objective(theta, w, X, y, delta) from every row of `starts` (S, P).
-
-    `weights` is None (all ones), shape (n,) shared by all starts, or (S, n), one row per start (how a
-    bootstrap resample enters: row counts as weights). Returns the final (S, P) parameters and (S,)
-    objective values (inf where the start failed).
-
-    Starts stream through a fixed number of slots (a power of two): whenever a start converges, the next
-    one takes its slot. One array shape means one compilation (XLA on CPU takes seconds per shape), and
-    slow starts do not hold up the rest.
-    """
-    starts = np.asarray(starts, np.float64)
-    S, P = starts.shape
-    n = len(y)
-    weights = np.ones(n) if weights is None else np.asarray(weights, np.float64)
-    per_start = weights.ndim == 2
-    # Bound the (slots × steps × points) trial tensor; a power of two so that fits share compilations.
-    cap = 2 ** int(math.log2(max(16.0, _MAX_TRIAL_ELEMENTS / (len(_STEPS) * max(n, 1)))))
-    slots = min(cap, 512, max(16, 1 << int(math.ceil(math.log2(S)))))
-
-    x_out, f_out = starts.copy(), np.full(S, np.inf)
-    owner = np.full(slots, -1)  # the start each slot is working on; -1 = idle
-    iters = np.zeros(slots, np.int64)
-    x = np.repeat(starts[:1], slots, 0)
-    s_hist, y_hist, rho = np.zeros((slots, memory, P)), np.zeros((slots, memory, P)), np.zeros((slots, memory))
-    w = np.repeat(weights[:1], slots, 0) if per_start else weights
-    queued = 0
-    with jax.enable_x64(True):
-        Xj, yj, dj = jnp.asarray(X, jnp.float64), jnp.asarray(y, jnp.float64), jnp.float64(delta)
-        wj = jnp.asarray(w)
-        while True:
-            free = np.flatnonzero(owner < 0)[: S - queued]
-            if len(free):  # load queued starts into idle slots, with an empty history
-                x, s_hist, y_hist, rho = (np.array(a) for a in (x, s_hist, y_hist, rho))
-                owner[free], iters[free] = np.arange(queued, queued + len(free)), 0
-                queued += len(free)
-                x[free], s_hist[free], y_hist[free], rho[free] = starts[owner[free]], 0.0, 0.0, 0.0
-                if per_start:
-                    w[free] = weights[owner[free]]
-                    wj = jnp.asarray(w)
-            x, f, s_hist, y_hist, rho, done = _lbfgs_chunk(objective, x, s_hist, y_hist, rho, owner < 0, wj, Xj, yj,
-                                                           dj, n_iter=chunk_iters, gtol=gtol)
-            iters += chunk_iters
-            xh, fh, done = np.asarray(x), np.asarray(f), np.asarray(done)
-            fin = np.flatnonzero((owner >= 0) & (done | (iters >= max_iter)))
-            x_out[owner[fin]], f_out[owner[fin]] = xh[fin], fh[fin]
-            owner[fin] = -1
-            if queued == S and (owner < 0).all():
-                return x_out, f_out
 
 
 # ================================================================================================
@@ -310,8 +165,8 @@ def _predict(approach: str, p: dict, C) -> dict:
         if approach in ("envelope", "isoflop"):
             N, D = p["N_coef"] * C ** p["a"], p["D_coef"] * C ** p["b"]
             return {"N_opt": N, "D_opt": D, "tokens_per_param": D / N}
-        if approach == "parametric":  # compute-optimal allocation under C = 6·N·D
-            N, D = p["G"] * (C / 6) ** p["a"], (C / 6) ** p["b"] / p["G"]
+        if approach == "parametric":  # compute-optimal allocation under the table's C = k·N·D
+            N, D = p["N_coef"] * C ** p["a"], p["D_coef"] * C ** p["b"]
             loss = p["E"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
             return {"loss": loss, "N_opt": N, "D_opt": D, "tokens_per_param": D / N}
     raise ValueError(f"unknown approach {approach!r}; expected one of {APPROACHES}")
@@ -324,6 +179,11 @@ def _loglog(x, y, w=None) -> tuple[float, float]:
     mx, my = np.average(lx, weights=w), np.average(ly, weights=w)
     slope = np.sum(w * (lx - mx) * (ly - my)) / np.sum(w * (lx - mx) ** 2)
     return float(slope), float(np.exp(my - slope * mx))
+
+
+def _convention(data: ScalingData) -> dict:
+    """What C means in this fit: the table's own flops column if it has one, else 6·N·D."""
+    return {"flops_convention": data.convention()["text"]}
 
 
 def _need(approach: str, what: str, needed: int, got: int, hint: str = "") -> None:
@@ -342,10 +202,20 @@ def _check_bootstrap(n_bootstrap: int, level: float) -> None:
 # powerlaw: L(C) = E + (C0/C)^alpha on the compute frontier
 
 
-def frontier(flops: np.ndarray, loss: np.ndarray) -> np.ndarray:
+def frontier(flops: np.ndarray, loss: np.ndarray, budget: np.ndarray | None = None) -> np.ndarray:
     """Indices of Pareto-optimal runs, by increasing compute: each has lower loss than every run with
-    less (or equal) compute. For sorted C this is where the running minimum of loss drops."""
-    order = np.lexsort((loss, flops))
+    less (or equal) compute. For sorted C this is where the running minimum of loss drops.
+
+    With `budget` (a table's IsoFLOP budgets) a budget is one point: its lowest-loss run. The runs of one
+    budget differ in FLOPs by up to ~1% (whole steps), so without this every same-budget run with slightly
+    less compute than a better one would count as a frontier point, and the power law would be fitted
+    through runs that are not compute-optimal. The budgets' minima then form the Pareto set by budget."""
+    if budget is None:
+        order = np.lexsort((loss, flops))
+    else:
+        order = np.lexsort((loss, budget))
+        first = np.r_[True, budget[order][1:] != budget[order][:-1]]
+        order = order[first]  # one run per budget: its lowest loss, by increasing budget
     best = np.minimum.accumulate(loss[order])
     on = np.r_[True, loss[order][1:] < best[:-1]]
     return order[on]
@@ -371,9 +241,12 @@ def _powerlaw_params(theta: np.ndarray, x_ref: float) -> dict[str, np.ndarray]:
 def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0) -> Fit:
     """L(C) = E + (C0/C)^alpha, least squares on ln L over the frontier runs, from 36 starts."""
     _check_bootstrap(bootstrap, level)
-    idx = frontier(data.flops, data.loss)
+    idx = frontier(data.flops, data.loss, data.budget)
     _need("powerlaw", "runs on the compute frontier (3 parameters plus one to spare)", 4, len(idx),
           "Add runs at more compute budgets.")
+    _, budgets = compute_groups(data)
+    _need("powerlaw", "compute budgets (groups of runs at similar FLOPs)", 2, len(budgets),
+          "Runs within 10% of one another's FLOPs say nothing about how loss falls with compute.")
     lnC, lnL = np.log(data.flops), np.log(data.loss)
     x_ref = float(lnC[idx].mean())
     starts = _powerlaw_starts(lnL[idx])
@@ -385,7 +258,10 @@ def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, 
     params = {k: float(v) for k, v in _powerlaw_params(best, x_ref).items()}
     details = {"frontier": [{"flops": data.flops[i], "loss": data.loss[i], "params": data.params[i],
                              "tokens": data.tokens[i]} for i in idx],
-               "n_frontier": len(idx), "objective": float(f.min())}
+               "n_frontier": len(idx), "objective": float(f.min()), **_convention(data)}
+    if len(np.unique(data.params)) < 2:
+        details["warnings"] = ["every run has one model size, so this frontier is that model's learning curve "
+                               "(it flattens at the model's capacity), not the compute-optimal frontier."]
     fit = Fit("powerlaw", params, details)
     if bootstrap:
         rng = np.random.default_rng(seed)
@@ -394,7 +270,8 @@ def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, 
         for r in range(bootstrap):
             counts = np.bincount(rng.integers(0, len(data), len(data)), minlength=len(data))
             sub = np.flatnonzero(counts)
-            fr = sub[frontier(data.flops[sub], data.loss[sub])]
+            budget = None if data.budget is None else data.budget[sub]
+            fr = sub[frontier(data.flops[sub], data.loss[sub], budget)]
             W[r, fr], ok[r] = counts[fr], len(fr) >= 4
         W = W[ok]
         cols = np.flatnonzero(W.any(0))  # only runs that are on some resample's frontier
@@ -432,13 +309,18 @@ def fit_envelope(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, 
     gid, budgets = compute_groups(data, bins_per_decade)
     _need("envelope", "compute budgets (groups of runs at similar FLOPs)", 3, len(budgets),
           "Add runs at more budgets, or pass a budget column / --bins-per-decade.")
+    _need("envelope", "distinct model sizes", 2, len(np.unique(data.params)),
+          "With one size the lowest-loss run of every budget is that size: N_opt ∝ C^0 says nothing.")
     pts = _envelope_points(data, gid, np.arange(len(data)))
     if len(np.unique(data.flops[pts])) < 2:
         raise ValueError("envelope fit: all minimum-loss runs have the same flops; need at least 2 distinct.")
     params = _envelope_line(data, pts)
     details = {"points": [{"budget": budgets[gid[i]], "flops": data.flops[i], "params": data.params[i],
                            "tokens": data.tokens[i], "loss": data.loss[i]} for i in pts],
-               "n_groups": len(budgets), "bins_per_decade": bins_per_decade}
+               "n_groups": len(budgets), "bins_per_decade": bins_per_decade, **_convention(data)}
+    if len(np.unique(data.params[pts])) < 2:
+        details["warnings"] = [f"the lowest-loss run of every budget has one size (N = {data.params[pts[0]]:.4g}), so "
+                               "a = 0 only says the sizes are too coarse to see N_opt move. Add sizes around it."]
     fit = Fit("envelope", params, details)
     if bootstrap:
         rng = np.random.default_rng(seed)
@@ -519,6 +401,9 @@ def fit_isoflop(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, s
     if window is not None and window < 1:
         raise ValueError(f"window = {window}: use at least 1 size each side of the minimum (3 sizes in all), or None.")
     gid, budgets = compute_groups(data, bins_per_decade)
+    # Each budget's C is its runs' flops (geometric mean), the convention every approach uses; a budget
+    # column only labels the groups (it may count FLOPs differently, or be 1% off each run's whole steps).
+    group_flops = np.exp(np.bincount(gid, np.log(data.flops)) / np.bincount(gid))
     lnN, lnD, L = np.log(data.params), np.log(data.tokens), data.loss
     optima, skipped, members = [], [], []
     for g, C in enumerate(budgets):
@@ -533,16 +418,17 @@ def fit_isoflop(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, s
             skipped.append({"budget": C, "reason": reason})
             continue
         members.append(rows)
-        optima.append({"budget": C, "N_opt": math.exp(ln_n[0]), "D_opt": math.exp(ln_d[0]), "loss_opt": l_opt[0],
-                       "n_points": len(rows), "n_sizes": n_sizes, "parabola_ln_n": [c[0, 2], c[0, 1], c[0, 0]],
+        optima.append({"budget": C, "flops": group_flops[g], "N_opt": math.exp(ln_n[0]), "D_opt": math.exp(ln_d[0]),
+                       "loss_opt": l_opt[0], "n_points": len(rows), "n_sizes": n_sizes, "parabola_ln_n": [c[0, 2], c[0, 1], c[0, 0]],
                        "ln_n_center": float(lnN[rows].mean()), "N_range": np.exp(ln_range[0]).tolist()})
     _need("isoflop", "budgets with >= 3 distinct model sizes and a bracketed loss minimum", 3, len(optima),
           "Skipped budgets: " + "; ".join(f"C={s['budget']:.3g}: {s['reason']}" for s in skipped) if skipped else "")
-    C = np.array([o["budget"] for o in optima])
+    C = np.array([o["flops"] for o in optima])
     a, N_coef = _loglog(C, [o["N_opt"] for o in optima])
     b, D_coef = _loglog(C, [o["D_opt"] for o in optima])
     fit = Fit("isoflop", {"a": a, "b": b, "N_coef": N_coef, "D_coef": D_coef},
-              {"optima": optima, "skipped_budgets": skipped, "bins_per_decade": bins_per_decade, "window": window})
+              {"optima": optima, "skipped_budgets": skipped, "bins_per_decade": bins_per_decade, "window": window,
+               **_convention(data)})
     if bootstrap:
         rng = np.random.default_rng(seed)
         # (bootstrap, budget) arrays of per-budget optima; NaN where a resample had no valid vertex
@@ -582,7 +468,9 @@ def hoffmann_grid(coarse: bool = False) -> np.ndarray:
     return np.stack([g.reshape(-1) for g in grid], -1)
 
 
-def _parametric_params(theta: np.ndarray) -> dict[str, np.ndarray]:
+def _parametric_params(theta: np.ndarray, k: float = 6.0) -> dict[str, np.ndarray]:
+    """Named parameters from rows (a, b, e, alpha, beta), with the allocation for compute C = k·N·D
+    (k: the table's FLOPs per parameter per token, 6 for the 6·N·D convention)."""
     a_, b_, e, alpha, beta = np.moveaxis(np.asarray(theta, np.float64), -1, 0)
     A, B, E = np.exp(a_), np.exp(b_), np.exp(e)
     with np.errstate(all="ignore"):
@@ -590,9 +478,9 @@ def _parametric_params(theta: np.ndarray) -> dict[str, np.ndarray]:
         s = np.where(valid, alpha + beta, np.nan)
         G = (alpha * A / (beta * B)) ** (1 / s)
         a, b = beta / s, alpha / s
-        # N_opt = G·(C/6)^a = N_coef·C^a, D_opt = (C/6)^b / G = D_coef·C^b, as for the other approaches
+        # N_opt = G·(C/k)^a = N_coef·C^a, D_opt = (C/k)^b / G = D_coef·C^b, as for the other approaches
         return {"E": E, "A": A, "B": B, "alpha": alpha, "beta": beta, "a": a, "b": b, "G": G,
-                "N_coef": G * 6.0 ** -a, "D_coef": 6.0 ** -b / G}
+                "N_coef": G * k ** -a, "D_coef": k ** -b / G}
 
 
 def fit_parametric(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0,
@@ -609,16 +497,27 @@ def fit_parametric(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95
     for col, v in (("params", data.params), ("tokens", data.tokens)):
         _need("parametric", f"distinct values of '{col}'", 2, len(np.unique(v)),
               "N and D must both vary to separate A/N^alpha from B/D^beta.")
+    _, budgets = compute_groups(data)
+    _need("parametric", "compute budgets (groups of runs at similar FLOPs)", 2, len(budgets),
+          "At one budget ln N + ln D is fixed, so A/N^alpha and B/D^beta cannot be told apart.")
+    conv = data.convention()
+    k = conv["flops_per_param_token"]
     X = np.stack([np.log(data.params), np.log(data.tokens)], -1)
     y = np.log(data.loss)
     starts = hoffmann_grid() if starts is None else np.atleast_2d(np.asarray(starts, np.float64))
     theta, f = minimize_batch(_parametric_objective, starts, X, y, delta=huber_delta)
     i = int(np.argmin(f))
     best = theta[i]
-    params = {k: float(v) for k, v in _parametric_params(best).items()}
+    params = {name: float(v) for name, v in _parametric_params(best, k).items()}
     details = {"objective": float(f[i]), "huber_delta": huber_delta, "n_starts": len(starts),
                # how many starts reached the best objective: a sanity check that it is not a fluke
-               "n_starts_at_best": int(np.sum(f <= f[i] + 1e-9 * abs(f[i]) + 1e-15))}
+               "n_starts_at_best": int(np.sum(f <= f[i] + 1e-9 * abs(f[i]) + 1e-15)),
+               "flops_per_param_token": k, **_convention(data)}
+    k_lo, k_hi = conv["flops_per_param_token_range"]
+    if k_hi / k_lo > 1.25:
+        details["warnings"] = [f"flops/(N·D) ranges from {k_lo:.3g} to {k_hi:.3g} across runs; the allocation uses "
+                               f"C = {k:.3g}·N·D (their geometric mean), so N_opt is uncertain by up to "
+                               f"{(k_hi / k_lo) ** params['a']:.2g}× beyond the bootstrap interval."]
     fit = Fit("parametric", params, details)
     if bootstrap:
         if bootstrap_starts is None:
@@ -629,7 +528,7 @@ def fit_parametric(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95
         thetas, fs = minimize_batch(_parametric_objective, np.tile(st, (bootstrap, 1)), X, y,
                                     np.repeat(W, len(st), axis=0), delta=huber_delta)
         pick = thetas.reshape(bootstrap, len(st), -1)[np.arange(bootstrap), fs.reshape(bootstrap, -1).argmin(1)]
-        fit.samples = _parametric_params(pick)
+        fit.samples = _parametric_params(pick, k)
         fit.level, fit.n_bootstrap, fit.seed = level, bootstrap, seed
     return fit
 
@@ -679,15 +578,17 @@ def fits_to_json(fits: dict[str, Fit | str], meta: dict) -> dict:
 
 
 def save_fits(path: str, fits: dict[str, Fit | str], meta: dict) -> None:
-    with open(path, "w") as fh:
-        json.dump(fits_to_json(fits, meta), fh, indent=1, allow_nan=False)
-        fh.write("\n")
+    """Write fit.json (local or gs://) in one step, so a reader never sees half of it."""
+    storage.write_atomic(path, json.dumps(fits_to_json(fits, meta), indent=1, allow_nan=False) + "\n")
 
 
 def load_fits(path: str) -> tuple[dict[str, Fit], dict]:
-    """Read fit.json back: ({approach: Fit} for the approaches that succeeded, meta)."""
-    with open(path) as fh:
-        d = json.load(fh)
+    """Read fit.json (local or gs://) back: ({approach: Fit} for the approaches that succeeded, meta)."""
+    try:
+        d = json.loads(read_input(path, "fit.json"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e}); pass a fit.json written by "
+                         "`python -m t5like.scaling fit`.") from None
     if "approach" not in d:
         raise ValueError(f"{path}: not a fit.json written by `python -m t5like.scaling fit` (no 'approach' key).")
     if d["approach"] != "all":

@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-import os
+import io
 
 import matplotlib
 import matplotlib.ticker
@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from t5like import storage  # noqa: E402
 from t5like.scaling.data import ScalingData, compute_groups  # noqa: E402
 from t5like.scaling.fit import Fit  # noqa: E402
 
@@ -56,7 +57,7 @@ def plot_loss_vs_compute(ax, data: ScalingData, fits: dict[str, Fit]) -> None:
     from t5like.scaling.fit import frontier
 
     ax.scatter(data.flops, data.loss, s=10, color="0.6", label="runs", zorder=2)
-    fr = frontier(data.flops, data.loss)
+    fr = frontier(data.flops, data.loss, data.budget)
     ax.plot(data.flops[fr], data.loss[fr], "o", ms=5, mfc="none", color="k", label="compute frontier", zorder=3)
     C = _c_grid(data)
     _shade_extrapolation(ax, data)
@@ -75,7 +76,7 @@ def plot_loss_vs_compute(ax, data: ScalingData, fits: dict[str, Fit]) -> None:
         ax.plot(C, par.predict(C)["loss"], color="C0", ls="--", lw=1.5, zorder=4,
                 label=f"parametric L(N_opt, D_opt): E = {par.params['E']:.3f}")
     ax.set(xscale="log", yscale="log", xlabel=C_LABEL, ylabel=LOSS_LABEL, title="Loss against compute")
-    lo = min(data.loss.min(), *(f.predict(C)["loss"].min() for f in (pl,) if f is not None))
+    lo = data.loss.min() if pl is None else min(data.loss.min(), pl.predict(C)["loss"].min())
     ax.set_ylim(lo * 0.95, np.percentile(data.loss, 98) * 1.05)
     _plain_log_y(ax)
     _grid(ax)
@@ -138,7 +139,7 @@ def plot_allocation(ax_n, ax_d, data: ScalingData, fits: dict[str, Fit]) -> None
                 ax.fill_between(C, band[:, 0], band[:, 1], color=color, alpha=0.12, lw=0)
             if name == "isoflop":
                 pts = f.details["optima"]
-                x, y = [o["budget"] for o in pts], [o[key] for o in pts]
+                x, y = [o.get("flops", o["budget"]) for o in pts], [o[key] for o in pts]
                 err = None
                 if pts and pts[0].get(f"{key}_ci"):
                     err = np.abs(np.array([o[f"{key}_ci"] for o in pts], dtype=float).T - np.array(y, float))
@@ -160,15 +161,17 @@ def plot_allocation(ax_n, ax_d, data: ScalingData, fits: dict[str, Fit]) -> None
 
 
 def plot_all(data: ScalingData, fits: dict[str, Fit], out_dir: str) -> list[str]:
-    """Write the three figures as PNG and PDF under out_dir; returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write the three figures as PNG and PDF under out_dir (local or gs://); returns the paths written."""
+    storage.makedirs(out_dir)
     paths = []
 
     def save(fig, name: str) -> None:
         fig.tight_layout()
         for ext in ("png", "pdf"):
-            path = os.path.join(out_dir, f"{name}.{ext}")
-            fig.savefig(path, dpi=130)
+            path = storage.join(out_dir, f"{name}.{ext}")
+            buf = io.BytesIO()  # render in memory, then one write: savefig cannot write to gs://
+            fig.savefig(buf, format=ext, dpi=130)
+            storage.write_atomic(path, buf.getvalue())
             paths.append(path)
         plt.close(fig)
 

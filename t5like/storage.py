@@ -1,0 +1,94 @@
+"""Paths that may be local or on Cloud Storage (`gs://bucket/...`), through etils.epath.
+
+Everything the project reads or writes by name goes through here (checkpoints go through orbax, which
+uses tensorstore for `gs://`). Two facts shape the helpers:
+  - a local file is replaced atomically by writing a temporary and renaming it;
+  - a Cloud Storage object is replaced atomically by one upload (a rename there is copy + delete).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Union
+
+from etils import epath
+
+PathLike = Union[str, os.PathLike, epath.Path]
+
+
+def path(p: PathLike) -> epath.Path:
+    return epath.Path(p)
+
+
+def _check_gcs_support(p: PathLike) -> None:
+    try:
+        import gcsfs  # noqa: F401  (epath's backend for gs:// without TensorFlow)
+    except ImportError:
+        raise ValueError(f"{str(p)!r} is a Cloud Storage path, but gcsfs is not installed; "
+                         "pip install 't5like[gcp]' (or '.[gcp]' in a checkout).") from None
+
+
+def is_remote(p: PathLike) -> bool:
+    return str(p).startswith("gs://")
+
+
+def join(*parts: PathLike) -> str:
+    return os.fspath(epath.Path(parts[0]).joinpath(*map(str, parts[1:])))
+
+
+def exists(p: PathLike) -> bool:
+    return epath.Path(p).exists()
+
+
+def read_text(p: PathLike) -> str:
+    return epath.Path(p).read_text()
+
+
+def read_bytes(p: PathLike) -> bytes:
+    return epath.Path(p).read_bytes()
+
+
+def write_atomic(p: PathLike, data: Union[str, bytes]) -> None:
+    """Replace `p` in one step: readers see the old content or the new, never a mix."""
+    target = epath.Path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(p):
+        target.write_bytes(data.encode() if isinstance(data, str) else data)
+        return
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    (tmp.write_text if isinstance(data, str) else tmp.write_bytes)(data)
+    os.replace(tmp, target)
+
+
+def makedirs(p: PathLike) -> None:
+    epath.Path(p).mkdir(parents=True, exist_ok=True)
+
+
+def check_workdir(workdir: str, field: str = "workdir") -> None:
+    """A clear error for a workdir that cannot hold a run, before any work starts."""
+    if is_remote(workdir):
+        _check_gcs_support(workdir)
+        bucket = str(workdir)[len("gs://"):].split("/", 1)[0]
+        if not bucket:
+            raise ValueError(f"{field}={workdir!r} names no bucket; use gs://BUCKET/PATH.")
+        try:
+            found = epath.Path(f"gs://{bucket}").exists()
+        except Exception as e:  # credentials, network: say which
+            raise ValueError(f"{field}={workdir!r}: cannot reach bucket {bucket!r} ({type(e).__name__}: {e}). "
+                             "Check `gcloud auth application-default login` and the bucket name.") from None
+        if not found:
+            raise ValueError(f"{field}={workdir!r}: bucket gs://{bucket} does not exist (or this account cannot see "
+                             f"it). Create it (gcloud storage buckets create gs://{bucket}) or fix the name.")
+        return
+    p = epath.Path(workdir)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{field}={workdir!r} is a file, not a directory; pass a directory (new or a run's).")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{field}={workdir!r}: {str(probe)!r} is a file, so the directory cannot be created; "
+                         "choose another path.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{field}={workdir!r}: {str(probe)!r} is not writable by this user; choose a writable "
+                         "directory or fix its permissions.")

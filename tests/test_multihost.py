@@ -1,0 +1,176 @@
+"""Multi-host training with real processes joined by jax.distributed (gloo on CPU), and gs:// workdirs on a
+real Cloud Storage API server (tests/gcs.py). Each "host" is a process with its own simulated devices."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gcs import free_port
+from t5like.data import DataConfig, get_tokenizer
+from t5like.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+EXPERIMENT = {"decoder": "gpt2_small", "encoder_decoder": "t5_base"}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    get_tokenizer(DataConfig(source="stdlib", max_files=40, tokenizer_train_chars=200_000), str(root / "tok"), 2048)
+    return {"path": str(root / "tok" / "tokenizer" / "spm.model"), "root": root, "cache": str(root / "cache")}
+
+
+def run_args(workdir, *extra):
+    return ["size=tiny", "data.max_files=40", "data.seq_len=32", "train.batch_size=8", "train.eval_steps=2",
+            "train.eval_every=0", "train.progress=false", f"train.steps={STEPS}", "checkpoint.every=3",
+            f"workdir={workdir}", *extra]
+
+
+def start(tok, family, workdir, *, processes=1, devices=4, env=None, extra=(), tokenizer=True):
+    """`processes` copies of the experiment, wired as hosts of one run; returns the Popen objects."""
+    port = free_port()
+    procs = []
+    for i in range(processes):
+        flags = ["--coordinator", f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(i)]
+        cmd = [sys.executable, "-m", f"experiments.{EXPERIMENT[family]}",
+               *run_args(workdir, *extra, *([f"data.tokenizer_path={tok['path']}"] if tokenizer else [])),
+               *(flags if processes > 1 else [])]
+        e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1",
+                 JAX_COMPILATION_CACHE_DIR=tok["cache"], **(env or {}))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
+def finish(procs, expect=0, timeout=600) -> list[str]:
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        outs.append(out)
+    for p, out in zip(procs, outs):
+        assert p.returncode == expect, f"exit {p.returncode}:\n{out[-3000:]}"
+    return outs
+
+
+def losses(workdir) -> dict[int, float]:
+    rows = [r for r in read_metrics(str(workdir)) if "loss" in r]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"duplicated or unordered metric rows: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def wait_for_checkpoint(exists, procs, timeout=300):
+    deadline = time.time() + timeout
+    while not exists():
+        for p in procs:
+            assert p.poll() is None, p.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tok):
+    """Uninterrupted decoder runs: one process with 4 devices, and 2 processes with 2 devices each."""
+    one, two = tok["root"] / "one", tok["root"] / "two"
+    finish(start(tok, "decoder", one))
+    finish(start(tok, "decoder", two, processes=2, devices=2))
+    return {"one": losses(one), "two": losses(two), "two_dir": two}
+
+
+def test_two_hosts_match_one_host_decoder(reference):
+    one, two = reference["one"], reference["two"]
+    assert sorted(two) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    summary = json.loads((reference["two_dir"] / "summary.json").read_text())
+    assert summary["step"] == STEPS and summary["final_eval_loss"] > 0
+
+
+def test_two_hosts_match_one_host_encoder_decoder(tok):
+    one, two = tok["root"] / "ed_one", tok["root"] / "ed_two"
+    procs = start(tok, "encoder_decoder", one) + start(tok, "encoder_decoder", two, processes=2, devices=2)
+    finish(procs)
+    a, b = losses(one), losses(two)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+
+
+def test_sigterm_to_one_host_saves_all_at_one_step_and_resumes_exactly(tok, reference):
+    workdir = tok["root"] / "preempt"
+    procs = start(tok, "decoder", workdir, processes=2, devices=2, extra=["checkpoint.every=1000"])
+    deadline = time.time() + 300
+    while max(losses(workdir), default=0) < 4:
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # only host 1 is told
+    outs = finish(procs, expect=143)
+    saved = [int(o.split("SIGTERM: saved step ")[1].split()[0]) for o in outs]
+    assert saved[0] == saved[1] and 4 <= saved[0] < STEPS, outs
+    assert os.listdir(workdir / "checkpoints") == [str(saved[0])]
+    finish(start(tok, "decoder", workdir, processes=2, devices=2, extra=["checkpoint.every=1000"]))
+    got = losses(workdir)
+    assert got == reference["two"]  # bitwise, every step once
+
+
+def test_sigkill_on_gs_workdir_two_hosts_resumes_bitwise(tok, reference, gcs_server):
+    prefix = "mh_kill"
+    workdir = f"gs://{gcs_server.bucket}/{prefix}"
+    kill_after = random.Random(0).choice([3, 6])
+    procs = start(tok, "decoder", workdir, processes=2, devices=2, env=gcs_server.env)
+    wait_for_checkpoint(lambda: any(f"{prefix}/checkpoints/{kill_after}/" in n and n.endswith("commit_success.txt")
+                                    for n in gcs_server.list_objects(prefix)), procs)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    outs = finish(start(tok, "decoder", workdir, processes=2, devices=2, env=gcs_server.env))
+    assert "resumed from" in outs[0]
+    assert losses(workdir) == reference["two"]
+
+
+def test_gs_workdir_single_host_trains_resumes_and_generates(tok, reference, gcs_server, tmp_path):
+    prefix = "sh_run"
+    workdir = f"gs://{gcs_server.bucket}/{prefix}"
+    cwd_before = set(os.listdir(ROOT))
+    procs = start(tok, "decoder", workdir, env=gcs_server.env, tokenizer=False)  # trains its tokenizer into gs://
+    wait_for_checkpoint(lambda: any(n.endswith("checkpoints/3/commit_success.txt")
+                                    for n in gcs_server.list_objects(prefix)), procs)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait()
+    out = finish(start(tok, "decoder", workdir, env=gcs_server.env, tokenizer=False))[0]
+    assert "resumed from" in out
+    got = losses(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    objects = gcs_server.list_objects(prefix)
+    for name in ("config.json", "summary.json", "metrics.jsonl", "tokenizer/spm.model"):
+        assert f"{prefix}/{name}" in objects, name
+    assert any(n.startswith(f"{prefix}/tensorboard/") for n in objects)
+    assert set(os.listdir(ROOT)) == cwd_before and not os.path.exists(prefix)  # nothing landed locally
+    gen = subprocess.run([sys.executable, "-m", "t5like.generate", "--workdir", workdir, "--prompt", "def main(",
+                          "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, **gcs_server.env))
+    assert gen.returncode == 0 and "=== prompt 0 ===" in gen.stdout, gen.stderr[-2000:]
+
+
+def test_bad_multihost_input_is_a_clear_error(tok, gcs_server):
+    def run(*flags, workdir=tok["root"] / "bad", env=None, timeout=120):
+        cmd = [sys.executable, "-m", "experiments.gpt2_small", *run_args(workdir), *flags]
+        t = time.time()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **(env or {})))
+        return p.returncode, p.stderr, time.time() - t
+
+    code, err, took = run("--coordinator", f"localhost:{free_port()}", "--num-processes", "2", "--process-id", "1",
+                          "--coordinator-timeout", "3")
+    assert code == 2 and "did not accept a connection within 3 s" in err and "Traceback" not in err, err
+    assert took < 60
+    code, err, _ = run("--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2")
+    assert code == 2 and "--process-id=2 must be in [0, --num-processes=2)" in err, err
+    code, err, _ = run(workdir="gs://no-such-bucket/run", env=gcs_server.env)
+    assert code == 2 and "bucket gs://no-such-bucket does not exist" in err, err
