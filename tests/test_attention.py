@@ -7,15 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from t5like import layers as L
-from t5like.config import Config, ModelConfig, OptimConfig, TrainConfig
+from t5like import train
+from t5like.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from t5like.data import DataConfig
-from t5like.optim import make_optimizer
-from t5like.sharding import MESH_AXES, Sharder, batch_sharding, replicated, state_shardings
-from t5like.train import make_train_step
-from t5like.models import FAMILIES
+from t5like.sharding import MESH_AXES, Sharder
 
 # Other processes on this machine may hold libtpu's lockfile; topology-only (AOT) use needs no TPU to itself.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -79,39 +76,22 @@ def test_splash_bidirectional_masks_other_segments():
 
 
 def test_train_step_with_splash_compiles_ahead_of_time_for_tpu():
-    """The whole train step (forward, backward, AdamW) with splash attention compiles for a v5e 2x2
+    """The trainer's whole step (forward, backward, AdamW) with splash attention compiles for a v5e 2x2
     topology through libtpu on this CPU host; the compiled program holds the Pallas TPU kernel."""
     from jax.experimental import topologies
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
                                            chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
-    mesh = jax.make_mesh((2, 1, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
     cfg = Config(model=ModelConfig(family="decoder", vocab_size=512, d_model=128, num_heads=2, d_ff=256,
                                    num_layers=1, max_len=128, dtype="bfloat16", attention_impl="splash"),
                  data=DataConfig(objective="lm", seq_len=128), optim=OptimConfig(),
-                 train=TrainConfig(batch_size=4, steps=10)).validate()
-    sharder = Sharder(mesh)
-    model_cls = FAMILIES[cfg.model.family]
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: model_cls(cfg.model, rngs=nnx.Rngs(0), shard=sharder)))
-    param_shardings = state_shardings(abstract_params, sharder).to_pure_dict()
-    optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-
-    def init_state():
-        params = nnx.state(model_cls(cfg.model, rngs=nnx.Rngs(0), shard=sharder)).to_pure_dict()
-        params = jax.lax.with_sharding_constraint(params, param_shardings)
-        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    shardings = jax.jit(init_state).lower().compile().output_shardings
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         jax.eval_shape(init_state), shardings)
+                 train=TrainConfig(batch_size=4, steps=10), mesh=MeshConfig(data=2, tensor=2)).validate()
     B, T = cfg.train.batch_size, cfg.data.seq_len
     example = {"inputs": np.zeros((B, T), np.int32), "targets": np.zeros((B, T), np.int32),
                "weights": np.zeros((B, T), np.float32), "segment_ids": np.zeros((B, T), np.int32),
                "positions": np.zeros((B, T), np.int32)}
-    batch_shardings = batch_sharding(sharder, example)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in example.items()}
-    step = jax.jit(make_train_step(graphdef, cfg, optimizer, schedule),
-                   in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated(mesh)))
-    compiled = step.lower(state, batch).compile()
+    setup = train.build(cfg, example, devices=devices)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_shardings[k]) for k, v in example.items()}
+    compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
     text = compiled.as_text()
     assert "tpu_custom_call" in text and "splash" in text
     assert compiled.memory_analysis() is not None
