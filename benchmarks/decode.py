@@ -1,6 +1,8 @@
-"""Decoding throughput: KV-cached vs uncached greedy decoding on a small decoder-only model.
+"""Decoding throughput: KV-cached vs uncached greedy decoding on a small decoder-only model, and HF.
 
-    python benchmarks/decode.py [--batch 1] [--prompt-len 16] [--d-model 256] [--layers 4] [--repeats 5]
+    python benchmarks/decode.py [--batch 1 8] [--modes cached cached_fit uncached hf] [--prompt-len 16]
+                                [--d-model 256] [--layers 4] [--repeats 5]
+    python benchmarks/decode.py --batch 1 8 --modes cached_fit hf     # t5like against HF transformers
 
 Modes (greedy, EOS disabled so every row decodes all N tokens; compile time excluded):
   cached      t5like.decoding.generate: one jitted loop, KV cache preallocated to model.max_len slots,
@@ -10,7 +12,11 @@ Modes (greedy, EOS disabled so every row decodes all N tokens; compile time excl
   uncached    each step a full forward over the whole sequence so far (padded to a multiple of 16 tokens
               to bound recompiles), argmax at the last position: work per step grows with the sequence,
               so total time grows quadratically once attention/projection over the sequence dominates.
-Prints one JSON line per measurement, then one per mode with time(256)/time(128).
+  hf          transformers' LlamaForCausalLM of the same shape (random init, RoPE, RMSNorm, SwiGLU, GQA,
+              untied) and `generate(do_sample=False, use_cache=True)` with its dynamic KV cache, torch on
+              the CPU with --torch-threads threads; EOS off (min_new_tokens = max_new_tokens).
+All modes of one batch size run interleaved (best of --repeats each). Prints one JSON line per
+measurement, then one per mode with time(long)/time(short), and per batch the cached_fit/hf ratio.
 """
 from __future__ import annotations
 
@@ -66,47 +72,79 @@ def timed(fns: dict, repeats: int) -> tuple[dict, dict]:
     return best, outs
 
 
+def hf_greedy_fn(cfg, prompt_BP: np.ndarray, threads: int):
+    """(n -> new tokens [B, n]) with HF generate on a Llama of `cfg`'s shape."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    ids = torch.from_numpy(np.concatenate([np.zeros((prompt_BP.shape[0], 1), np.int64), prompt_BP], 1))
+
+    def run(n: int) -> np.ndarray:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+                                 max_new_tokens=n, min_new_tokens=n)
+        return out[:, ids.shape[1]:].numpy()
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--modes", nargs="+", default=["cached", "cached_fit", "uncached"],
+                    choices=["cached", "cached_fit", "uncached", "hf"])
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--lengths", type=int, nargs=2, default=(128, 256))
+    ap.add_argument("--torch-threads", type=int, default=2)
     args = ap.parse_args()
 
     cfg = dataclasses.replace(model_preset("llama_style", "tiny"), d_model=args.d_model, num_layers=args.layers,
                               d_ff=args.d_model * 3, max_len=512)
     model = build_model(cfg, seed=0)
-    prompt = np.random.RandomState(0).randint(3, cfg.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
-    lengths = np.full(args.batch, args.prompt_len)
-    common = dict(device=str(jax.devices()[0].platform), batch=args.batch, prompt_len=args.prompt_len,
-                  d_model=cfg.d_model, layers=cfg.num_layers, heads=cfg.num_heads, kv_heads=cfg.kv_heads,
-                  vocab=cfg.vocab_size)
+    for batch in args.batch:
+        prompt = np.random.RandomState(0).randint(3, cfg.vocab_size, (batch, args.prompt_len)).astype(np.int32)
+        lengths = np.full(batch, args.prompt_len)
+        common = dict(device=str(jax.devices()[0].platform), batch=batch, prompt_len=args.prompt_len,
+                      d_model=cfg.d_model, layers=cfg.num_layers, heads=cfg.num_heads, kv_heads=cfg.kv_heads,
+                      vocab=cfg.vocab_size)
+        hf = hf_greedy_fn(cfg, prompt, args.torch_threads) if "hf" in args.modes else None
 
-    def runs(mode: str, n: int):
-        if mode == "uncached":
-            return lambda: uncached_greedy(model, prompt, n)
-        cache_len = cfg.max_len if mode == "cached" else 0
-        cfg_n = DecodeConfig(max_new_tokens=n, eos_id=-1, cache_len=cache_len)
-        return lambda: generate(model, prompt, lengths, cfg_n)[0][:, 0]
+        def runs(mode: str, n: int):
+            if mode == "uncached":
+                return lambda: uncached_greedy(model, prompt, n)
+            if mode == "hf":
+                return lambda: hf(n)
+            cache_len = cfg.max_len if mode == "cached" else 0
+            cfg_n = DecodeConfig(max_new_tokens=n, eos_id=-1, cache_len=cache_len)
+            return lambda: generate(model, prompt, lengths, cfg_n)[0][:, 0]
 
-    seconds: dict[str, dict[int, float]] = {}
-    outputs: dict[str, dict[int, np.ndarray]] = {}
-    for mode in ("cached", "cached_fit", "uncached"):
-        best, outs = timed({n: runs(mode, n) for n in args.lengths}, args.repeats)
-        seconds[mode], outputs[mode] = best, outs
-        for n in args.lengths:
-            cache_len = {"cached": cfg.max_len, "cached_fit": args.prompt_len + 1 + n}.get(mode)
-            print(json.dumps(dict(common, mode=mode, new_tokens=n, cache_len=cache_len, seconds=round(best[n], 4),
-                                  tokens_per_s=round(args.batch * n / best[n], 1))), flush=True)
-    short, long = args.lengths
-    for mode in seconds:
-        agree = bool(np.array_equal(outputs[mode][long], outputs["uncached"][long]))
-        print(json.dumps(dict(mode=mode, ratio=f"time({long})/time({short})",
-                              value=round(seconds[mode][long] / seconds[mode][short], 2),
-                              same_tokens_as_uncached=agree)), flush=True)
+        best, outs = timed({(mode, n): runs(mode, n) for mode in args.modes for n in args.lengths}, args.repeats)
+        for mode in args.modes:
+            for n in args.lengths:
+                cache_len = {"cached": cfg.max_len, "cached_fit": args.prompt_len + 1 + n}.get(mode)
+                print(json.dumps(dict(common, mode=mode, new_tokens=n, cache_len=cache_len,
+                                      seconds=round(best[mode, n], 4),
+                                      tokens_per_s=round(batch * n / best[mode, n], 1))), flush=True)
+        short, long = args.lengths
+        for mode in args.modes:
+            row = dict(batch=batch, mode=mode, ratio=f"time({long})/time({short})",
+                       value=round(best[mode, long] / best[mode, short], 2))
+            if "uncached" in args.modes and mode != "hf":
+                row["same_tokens_as_uncached"] = bool(np.array_equal(outs[mode, long], outs["uncached", long]))
+            print(json.dumps(row), flush=True)
+        if "hf" in args.modes and "cached_fit" in args.modes:
+            print(json.dumps(dict(batch=batch, new_tokens=long, t5like_cached_fit_over_hf_tokens_per_s=round(
+                best["hf", long] / best["cached_fit", long], 2))), flush=True)
 
 
 if __name__ == "__main__":

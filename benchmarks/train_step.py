@@ -5,6 +5,15 @@
 The step is the trainer's own (t5like.train.build), fed random tokens so that data loading is not
 timed. Timing starts after compile and warm-up. MFU = model FLOPs per step (t5like.accounting, causal
 attention halved) / step time / peak. On CPU the peak is one jitted fp32 2048^3 matmul measured here.
+
+Two host loops, interleaved in rounds of --chunk steps (median per step of each):
+  step_s          as t5like.train with train.log_every=1: put the numpy batch on the devices, run the
+                  step, then read the metrics to the host (float()), which waits for the step to finish.
+  step_s_lagged   the same, but a step's metrics are read only after the next step was dispatched, so
+                  the host's work (batch transfer, logging) overlaps the device's.
+
+A/B of two configs in one process: `--vs model.scan_unroll=1` builds a second step with those overrides
+(on top of the others) and alternates blocking steps of the two: step_s_vs, and speedup = step_s_vs / step_s.
 """
 from __future__ import annotations
 
@@ -55,30 +64,69 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--shape", required=True, choices=sorted(SHAPES))
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compile")
+    parser.add_argument("--chunk", type=int, default=2, help="steps per round of each host loop")
+    parser.add_argument("--vs", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="overrides of a second config timed against this one, interleaved")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.remat=full")
     args = parser.parse_args(argv)
     cfg = apply_overrides(SHAPES[args.shape], args.overrides).validate()
 
     rng = np.random.RandomState(0)
-    batches = [random_batch(cfg, rng) for _ in range(4)]
-    setup = train.build(cfg, batches[0])
-    batches = [train.global_batch(setup, b) for b in batches]
+    local = [random_batch(cfg, rng) for _ in range(4)]
+    setup = train.build(cfg, local[0])
     state = setup.init_state()
     start = time.perf_counter()
-    state, metrics = setup.train_step(state, batches[0])
+    state, metrics = setup.train_step(state, train.global_batch(setup, local[0]))
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
     for i in range(args.warmup):
-        state, metrics = setup.train_step(state, batches[i % len(batches)])
+        state, metrics = setup.train_step(state, train.global_batch(setup, local[i % len(local)]))
     jax.block_until_ready(metrics)
 
-    times = []
-    for i in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = setup.train_step(state, batches[i % len(batches)])
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    def blocking(state, n):
+        for i in range(n):
+            state, metrics = setup.train_step(state, train.global_batch(setup, local[i % len(local)]))
+            row = jax.tree.map(float, metrics)
+        return state, row
+
+    def lagged(state, n):
+        pending = None
+        for i in range(n):
+            state, metrics = setup.train_step(state, train.global_batch(setup, local[i % len(local)]))
+            if pending is not None:
+                row = jax.tree.map(float, pending)
+            pending = metrics
+        return state, jax.tree.map(float, pending)
+
+    loops = {"step_s": blocking, "step_s_lagged": lagged}
+    states = {"step_s": state, "step_s_lagged": state}
+    if args.vs:
+        cfg_b = apply_overrides(cfg, args.vs).validate()
+        setup_b = train.build(cfg_b, local[0])
+        states["step_s_vs"] = setup_b.init_state()
+        for _ in range(1 + args.warmup):
+            states["step_s_vs"], m = setup_b.train_step(states["step_s_vs"], train.global_batch(setup_b, local[0]))
+        jax.block_until_ready(m)
+
+        def blocking_b(state, n):
+            for i in range(n):
+                state, metrics = setup_b.train_step(state, train.global_batch(setup_b, local[i % len(local)]))
+                row = jax.tree.map(float, metrics)
+            return state, row
+        loops["step_s_vs"] = blocking_b
+    times = {name: [] for name in loops}
+    chunk = min(args.chunk, args.steps)
+    for _ in range(max(args.steps // chunk, 1)):
+        for name, loop in loops.items():
+            start = time.perf_counter()
+            # The lagged loop continues the blocking loop's state (the same params and optimizer).
+            key = "step_s" if name == "step_s_lagged" else name
+            states[key], metrics_n = loop(states[key], chunk)
+            times[name].append((time.perf_counter() - start) / chunk)
+            if name == "step_s":
+                metrics = metrics_n
+    step_s = statistics.median(times["step_s"])
+    step_s_lagged = statistics.median(times["step_s_lagged"])
 
     peak, source = peak_flops_per_device()
     devices = jax.devices()
@@ -86,11 +134,15 @@ def main(argv: list[str]) -> dict:
     model_flops_per_s = setup.flops_per_step / step_s
     result = {
         "shape": args.shape, "overrides": args.overrides, "device": devices[0].device_kind,
-        "num_devices": len(devices), "step_s": step_s, "compile_s": compile_s,
+        "num_devices": len(devices), "step_s": step_s, "step_s_lagged": step_s_lagged,
+        "lagged_speedup": step_s / step_s_lagged, "compile_s": compile_s,
         "tokens_per_s": setup.tokens_per_step / step_s, "model_flops_per_step": setup.flops_per_step,
         "model_flops_per_s": model_flops_per_s, "peak_flops_per_s": total_peak, "peak_source": source,
-        "mfu": model_flops_per_s / total_peak, "loss": float(metrics["loss"]),
+        "mfu": model_flops_per_s / total_peak, "loss": metrics["loss"],
     }
+    if args.vs:
+        step_b = statistics.median(times["step_s_vs"])
+        result.update(vs=args.vs, step_s_vs=step_b, speedup=step_b / step_s)
     print(json.dumps(result))
     return result
 

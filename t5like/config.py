@@ -17,6 +17,7 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
 REMAT_POLICIES = ("none", "minimal", "full")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
 
 
 def _choice(field: str, value, allowed) -> None:
@@ -80,8 +81,13 @@ class ModelConfig:
     dtype: str = "float32"                  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"
-    scan_unroll: int = 1                    # layers per scan iteration; >1 trades program size for speed (CPU)
-    attention_impl: Optional[str] = None    # None lets JAX pick; "cudnn" for the fused GPU kernel
+    # Layers per scan iteration. None: all of them on CPU (no loop: its stacked residual buffers, zero-filled
+    # and copied every step, cost more there than the longer compile), 1 on TPU/GPU (a flat program in depth).
+    scan_unroll: Optional[int] = None
+    # Attention kernel: None lets JAX pick; "xla"; "cudnn" (GPU flash attention, bf16/fp16); "splash"
+    # (TPU Pallas kernel, self-attention; cross-attention and decoding steps stay on XLA). See
+    # layers.attention_kernel.
+    attention_impl: Optional[str] = None
     # Variants that pretrained checkpoints need (t5like.hf); the defaults are t5like's own models.
     scale_attention: bool = True            # divide attention logits by sqrt(head_dim); T5 folds it into its init
     type_vocab_size: int = 0                # >0 adds token-type embeddings (BERT segments A/B), batch key "token_types"
@@ -111,8 +117,10 @@ class ModelConfig:
         _choice("model.remat", self.remat, REMAT_POLICIES)
         _choice("model.dtype", self.dtype, DTYPES)
         _choice("model.param_dtype", self.param_dtype, DTYPES)
-        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers", "max_len", "scan_unroll"):
+        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers", "max_len"):
             _positive(f"model.{name}", getattr(self, name))
+        if self.scan_unroll is not None:
+            _positive("model.scan_unroll", self.scan_unroll)
         for name in ("num_kv_heads", "head_dim", "num_decoder_layers"):  # None = default; 0 is not
             if getattr(self, name) is not None:
                 _positive(f"model.{name}", getattr(self, name))
@@ -143,10 +151,27 @@ class ModelConfig:
         if self.tied_head_rescale and not self.tie_embeddings:
             raise ValueError("model.tied_head_rescale=True rescales the input of a tied output projection, but "
                              "model.tie_embeddings=False; set tie_embeddings=True or tied_head_rescale=False.")
+        self._validate_attention_impl()
         if self.num_classes and self.family != "encoder":
             raise ValueError(f"model.num_classes={self.num_classes} is for family='encoder' only; "
                              f"got family={self.family!r}. Set model.num_classes=0.")
         return self
+
+    def _validate_attention_impl(self) -> None:
+        _choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        H = self.dim_per_head
+        if self.attention_impl == "cudnn":
+            if self.dtype not in ("bfloat16", "float16"):
+                raise ValueError(f"model.attention_impl='cudnn' needs a 16-bit compute dtype, got "
+                                 f"model.dtype={self.dtype!r}; set model.dtype=bfloat16 (or float16), or use "
+                                 "model.attention_impl=xla.")
+            if H % 8 or H > 256:
+                raise ValueError(f"model.attention_impl='cudnn' needs a head dim that is a multiple of 8 and at most "
+                                 f"256 (128 before Hopper), got {H}; change model.head_dim (or d_model/num_heads), "
+                                 "or use model.attention_impl=xla.")
+        if self.attention_impl == "splash" and self.position == "relative":
+            raise ValueError("model.attention_impl='splash' takes no attention bias, and model.position='relative' "
+                             "adds one; use model.attention_impl=xla, or another model.position.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,7 +112,7 @@ class Stack(nnx.Module):
         self.relative_bias = (L.RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
                               if cfg.position == "relative" else None)
         self.num_layers, self.remat = num_layers, cfg.remat
-        self.scan_unroll = min(cfg.scan_unroll, num_layers)
+        self.scan_unroll = cfg.scan_unroll
         self.prefix = None  # prefix tuning (t5like.finetune): a module giving each layer's key/value prefixes
 
     def __call__(self, x_BTD, *, mask, positions, shard: Sharder, rng=None, encoded_BSD=None, cross_mask=None):
@@ -128,7 +128,8 @@ class Stack(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=CHECKPOINT_POLICIES[self.remat], prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys, self._prefix_kv()), unroll=self.scan_unroll)
+        unroll = self.scan_unroll or (self.num_layers if L.platform(shard) == "cpu" else 1)
+        x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys, self._prefix_kv()), unroll=min(unroll, self.num_layers))
         return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
 
 

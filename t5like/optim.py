@@ -105,7 +105,10 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
     objective adds both.
     """
     logits = logits_BLV.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
+    # logsumexp written out, so that its max also gives the accuracy (an argmax is a second, slower pass
+    # over [B, L, V]: 2-4% of a CPU step at vocab 8192).
+    max_BL = jax.lax.stop_gradient(logits.max(-1))
+    log_z = max_BL + jnp.log(jnp.sum(jnp.exp(logits - max_BL[..., None]), -1))
     target_logit = jnp.take_along_axis(logits, targets_BL[..., None], axis=-1)[..., 0]
     nll = log_z - target_logit
     objective = nll
@@ -118,7 +121,7 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
     if z_loss:
         objective = objective + z_loss * jnp.square(log_z)
     weights = weights_BL.astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == targets_BL).astype(jnp.float32)
+    correct = (target_logit >= max_BL).astype(jnp.float32)  # the target is the top logit (ties count)
     sums = {"loss_sum": (nll * weights).sum(), "correct_sum": (correct * weights).sum(), "weight": weights.sum()}
     return (objective * weights).sum(), sums
 

@@ -16,9 +16,10 @@ NOT_NON_NEGATIVE = [-1e-9, -1, NAN, INF, -INF, "0", None]
 BAD = {
     ModelConfig: {
         "vocab_size": NOT_A_COUNT, "d_model": NOT_A_COUNT, "num_heads": NOT_A_COUNT, "d_ff": NOT_A_COUNT,
-        "num_layers": NOT_A_COUNT, "max_len": NOT_A_COUNT, "scan_unroll": NOT_A_COUNT,
+        "num_layers": NOT_A_COUNT, "max_len": NOT_A_COUNT,
         # Optional fields: None means "the default", but 0 must not silently mean it too.
         "num_kv_heads": [0, -2, 1.0, True], "head_dim": [0, -8, 16.0, True], "num_decoder_layers": [0, -1, 2.0],
+        "scan_unroll": [0, -1, 1.5, True, "8"], "attention_impl": ["flash", "XLA", 0],
         "norm_eps": [0, 0.0, -1e-6, NAN, INF, "1e-6", None],
         "rope_theta": [0, -10000.0, 1.0, 0.5, NAN, INF, None],
         "dropout": NOT_A_FRACTION,

@@ -94,16 +94,19 @@ def test_tensor_parallel_shards_heads_and_mlp():
     assert q.addressable_shards[0].data.shape[2] == cfg.num_heads // 4
 
 
-def lowered_size(num_layers: int) -> int:
-    cfg = dataclasses.replace(model_preset("llama_style", "tiny"), num_layers=num_layers)
+def lowered_size(num_layers: int, scan_unroll=1) -> int:
+    cfg = dataclasses.replace(model_preset("llama_style", "tiny"), num_layers=num_layers, scan_unroll=scan_unroll)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(cfg, 2, 16))
     return len(jax.jit(grad_fn, static_argnums=0).lower(graphdef, params, batch).as_text())
 
 
 def test_scan_keeps_program_size_flat_in_depth():
+    """scan_unroll=1 (the TPU/GPU default) keeps the program flat in depth; the CPU default (None) unrolls
+    every layer, so its program grows with depth."""
     two, twelve = lowered_size(2), lowered_size(12)
     assert abs(twelve - two) / two < 0.02, (two, twelve)
+    assert lowered_size(12, scan_unroll=None) > 2 * lowered_size(2, scan_unroll=None)  # 2.5x measured
 
 
 @pytest.mark.parametrize("name, seq, target", [("gpt2_small", 128, 0), ("bert_base", 128, 0),
