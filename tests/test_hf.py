@@ -323,10 +323,10 @@ def test_cli_import_generate_export(hf, tmp_path):
     # The workdir is a run: its config names the tokenizer it brought, and init_from accepts it.
     from t5like.checkpoint import read_config
     from t5like.config import CheckpointConfig, Config
-    from t5like.train import _check_init_from
+    from t5like.finetune import init_from_plan
     cfg = read_config(run)
     assert cfg.data.tokenizer_path == os.path.join(run, "tokenizer") and cfg.model.activation == "gelu"
-    _check_init_from(Config(model=cfg.model, checkpoint=CheckpointConfig(init_from=run)))
+    assert init_from_plan(Config(model=cfg.model, checkpoint=CheckpointConfig(init_from=run)))
     # Generation through the CLI equals transformers' greedy continuation of the same text.
     prompt = "def parse_args(self, args=None"
     out = cli("t5like.generate", "--workdir", run, "--prompt", prompt, "--max-new-tokens", "20").stdout
