@@ -18,7 +18,6 @@ A/B of two configs in one process: `--vs model.scan_unroll=1` builds a second st
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -94,7 +93,7 @@ def main(argv: list[str]) -> dict:
         for i in range(n):
             state, metrics = setup.train_step(state, train.global_batch(setup, local[i % len(local)]))
             if pending is not None:
-                row = jax.tree.map(float, pending)
+                jax.tree.map(float, pending)  # the previous step read on the host, as the trainer does
             pending = metrics
         return state, jax.tree.map(float, pending)
 

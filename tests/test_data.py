@@ -1,5 +1,4 @@
 """Tests for t5like.data: tokenizer, packing, objectives, resume, sharding, sources and bad input."""
-import collections
 import dataclasses
 import json
 import os

@@ -1,7 +1,6 @@
 """Regression tests for the defects a review found (issue 14): each fails on the code before its fix.
 
 Training runs here are in-process, tiny (the gpt2_small experiment at size=tiny) and a few steps long."""
-import dataclasses
 import json
 import os
 import shutil

@@ -12,7 +12,6 @@ import time
 import pytest
 
 from t5like.data import DataConfig, get_tokenizer
-from tests.gcs import gcs_server  # noqa: F401  (the session's fake-gcs-server)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 300
@@ -64,7 +63,7 @@ def losses(env, workdir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(shared, gcs_server):  # noqa: F811
+def uninterrupted(shared, gcs_server):
     proc, logs, env = start_pod(shared, gcs_server, "tpu-pod-straight", max_restarts=0)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]

@@ -1,7 +1,5 @@
 """Training end to end: exact resume after SIGKILL, kill during save, SIGTERM, mesh parity, learning,
 NaN stop, fine-tuning from another run, and bad input that must not touch an existing run."""
-import dataclasses
-import json
 import os
 import random
 import signal

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from t5like.data.tokenizer import EOS_ID, PAD_ID, UNK_ID  # noqa: F401  (defined once there; re-exported)
+from t5like.data.tokenizer import EOS_ID
 
 if TYPE_CHECKING:
     from t5like.data.config import DataConfig

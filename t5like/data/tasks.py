@@ -20,7 +20,7 @@ import numpy as np
 
 from t5like.data import sources
 from t5like.data.config import DataConfig
-from t5like.data.objectives import EOS_ID, PAD_ID
+from t5like.data.tokenizer import EOS_ID, PAD_ID
 
 TASK_FIELDS = {"seq2seq": ("input", "target"), "completion": ("prompt", "completion"),
                "classification": ("text", "label")}

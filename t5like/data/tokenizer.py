@@ -177,17 +177,14 @@ def _train_into(cfg: DataConfig, final: str, vocab_size: int) -> None:
     from t5like import storage
     from t5like.data.sources import training_texts
 
-    remote = storage.is_remote(final)
-    parent = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(final))
+    if storage.is_remote(final):  # train_tokenizer writes one upload per file, spm.model last
+        train_tokenizer(training_texts(cfg), final, vocab_size, cfg.num_sentinels, cfg.tokenizer_train_chars)
+        return
+    parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
     try:
         train_tokenizer(training_texts(cfg), tmp, vocab_size, cfg.num_sentinels, cfg.tokenizer_train_chars)
-        if remote:
-            for name in ("meta.json", "spm.vocab", "spm.model"):
-                with open(os.path.join(tmp, name), "rb") as f:
-                    storage.write_atomic(storage.join(final, name), f.read())
-            return
         try:
             os.rename(tmp, final)
         except OSError:
