@@ -18,6 +18,7 @@ A/B of two configs in one process: `--vs model.scan_unroll=1` builds a second st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 
 from t5like import train
-from t5like.config import Config, ModelConfig, OptimConfig, TrainConfig, apply_overrides
+from t5like.config import Config, ModelConfig, OptimConfig, TrainConfig, apply_overrides, model_preset
 from t5like.data import DataConfig
 from t5like.metrics import peak_flops_per_device
 
@@ -40,6 +41,21 @@ SHAPES = {
         data=DataConfig(objective="lm", seq_len=256),
         optim=OptimConfig(name="adamw"),
         train=TrainConfig(batch_size=8, steps=1000),
+        workdir="/tmp/t5like-bench"),
+    # GPU shapes (issue 13): TinyLlama's 1.1B Llama shape at seq 2048, and GPT-2 small (124M) at seq 1024;
+    # bf16 compute with fp32 parameters and AdamW state, no dropout, no remat (fits one 80 GB H100 unrolled;
+    # scanned, batch 8 ran out of memory).
+    "llama-1b": Config(
+        model=dataclasses.replace(model_preset("llama_style"), dtype="bfloat16"),
+        data=DataConfig(objective="lm", seq_len=2048),
+        optim=OptimConfig(name="adamw"),
+        train=TrainConfig(batch_size=8, steps=1000),
+        workdir="/tmp/t5like-bench"),
+    "gpt2-small": Config(
+        model=dataclasses.replace(model_preset("gpt2_small"), dtype="bfloat16", dropout=0.0),
+        data=DataConfig(objective="lm", seq_len=1024),
+        optim=OptimConfig(name="adamw"),
+        train=TrainConfig(batch_size=16, steps=1000),
         workdir="/tmp/t5like-bench"),
 }
 
@@ -127,7 +143,7 @@ def main(argv: list[str]) -> dict:
     step_s = statistics.median(times["step_s"])
     step_s_lagged = statistics.median(times["step_s_lagged"])
 
-    peak, source = peak_flops_per_device()
+    peak, source = peak_flops_per_device(dtype=cfg.model.dtype)
     devices = jax.devices()
     total_peak = peak * (jax.process_count() if devices[0].platform == "cpu" else len(devices))
     model_flops_per_s = setup.flops_per_step / step_s

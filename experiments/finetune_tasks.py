@@ -17,6 +17,7 @@ import os
 import random
 import re
 
+from t5like import storage
 from t5like.data.sources import stdlib_files
 
 KINDS = ("comment", "import", "def", "other")
@@ -60,11 +61,8 @@ def _balanced(per_class: int, max_files: int, seed: int) -> list[tuple[str, str]
 
 
 def _write(path: str, rows: list[dict]) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(path + ".tmp", path)
+    # Runs started together may build the same file: each writes its own temporary, then renames.
+    storage.write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 

@@ -404,27 +404,28 @@ class Attention(nnx.Module):
             y_BTD = y_BTD + self._w(self.out_bias)
         return shard(y_BTD, ("batch", "length", "act_embed"))
 
-    def attend_cached(self, x_BTD: Array, positions_BT: Array, k_cache_BSKH: Array, v_cache_BSKH: Array,
+    def attend_cached(self, x_BTD: Array, positions_BT: Array, k_LBSKH: Array, v_LBSKH: Array, layer: Array,
                       index: Array, *, mask_B1TS: Array, shard: Sharder, bias_BNTS: Optional[Array] = None,
                       prefix_kv=None) -> tuple[Array, Array, Array]:
         """Self-attention of T new tokens against a preallocated cache of S slots (decoding).
 
-        Writes the new keys/values at slots [index, index + T) (RoPE already applied, so they are never
-        rotated again), then attends over all S slots; `mask_B1TS` hides empty and padding slots.
+        Writes the new keys/values into the stack's cache [layers, B, S, K, H] at `layer`, slots
+        [index, index + T) (RoPE already applied, so they are never rotated again), then reads this layer's
+        S slots back and attends over them; `mask_B1TS` hides empty and padding slots. Writing before
+        reading lets XLA update the cache in place: no step copies a whole cache (a cost growing with S).
         Returns the output and the updated cache.
         """
         q_BTNH = self.project_query(x_BTD, positions_BT, shard)
         k_BTKH, v_BTKH = self.project_kv(x_BTD, positions_BT, shard)
+        at = (layer, 0, index, 0, 0)
+        k_LBSKH = jax.lax.dynamic_update_slice(k_LBSKH, k_BTKH.astype(k_LBSKH.dtype)[None], at)
+        v_LBSKH = jax.lax.dynamic_update_slice(v_LBSKH, v_BTKH.astype(v_LBSKH.dtype)[None], at)
         names = ("batch", "length", "act_kv_heads", None)
-        k_cache_BSKH = shard(jax.lax.dynamic_update_slice_in_dim(
-            k_cache_BSKH, k_BTKH.astype(k_cache_BSKH.dtype), index, axis=1), names)
-        v_cache_BSKH = shard(jax.lax.dynamic_update_slice_in_dim(
-            v_cache_BSKH, v_BTKH.astype(v_cache_BSKH.dtype), index, axis=1), names)
+        k_BSKH, v_BSKH = (shard(c[layer].astype(self.dtype), names) for c in (k_LBSKH, v_LBSKH))
         # Prefixes are not written into the cache: they are the same at every step, prepended here.
-        k, v, mask_B1TS, bias_BNTS = with_prefix(k_cache_BSKH.astype(self.dtype), v_cache_BSKH.astype(self.dtype),
-                                                 mask_B1TS, bias_BNTS, prefix_kv, shard)
+        k, v, mask_B1TS, bias_BNTS = with_prefix(k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, prefix_kv, shard)
         y_BTD = self.attend(q_BTNH, k, v, mask_B1TS, bias_BNTS, shard)
-        return y_BTD, k_cache_BSKH, v_cache_BSKH
+        return y_BTD, k_LBSKH, v_LBSKH
 
     def __call__(self, x_BTD: Array, context_BSD: Array, *, mask_B1TS: "MaskSpec | Array", shard: Sharder,
                  bias_BNTS: Optional[Array] = None, q_positions_BT: Optional[Array] = None,

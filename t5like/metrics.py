@@ -9,6 +9,7 @@ the peak is one jitted fp32 2048x2048x2048 matmul measured in the same process.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Optional
 
@@ -63,6 +64,21 @@ def peak_flops_per_device(device: Optional[jax.Device] = None, dtype: str = "bfl
     return None, f"no peak FLOP/s known for device_kind={device.device_kind!r} (add it to t5like.metrics.PEAK_FLOPS)"
 
 
+def summary_writer_class():
+    """tensorboardX's SummaryWriter. Where torch is installed but not yet imported, tensorboardX would import
+    it only to recognise torch tensors, which t5like never logs (Python floats only): seconds at every
+    start of a run. The import is hidden from it while it loads, and restored for everyone else."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """WORKDIR/metrics.jsonl (one JSON object per line) mirrored to TensorBoard. Only process 0 writes.
 
@@ -90,8 +106,7 @@ class MetricsWriter:
         else:
             storage.write_atomic(self.path, "".join(line + "\n" for line in kept))
             self.file = open(self.path, "a")
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(storage.join(workdir, "tensorboard"),
+        self.tb = summary_writer_class()(storage.join(workdir, "tensorboard"),
                                 purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, metrics: dict) -> None:

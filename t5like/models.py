@@ -73,20 +73,21 @@ class Block(nnx.Module):
     def _add(self, x, y, norm):
         return norm(x + y) if self.post_norm else x + y
 
-    def decode(self, x_BTD: Array, k_BSKH: Array, v_BSKH: Array, *, index, mask, bias, positions,
+    def decode(self, x_BTD: Array, k_LBSKH: Array, v_LBSKH: Array, layer: Array, *, index, mask, bias, positions,
                shard: Sharder, cross_k_BSKH=None, cross_v_BSKH=None, cross_mask=None, prefix_kv=None):
-        """One layer over T new tokens: self-attention against (and into) this layer's cache; cross-attention
-        against the encoder's keys/values, computed once before decoding. Returns (x, k, v)."""
-        y, k_BSKH, v_BSKH = self.attn.attend_cached(self._norm_in(x_BTD, self.attn_norm), positions, k_BSKH, v_BSKH,
-                                                    index, mask_B1TS=mask, bias_BNTS=bias, shard=shard,
-                                                    prefix_kv=prefix_kv)
+        """One layer (number `layer` of the stack) over T new tokens: self-attention against, and into, the
+        stack's cache [layers, B, S, K, H]; cross-attention against the encoder's keys/values, computed once
+        before decoding. Returns (x, k, v): the cache with this layer's new slots written."""
+        y, k_LBSKH, v_LBSKH = self.attn.attend_cached(self._norm_in(x_BTD, self.attn_norm), positions, k_LBSKH,
+                                                      v_LBSKH, layer, index, mask_B1TS=mask, bias_BNTS=bias,
+                                                      shard=shard, prefix_kv=prefix_kv)
         x_BTD = self._add(x_BTD, y, self.attn_norm)
         if self.cross:
             q_BTNH = self.cross_attn.project_query(self._norm_in(x_BTD, self.cross_norm), None, shard)
             y = self.cross_attn.attend(q_BTNH, cross_k_BSKH, cross_v_BSKH, cross_mask, None, shard)
             x_BTD = self._add(x_BTD, y, self.cross_norm)
         x_BTD = self._add(x_BTD, self.mlp(self._norm_in(x_BTD, self.mlp_norm), shard), self.mlp_norm)
-        return shard(x_BTD, ("batch", "length", "act_embed")), k_BSKH, v_BSKH
+        return shard(x_BTD, ("batch", "length", "act_embed")), k_LBSKH, v_LBSKH
 
 
 def stacked(make, num_layers: int, rngs: nnx.Rngs):
@@ -128,7 +129,7 @@ class Stack(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=CHECKPOINT_POLICIES[self.remat], prevent_cse=False)
-        unroll = self.scan_unroll or (self.num_layers if L.platform(shard) == "cpu" else 1)
+        unroll = self.scan_unroll or (1 if L.platform(shard) == "tpu" else self.num_layers)
         x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys, self._prefix_kv()), unroll=min(unroll, self.num_layers))
         return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
 
@@ -163,17 +164,21 @@ class Stack(nnx.Module):
         bias = None if self.relative_bias is None else self.relative_bias(q_positions_BT, k_positions_BS)
         graphdef, params = nnx.split(self.layers)
 
-        def body(x, xs):
-            layer_params, k, v, cross_k, cross_v, prefix_kv = xs
+        # The whole cache rides in the loop's carry and each layer writes only its T new slots into it, in
+        # place. Scanning over the cache as inputs/outputs instead rewrote all S slots of every layer at
+        # every step: at batch 8 on CPU that copying took more time than the model.
+        def body(carry, xs):
+            x, k_LBSKH, v_LBSKH = carry
+            layer_params, i, cross_k, cross_v, prefix_kv = xs
             layer = nnx.merge(graphdef, layer_params)
-            x, k, v = layer.decode(x, k, v, index=index, mask=mask, bias=bias, positions=q_positions_BT, shard=shard,
-                                   cross_k_BSKH=cross_k, cross_v_BSKH=cross_v, cross_mask=cross_mask,
-                                   prefix_kv=prefix_kv)
-            return x, (k, v)
+            x, k_LBSKH, v_LBSKH = layer.decode(x, k_LBSKH, v_LBSKH, i, index=index, mask=mask, bias=bias,
+                                               positions=q_positions_BT, shard=shard, cross_k_BSKH=cross_k,
+                                               cross_v_BSKH=cross_v, cross_mask=cross_mask, prefix_kv=prefix_kv)
+            return (x, k_LBSKH, v_LBSKH), None
 
-        xs = (params, cache.k, cache.v, None if cross is None else cross.k, None if cross is None else cross.v,
-              self._prefix_kv())
-        x_BTD, (k, v) = jax.lax.scan(body, x_BTD, xs)
+        xs = (params, jnp.arange(self.num_layers), None if cross is None else cross.k,
+              None if cross is None else cross.v, self._prefix_kv())
+        (x_BTD, k, v), _ = jax.lax.scan(body, (x_BTD, cache.k, cache.v), xs)
         x_BTD = x_BTD if self.final_norm is None else self.final_norm(x_BTD)
         return x_BTD, KVCache(shard(k, KV_CACHE_AXES), shard(v, KV_CACHE_AXES))
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5like import finetune
+from t5like import finetune, storage
 from t5like.config import Config
 from t5like.data import sources
 from t5like.data.objectives import EOS_ID
@@ -127,7 +127,5 @@ def report(workdir: str) -> dict:
     path = os.path.join(workdir, "summary.json")
     summary = json.load(open(path)) if os.path.exists(path) else {}
     summary["task"] = task
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
+    storage.write_atomic(path, json.dumps(summary, indent=2))
     return task
