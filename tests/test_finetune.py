@@ -2,6 +2,7 @@
 prefix-aware KV-cache decoding, learning on held-out task data, and bad input. All three families; the
 training steps run on a 2x2x2 (data, fsdp, tensor) mesh of the 8 simulated CPU devices."""
 import dataclasses
+import functools
 import json
 
 import jax
@@ -59,9 +60,19 @@ def flat(tree) -> dict:
     return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree))
 
 
+@functools.partial(nnx.jit, static_argnums=2)
+def _task_logits(model, batch, objective):
+    return finetune.task_logits(model, batch, objective)
+
+
 def forward(model, batch, objective):
-    run = nnx.jit(lambda m, b: finetune.task_logits(m, b, objective))
-    return run(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    # One jitted function for the module: models of the same structure (adapted vs its base) share a compile.
+    return _task_logits(model, {k: jnp.asarray(v) for k, v in batch.items()}, objective)
+
+
+def abstract_like(cfg: ModelConfig):
+    """(graphdef, abstract state) of a plain model: a tree to load params into; no eager initialisation."""
+    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))
 
 
 def on_one_device(tree):
@@ -139,26 +150,31 @@ def test_lora_training_freezes_base_and_merge_agrees(family):
     merged = np.asarray(forward(model, batch, OBJECTIVE[family]))
     np.testing.assert_allclose(merged, unmerged, atol=1e-5, rtol=0)
     # The merged model has the un-adapted model's parameter tree: it loads into a plain model.
-    plain = build_model(cfg.model, seed=0)
-    graphdef, plain_state = nnx.split(plain)
+    graphdef, plain_state = abstract_like(cfg.model)
     nnx.replace_by_pure_dict(plain_state, nnx.state(model).to_pure_dict())
     np.testing.assert_allclose(np.asarray(forward(nnx.merge(graphdef, plain_state), batch, OBJECTIVE[family])),
                                unmerged, atol=1e-5, rtol=0)
 
 
+# Jitted as generation runs them (eager NNX dispatches op by op, which is slow on CPU).
+@functools.partial(nnx.jit, static_argnums=(2, 3))
+def _init_cache(model, batch, family, length):
+    if family == "decoder":
+        return model.init_cache(jnp.zeros(batch["inputs"].shape[0], jnp.int32), length)
+    return model.init_cache(batch["encoder_inputs"], batch["encoder_segment_ids"], length)
+
+
+_decode_step = nnx.jit(lambda model, ids, cache: model.decode_step(ids, cache))
+
+
 def cached_logits(model, family, batch, prefill: int):
     """Logits from KV-cache decoding: prefill `prefill` tokens, then one token per step."""
-    if family == "decoder":
-        ids = jnp.asarray(batch["inputs"])
-        cache = model.init_cache(jnp.zeros(ids.shape[0], jnp.int32), ids.shape[1])
-    else:
-        ids = jnp.asarray(batch["decoder_inputs"])
-        cache = model.init_cache(jnp.asarray(batch["encoder_inputs"]), jnp.asarray(batch["encoder_segment_ids"]),
-                                 ids.shape[1])
-    out, cache = model.decode_step(ids[:, :prefill], cache)
+    ids = jnp.asarray(batch["inputs" if family == "decoder" else "decoder_inputs"])
+    cache = _init_cache(model, {k: jnp.asarray(v) for k, v in batch.items()}, family, ids.shape[1])
+    out, cache = _decode_step(model, ids[:, :prefill], cache)
     outs = [out]
     for t in range(prefill, ids.shape[1]):
-        out, cache = model.decode_step(ids[:, t:t + 1], cache)
+        out, cache = _decode_step(model, ids[:, t:t + 1], cache)
         outs.append(out)
     return np.asarray(jnp.concatenate(outs, axis=1))
 
@@ -174,8 +190,7 @@ def test_prefix_tuning_freezes_base_and_cached_decoding_sees_prefixes(family):
     batch = synthetic_batch(family, seed=2)
     full = np.asarray(forward(model, batch, OBJECTIVE[family]))
     no_prefix = finetune.base_params(params)
-    base_model = build_model(cfg.model, seed=0)
-    graphdef, base_state = nnx.split(base_model)
+    graphdef, base_state = abstract_like(cfg.model)
     nnx.replace_by_pure_dict(base_state, no_prefix)
     assert np.abs(full - np.asarray(forward(nnx.merge(graphdef, base_state), batch, OBJECTIVE[family]))).max() > 1e-3
     if family == "encoder":
@@ -265,8 +280,8 @@ def tasks(tmp_path_factory):
     return {**files, "tokenizer": str(root / "tok" / "tokenizer" / "spm.model"), "root": root}
 
 
-def run_experiment(tasks, module: str, task: str, *overrides) -> dict:
-    """`python -m experiments.MODULE` on one CPU device with the small task file -> summary.json's "task"."""
+def start_experiment(tasks, module: str, task: str, *overrides):
+    """Start `python -m experiments.MODULE` on one CPU device with the small task file -> (process, workdir)."""
     import os
     import subprocess
     import sys
@@ -275,10 +290,41 @@ def run_experiment(tasks, module: str, task: str, *overrides) -> dict:
     cmd = [sys.executable, "-m", f"experiments.{module}", f"workdir={workdir}", f"data.paths={tasks[task]}",
            f"data.tokenizer_path={tasks['tokenizer']}", "train.progress=false", "data.validation_fraction=0.2",
            *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(workdir.with_suffix(".log"), "w") as log:  # a file, not a pipe: nobody reads it while it runs
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), workdir
+
+
+def experiment_result(run) -> dict:
+    """Wait for a started experiment -> summary.json's "task"."""
+    proc, workdir = run
+    proc.wait(timeout=900)
+    assert proc.returncode == 0, workdir.with_suffix(".log").read_text()[-3000:]
     with open(workdir / "summary.json") as f:
         return json.load(f)["task"]
+
+
+# test id -> the experiment it runs (module, task file, overrides).
+EXPERIMENTS = {
+    "test_bert_classification_learns[full]": ("finetune_bert_classify", "classify", "finetune.method=full",
+                                              "train.steps=80", "train.batch_size=16"),
+    "test_bert_classification_learns[lora]": ("finetune_bert_classify", "classify", "finetune.method=lora",
+                                              "train.steps=80", "train.batch_size=16"),
+    "test_t5_lora_seq2seq_learns": ("finetune_t5_lora", "text", "train.steps=150", "train.batch_size=16"),
+    "test_gpt2_prefix_tuning_learns": ("finetune_gpt2_prefix", "words"),  # the experiment as it is: 300 steps x 32
+}
+
+
+@pytest.fixture(scope="module")
+def experiments(tasks, request):
+    """The selected learning tests' experiments, all started at once: each is a separate process that spends
+    much of its time compiling on one thread, so side by side they keep both cores busy."""
+    selected = {item.name for item in request.session.items if item.path == request.path}
+    runs = {name: start_experiment(tasks, *spec) for name, spec in EXPERIMENTS.items() if name in selected}
+    yield runs
+    for proc, _ in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # Margins: held-out sets have >= 100 examples, so a metric's binomial standard error is <= 0.05; each margin
@@ -286,29 +332,14 @@ def run_experiment(tasks, module: str, task: str, *overrides) -> dict:
 # 100% / LoRA 98% vs a 20% majority baseline; T5 LoRA and GPT-2 prefix tuning: see test bodies and README.
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_bert_classification_learns(tasks, method):
-    task = run_experiment(tasks, "finetune_bert_classify", "classify", f"finetune.method={method}",
-                          "train.steps=80", "train.batch_size=16")
+def test_bert_classification_learns(experiments, method):
+    task = experiment_result(experiments[f"test_bert_classification_learns[{method}]"])
     assert task["metric"] == "accuracy" and task["examples"] >= 100
     assert task["baseline"] < 0.35 and task["untuned"] < 0.45  # 4 balanced classes
     assert task["finetuned"] >= task["baseline"] + 0.4, task
 
 
-@pytest.mark.slow
-def test_t5_lora_seq2seq_learns(tasks):
-    task = run_experiment(tasks, "finetune_t5_lora", "text", "train.steps=150", "train.batch_size=16")
-    assert task["metric"] == "exact_match" and task["examples"] >= 100
-    assert task["untuned"] == 0.0
-    assert task["finetuned"] >= task["baseline"] + 0.2, task
-
-
-@pytest.mark.slow
-def test_gpt2_prefix_tuning_learns(tasks):
-    task = run_experiment(tasks, "finetune_gpt2_prefix", "words")  # the experiment as it is: 300 steps x 32
-    assert task["metric"] == "exact_match" and task["examples"] >= 400  # standard error <= 0.025
-    assert task["finetuned"] >= task["baseline"] + 0.15, task
-
-
+# Runs here, in this process, while the T5 and GPT-2 experiments train beside it.
 @pytest.mark.slow
 def test_lora_from_a_pretrained_run_keeps_its_base(tasks, tmp_path):
     """checkpoint.init_from: an MLM run's params become the frozen base of a LoRA classifier (plus a new head);
@@ -342,6 +373,21 @@ def test_lora_from_a_pretrained_run_keeps_its_base(tasks, tmp_path):
     with pytest.raises(ValueError, match=r"parameter encoder/layers/mlp/wi has shape \(2, 32, 64\) there but "
                                          r"\(2, 32, 128\) here"):
         train.train(wider)
+
+
+@pytest.mark.slow
+def test_t5_lora_seq2seq_learns(experiments):
+    task = experiment_result(experiments["test_t5_lora_seq2seq_learns"])  # 150 steps x 16
+    assert task["metric"] == "exact_match" and task["examples"] >= 100
+    assert task["untuned"] == 0.0
+    assert task["finetuned"] >= task["baseline"] + 0.2, task
+
+
+@pytest.mark.slow
+def test_gpt2_prefix_tuning_learns(experiments):
+    task = experiment_result(experiments["test_gpt2_prefix_tuning_learns"])  # the experiment as it is
+    assert task["metric"] == "exact_match" and task["examples"] >= 400  # standard error <= 0.025
+    assert task["finetuned"] >= task["baseline"] + 0.15, task
 
 
 def test_config_refuses_a_gate_target_without_a_gate():

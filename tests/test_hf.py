@@ -308,18 +308,36 @@ def test_bad_checkpoints_are_refused_naming_the_problem(hf, tmp_path):
 
 # Command line: import -> generate / fine-tune -> export ----------------------------------------------------------
 
-def cli(*args, ok=True):
+def start_cli(*args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     env["XLA_FLAGS"] = ""  # one CPU device is enough here
-    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)
-    assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
-    return proc
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def finished(proc, ok=True) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=300)
+    assert (proc.returncode == 0) == ok, err[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def cli(*args, ok=True):
+    return finished(start_cli(*args), ok)
 
 
 def test_cli_import_generate_export(hf, tmp_path):
     hf_model, d = hf["gpt2"]
     run = str(tmp_path / "run")
     cli("t5like.hf", "import", "--hf", d, "--workdir", run)
+    # Everything below reads the imported run and nothing else: the commands run side by side.
+    prompt = "def parse_args(self, args=None"
+    generating = start_cli("t5like.generate", "--workdir", run, "--prompt", prompt, "--max-new-tokens", "20")
+    out_dir = str(tmp_path / "hf_out")
+    exporting = start_cli("t5like.hf", "export", "--workdir", run, "--out", out_dir)
+    reimporting = start_cli("t5like.hf", "import", "--hf", d, "--workdir", run)
+    bare = edited_copy(d, tmp_path / "bare")
+    os.remove(os.path.join(bare, "tokenizer.json"))
+    bare_importing = start_cli("t5like.hf", "import", "--hf", bare, "--workdir", str(tmp_path / "run2"))
     # The workdir is a run: its config names the tokenizer it brought, and init_from accepts it.
     from t5like.checkpoint import read_config
     from t5like.config import CheckpointConfig, Config
@@ -328,26 +346,21 @@ def test_cli_import_generate_export(hf, tmp_path):
     assert cfg.data.tokenizer_path == os.path.join(run, "tokenizer") and cfg.model.activation == "gelu"
     assert init_from_plan(Config(model=cfg.model, checkpoint=CheckpointConfig(init_from=run)))
     # Generation through the CLI equals transformers' greedy continuation of the same text.
-    prompt = "def parse_args(self, args=None"
-    out = cli("t5like.generate", "--workdir", run, "--prompt", prompt, "--max-new-tokens", "20").stdout
     tok = HFTokenizer(d)
     ids = torch.tensor([tok.encode(prompt)])
     with torch.no_grad():
         ref = hf_model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_id,
                                 pad_token_id=tok.eos_id, attention_mask=torch.ones_like(ids))[0, ids.shape[1]:]
-    assert tok.decode(ref.tolist()) in out
+    assert tok.decode(ref.tolist()) in finished(generating).stdout
     # Export: transformers loads it and the tokenizer comes along.
-    out_dir = str(tmp_path / "hf_out")
-    cli("t5like.hf", "export", "--workdir", run, "--out", out_dir)
+    finished(exporting)
     back = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
     batch = batch_for("gpt2", 1001)
     assert np.abs(hf_logits(back, "gpt2", batch) - hf_logits(hf_model, "gpt2", batch)).max() < TOL
     assert os.path.isfile(os.path.join(out_dir, "tokenizer.json"))
     assert json.load(open(os.path.join(out_dir, "config.json")))["eos_token_id"] == 0
     # Refusals print `error: ...` and exit 2 before any work.
-    proc = cli("t5like.hf", "import", "--hf", d, "--workdir", run, ok=False)
+    proc = finished(reimporting, ok=False)
     assert proc.returncode == 2 and "error: --workdir" in proc.stderr and "already holds a run" in proc.stderr
-    bare = edited_copy(d, tmp_path / "bare")
-    os.remove(os.path.join(bare, "tokenizer.json"))
-    proc = cli("t5like.hf", "import", "--hf", bare, "--workdir", str(tmp_path / "run2"), ok=False)
+    proc = finished(bare_importing, ok=False)
     assert proc.returncode == 2 and "has no tokenizer" in proc.stderr

@@ -65,21 +65,11 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def wait_for_checkpoint(exists, procs, timeout=300):
-    deadline = time.time() + timeout
-    while not exists():
-        for p in procs:
-            assert p.poll() is None, p.stdout.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def reference(tok):
     """Uninterrupted decoder runs: one process with 4 devices, and 2 processes with 2 devices each."""
     one, two = tok["root"] / "one", tok["root"] / "two"
-    finish(start(tok, "decoder", one))
-    finish(start(tok, "decoder", two, processes=2, devices=2))
+    finish(start(tok, "decoder", one) + start(tok, "decoder", two, processes=2, devices=2))  # side by side
     return {"one": losses(one), "two": losses(two), "two_dir": two}
 
 
@@ -122,31 +112,56 @@ def test_sigterm_to_one_host_saves_all_at_one_step_and_resumes_exactly(tok):
     assert losses(workdir) == losses(twin)  # bitwise, every step once
 
 
-def test_sigkill_on_gs_workdir_two_hosts_resumes_bitwise(tok, reference, gcs_server):
-    prefix = "mh_kill"
-    workdir = f"gs://{gcs_server.bucket}/{prefix}"
+@pytest.fixture(scope="module")
+def gs_runs(tok, gcs_server):
+    """Two runs on gs:// workdirs, side by side (separate prefixes, separate processes): two hosts SIGKILLed after
+    checkpoint 3 or 6, and one host, training its own tokenizer into gs://, SIGKILLed after checkpoint 3. Each
+    is then rerun to the end."""
+    cwd_before = set(os.listdir(ROOT))
     kill_after = random.Random(0).choice([3, 6])
-    procs = start(tok, "decoder", workdir, processes=2, devices=2, env=gcs_server.env)
-    wait_for_checkpoint(lambda: any(f"{prefix}/checkpoints/{kill_after}/" in n and n.endswith("commit_success.txt")
-                                    for n in gcs_server.list_objects(prefix)), procs)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    outs = finish(start(tok, "decoder", workdir, processes=2, devices=2, env=gcs_server.env))
+    runs = {"two": dict(prefix="mh_kill", processes=2, devices=2, tokenizer=True, ckpt=kill_after),
+            "one": dict(prefix="sh_run", processes=1, devices=4, tokenizer=False, ckpt=3)}
+
+    def launch(run):
+        return start(tok, "decoder", f"gs://{gcs_server.bucket}/{run['prefix']}", processes=run["processes"],
+                     devices=run["devices"], env=gcs_server.env, tokenizer=run["tokenizer"])
+
+    def committed(run):  # the step's own marker, written after its items' markers (state/, config/)
+        return f"{run['prefix']}/checkpoints/{run['ckpt']}/commit_success.txt" in gcs_server.list_objects(run["prefix"])
+
+    for run in runs.values():
+        run["procs"] = launch(run)
+    pending = dict(runs)
+    deadline = time.time() + 300
+    while pending:  # both watched at once: each is killed as soon as its checkpoint is committed
+        assert time.time() < deadline, f"no checkpoint appeared: {sorted(pending)}"
+        for name, run in list(pending.items()):
+            if committed(run):
+                for p in run["procs"]:
+                    p.send_signal(signal.SIGKILL)
+                    p.wait()
+                del pending[name]
+            else:
+                for p in run["procs"]:
+                    assert p.poll() is None, p.stdout.read()[-3000:]
+        time.sleep(0.05)
+    reruns = {name: launch(run) for name, run in runs.items()}
+    for name, procs in reruns.items():
+        runs[name]["outs"] = finish(procs)
+    runs["cwd_before"] = cwd_before
+    return runs
+
+
+def test_sigkill_on_gs_workdir_two_hosts_resumes_bitwise(tok, reference, gcs_server, gs_runs):
+    outs = gs_runs["two"]["outs"]
     assert "resumed from" in outs[0]
-    assert losses(workdir) == reference["two"]
+    assert losses(f"gs://{gcs_server.bucket}/mh_kill") == reference["two"]
 
 
-def test_gs_workdir_single_host_trains_resumes_and_generates(tok, reference, gcs_server, tmp_path):
+def test_gs_workdir_single_host_trains_resumes_and_generates(tok, gcs_server, gs_runs):
     prefix = "sh_run"
     workdir = f"gs://{gcs_server.bucket}/{prefix}"
-    cwd_before = set(os.listdir(ROOT))
-    procs = start(tok, "decoder", workdir, env=gcs_server.env, tokenizer=False)  # trains its tokenizer into gs://
-    wait_for_checkpoint(lambda: any(n.endswith("checkpoints/3/commit_success.txt")
-                                    for n in gcs_server.list_objects(prefix)), procs)
-    procs[0].send_signal(signal.SIGKILL)
-    procs[0].wait()
-    out = finish(start(tok, "decoder", workdir, env=gcs_server.env, tokenizer=False))[0]
+    out = gs_runs["one"]["outs"][0]
     assert "resumed from" in out
     got = losses(workdir)
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -154,7 +169,7 @@ def test_gs_workdir_single_host_trains_resumes_and_generates(tok, reference, gcs
     for name in ("config.json", "summary.json", "metrics.jsonl", "tokenizer/spm.model"):
         assert f"{prefix}/{name}" in objects, name
     assert any(n.startswith(f"{prefix}/tensorboard/") for n in objects)
-    assert set(os.listdir(ROOT)) == cwd_before and not os.path.exists(prefix)  # nothing landed locally
+    assert set(os.listdir(ROOT)) == gs_runs["cwd_before"] and not os.path.exists(prefix)  # nothing landed locally
     gen = subprocess.run([sys.executable, "-m", "t5like.generate", "--workdir", workdir, "--prompt", "def main(",
                           "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, **gcs_server.env))
@@ -162,18 +177,27 @@ def test_gs_workdir_single_host_trains_resumes_and_generates(tok, reference, gcs
 
 
 def test_bad_multihost_input_is_a_clear_error(tok, gcs_server):
-    def run(*flags, workdir=tok["root"] / "bad", env=None, timeout=120):
+    def run(*flags, workdir, env=None):
         cmd = [sys.executable, "-m", "experiments.gpt2_small", *run_args(workdir), *flags]
-        t = time.time()
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **(env or {})))
-        return p.returncode, p.stderr, time.time() - t
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                                         **(env or {})))
 
-    code, err, took = run("--coordinator", f"localhost:{free_port()}", "--num-processes", "2", "--process-id", "1",
-                          "--coordinator-timeout", "3")
+    def result(proc, timeout=120):
+        _, err = proc.communicate(timeout=timeout)
+        return proc.returncode, err
+
+    # The three checks are independent processes, started together; the first mostly waits on its timeout.
+    t = time.time()
+    timeout = run("--coordinator", f"localhost:{free_port()}", "--num-processes", "2", "--process-id", "1",
+                  "--coordinator-timeout", "3", workdir=tok["root"] / "bad_timeout")
+    bad_id = run("--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2",
+                 workdir=tok["root"] / "bad_id")
+    no_bucket = run(workdir="gs://no-such-bucket/run", env=gcs_server.env)
+    code, err = result(timeout)
     assert code == 2 and "did not accept a connection within 3 s" in err and "Traceback" not in err, err
-    assert took < 60
-    code, err, _ = run("--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2")
+    assert time.time() - t < 60
+    code, err = result(bad_id)
     assert code == 2 and "--process-id=2 must be in [0, --num-processes=2)" in err, err
-    code, err, _ = run(workdir="gs://no-such-bucket/run", env=gcs_server.env)
+    code, err = result(no_bucket)
     assert code == 2 and "bucket gs://no-such-bucket does not exist" in err, err

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -63,11 +64,49 @@ def losses(env, workdir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(shared, gcs_server):
+def straight(shared, gcs_server):
+    """The uninterrupted pod, started and not waited for: the killed pod's test runs beside it."""
     proc, logs, env = start_pod(shared, gcs_server, "tpu-pod-straight", max_restarts=0)
+    run = {"proc": proc, "workdir": f"gs://{gcs_server.bucket}/tpu-pod-straight", "env": env, "logs": logs}
+    # Its pipes are drained as it runs, so a full pipe never stalls it.
+    reader = threading.Thread(target=lambda: run.update(zip(("out", "err"), proc.communicate())), daemon=True)
+    reader.start()
+    run["reader"] = reader
+    yield run
+    if proc.poll() is None:
+        proc.kill()
+        reader.join()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(straight):
+    straight["reader"].join(timeout=900)
+    assert straight["proc"].returncode == 0, straight.get("err", "")[-3000:]
+    return straight
+
+
+def progress(log_path) -> int:
+    steps = re.findall(rf"(\d+)/{STEPS}\b", log_path.read_text()) if log_path.exists() else []
+    return int(steps[-1]) if steps else 0
+
+
+# First in the file, so the uninterrupted pod (started by `straight`) runs beside this one.
+def test_a_killed_worker_restarts_the_pod_and_the_run_ends_with_the_same_losses(shared, gcs_server,
+                                                                                 straight, request):
+    proc, logs, env = start_pod(shared, gcs_server, "tpu-pod-killed", max_restarts=1)
+    deadline = time.monotonic() + 600
+    while progress(logs / "worker-0.log") < 60:   # past the first checkpoints, well before the end
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    os.kill(int((logs / "worker-1.pid").read_text()), signal.SIGKILL)   # the fake preemption
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
-    return {"workdir": f"gs://{gcs_server.bucket}/tpu-pod-straight", "env": env, "logs": logs, "out": out, "err": err}
+    assert "a worker failed" in err and "restart 1/1" in err and "run finished (attempt 1)" in err
+    assert "resumed from" in (logs / "worker-0.log").read_text()
+    uninterrupted = request.getfixturevalue("uninterrupted")
+    killed = losses(env, f"gs://{gcs_server.bucket}/tpu-pod-killed")
+    assert sorted(killed) == list(range(1, STEPS + 1))
+    assert killed == losses(env, uninterrupted["workdir"])
 
 
 def test_the_per_worker_command_runs_as_a_local_pod(uninterrupted):
@@ -79,25 +118,3 @@ def test_the_per_worker_command_runs_as_a_local_pod(uninterrupted):
         assert log == read_gs(uninterrupted["env"], f"{uninterrupted['workdir']}/logs/worker-{i}.log")
     assert "run finished (attempt 0)" in uninterrupted["err"]
     assert len(losses(uninterrupted["env"], uninterrupted["workdir"])) == STEPS
-
-
-def progress(log_path) -> int:
-    steps = re.findall(rf"(\d+)/{STEPS}\b", log_path.read_text()) if log_path.exists() else []
-    return int(steps[-1]) if steps else 0
-
-
-def test_a_killed_worker_restarts_the_pod_and_the_run_ends_with_the_same_losses(shared, gcs_server,  # noqa: F811
-                                                                                 uninterrupted):
-    proc, logs, env = start_pod(shared, gcs_server, "tpu-pod-killed", max_restarts=1)
-    deadline = time.monotonic() + 600
-    while progress(logs / "worker-0.log") < 60:   # past the first checkpoints, well before the end
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.2)
-    os.kill(int((logs / "worker-1.pid").read_text()), signal.SIGKILL)   # the fake preemption
-    out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-3000:]
-    assert "a worker failed" in err and "restart 1/1" in err and "run finished (attempt 1)" in err
-    assert "resumed from" in (logs / "worker-0.log").read_text()
-    killed, straight = losses(env, f"gs://{gcs_server.bucket}/tpu-pod-killed"), losses(env, uninterrupted["workdir"])
-    assert sorted(killed) == list(range(1, STEPS + 1))
-    assert killed == straight

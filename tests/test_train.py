@@ -43,11 +43,14 @@ def launch(shared, family, workdir, *extra):
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def run_to_end(shared, family, workdir, *extra) -> str:
-    proc = launch(shared, family, workdir, *extra)
+def finish(proc) -> str:
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     return out
+
+
+def run_to_end(shared, family, workdir, *extra) -> str:
+    return finish(launch(shared, family, workdir, *extra))
 
 
 def losses(workdir) -> dict[int, float]:
@@ -59,39 +62,84 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def wait_for_step(workdir, step, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if max(losses(workdir), default=0) >= step:
-            return
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.02)
-    raise TimeoutError(f"run did not reach step {step}")
-
-
 @pytest.fixture(scope="module")
 def reference(shared):
-    """Uninterrupted single-device runs, one per family."""
+    """Uninterrupted single-device runs, one per family (side by side: each process is mostly single-threaded)."""
+    procs = {family: launch(shared, family, shared["root"] / f"ref_{family}") for family in EXPERIMENTS}
     runs = {}
-    for family in EXPERIMENTS:
-        workdir = shared["root"] / f"ref_{family}"
-        run_to_end(shared, family, workdir)
-        runs[family] = losses(workdir)
+    for family, proc in procs.items():
+        finish(proc)
+        runs[family] = losses(shared["root"] / f"ref_{family}")
         assert sorted(runs[family]) == list(range(1, STEPS + 1))
     return runs
 
 
+def saving_step(ckpt) -> int | None:
+    """The step of a checkpoint being written (Orbax's temporary directory) at or after step 3, if any."""
+    if ckpt.is_dir():
+        for name in os.listdir(ckpt):
+            if "orbax-checkpoint-tmp" in name and int(name.split(".")[0]) >= 3:
+                return int(name.split(".")[0])
+    return None
+
+
+@pytest.fixture(scope="module")
+def interrupted(shared, reference):
+    """Runs interrupted side by side, then each rerun to the end: every family SIGKILLed at a random step, the
+    decoder SIGKILLed while a checkpoint is being written, and the decoder sent SIGTERM after step 4.
+    Each run is its own process on its own workdir, so running them together changes none of them."""
+    from t5like.checkpoint import Checkpointer
+    from t5like.config import CheckpointConfig
+    root = shared["root"]
+    jobs = {f"kill_{family}": dict(family=family, workdir=root / f"killed_{family}", extra=(), signal=signal.SIGKILL,
+                                   at=random.Random(family).randint(5, STEPS - 4)) for family in EXPERIMENTS}
+    jobs["kill_in_save"] = dict(family="decoder", workdir=root / "killed_in_save", extra=("checkpoint.every=1",),
+                                signal=signal.SIGKILL, at=None)
+    jobs["sigterm"] = dict(family="decoder", workdir=root / "preempted", extra=("checkpoint.every=1000",),
+                           signal=signal.SIGTERM, at=4)
+    for job in jobs.values():
+        job["proc"] = launch(shared, job["family"], job["workdir"], *job["extra"])
+    pending = set(jobs)
+    deadline = time.time() + 400
+    polls = 0
+    while pending:
+        assert time.time() < deadline, f"not interrupted in time: {sorted(pending)}"
+        for name in sorted(pending):
+            job = jobs[name]
+            if job["at"] is None:  # watch for a save in progress every ms, to kill inside it
+                job["killed_step"] = saving_step(job["workdir"] / "checkpoints")
+                hit = job["killed_step"] is not None
+            else:  # step counts from metrics.jsonl, every 20 ms
+                hit = polls % 20 == 0 and max(losses(job["workdir"]), default=0) >= job["at"]
+            if hit:
+                job["proc"].send_signal(job["signal"])
+                pending.discard(name)
+            elif job["proc"].poll() is not None:  # its test reports this
+                job["ended_early"] = True
+                pending.discard(name)
+        polls += 1
+        time.sleep(0.001)
+    for job in jobs.values():
+        job["out"], _ = job["proc"].communicate(timeout=120)
+        job["returncode"] = job["proc"].returncode
+        ckpt = job["workdir"] / "checkpoints"
+        job["checkpoints"] = {n for n in os.listdir(ckpt) if (ckpt / n).is_dir()} if ckpt.is_dir() else set()
+    save = jobs["kill_in_save"]
+    save["latest"] = Checkpointer(str(save["workdir"] / "checkpoints"),
+                                  CheckpointConfig(async_save=False)).latest_step()  # before the rerun
+    reruns = {name: launch(shared, job["family"], job["workdir"], *job["extra"]) for name, job in jobs.items()}
+    for name, proc in reruns.items():
+        jobs[name]["rerun_out"] = finish(proc)
+        jobs[name]["losses"] = losses(jobs[name]["workdir"])
+    return jobs
+
+
 @pytest.mark.parametrize("family", sorted(EXPERIMENTS))
-def test_exact_resume_after_sigkill(shared, reference, family):
-    workdir = shared["root"] / f"killed_{family}"
-    kill_at = random.Random(family).randint(5, STEPS - 4)
-    proc = launch(shared, family, workdir)
-    wait_for_step(workdir, kill_at, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    out = run_to_end(shared, family, workdir)
-    assert "resumed from" in out
-    got = losses(workdir)
+def test_exact_resume_after_sigkill(reference, interrupted, family):
+    job = interrupted[f"kill_{family}"]
+    assert not job.get("ended_early"), job["out"][-3000:]
+    assert "resumed from" in job["rerun_out"]
+    got = job["losses"]
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(reference[family][step], abs=1e-5), step
@@ -99,46 +147,28 @@ def test_exact_resume_after_sigkill(shared, reference, family):
     assert bitwise, "CPU resume should be bitwise identical"
 
 
-def test_kill_during_save_restarts_from_previous_checkpoint(shared, reference):
-    workdir = shared["root"] / "killed_in_save"
-    ckpt = workdir / "checkpoints"
-    proc = launch(shared, "decoder", workdir, "checkpoint.every=1")
-    killed_step = None
-    deadline = time.time() + 300
-    while killed_step is None and time.time() < deadline and proc.poll() is None:
-        if ckpt.is_dir():
-            for name in os.listdir(ckpt):
-                if "orbax-checkpoint-tmp" in name and int(name.split(".")[0]) >= 3:
-                    proc.send_signal(signal.SIGKILL)
-                    killed_step = int(name.split(".")[0])
-                    break
-        time.sleep(0.001)
-    proc.wait()
+def test_kill_during_save_restarts_from_previous_checkpoint(reference, interrupted):
+    job = interrupted["kill_in_save"]
+    killed_step, latest = job["killed_step"], job["latest"]
     assert killed_step is not None, "never caught a save in progress"
-    from t5like.checkpoint import Checkpointer
-    from t5like.config import CheckpointConfig
-    latest = Checkpointer(str(ckpt), CheckpointConfig(async_save=False)).latest_step()
+    assert not job.get("ended_early"), job["out"][-3000:]
     assert latest is not None and latest < killed_step  # the half-written step is never picked
-    out = run_to_end(shared, "decoder", workdir, "checkpoint.every=1")
-    assert f"at step {latest}" in out
-    got = losses(workdir)
+    assert f"at step {latest}" in job["rerun_out"]
+    got = job["losses"]
     for step in range(1, STEPS + 1):
         assert got[step] == reference["decoder"][step], step
 
 
-def test_sigterm_saves_and_exits_cleanly(shared, reference):
-    workdir = shared["root"] / "preempted"
-    proc = launch(shared, "decoder", workdir, "checkpoint.every=1000")
-    wait_for_step(workdir, 4, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == train.PREEMPTED_EXIT_CODE, out[-2000:]
+def test_sigterm_saves_and_exits_cleanly(reference, interrupted):
+    job = interrupted["sigterm"]
+    out = job["out"]
+    assert not job.get("ended_early"), out[-3000:]
+    assert job["returncode"] == train.PREEMPTED_EXIT_CODE, out[-2000:]
     assert "SIGTERM: saved step" in out and "Traceback" not in out
     saved = int(out.split("SIGTERM: saved step ")[1].split()[0])
-    assert 4 <= saved < STEPS and (workdir / "checkpoints" / str(saved)).is_dir()
-    out = run_to_end(shared, "decoder", workdir, "checkpoint.every=1000")
-    assert f"at step {saved}" in out
-    assert losses(workdir)[STEPS] == reference["decoder"][STEPS]
+    assert 4 <= saved < STEPS and str(saved) in job["checkpoints"]  # on disk before the rerun
+    assert f"at step {saved}" in job["rerun_out"]
+    assert job["losses"][STEPS] == reference["decoder"][STEPS]
 
 
 def in_process_config(shared, family, workdir, *extra) -> Config:
@@ -285,15 +315,25 @@ def unigram_baseline(cfg: Config, batches: int = 40) -> tuple[float, float]:
 LEARN_STEPS = {"decoder": 150, "encoder_decoder": 150, "encoder": 600}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(EXPERIMENTS))
-def test_each_family_learns_below_unigram_baseline(shared, family):
-    workdir = shared["root"] / f"learn_{family}"
+def learn_args(family):
     args = [f"train.steps={LEARN_STEPS[family]}", "train.batch_size=16", "checkpoint.every=10000",
             "train.eval_steps=4", "data.validation_fraction=0.1", "model.dropout=0"]
-    if family == "encoder":
-        args.append("optim.schedule=constant")
-    run_to_end(shared, family, workdir, *args)
+    return args + (["optim.schedule=constant"] if family == "encoder" else [])
+
+
+@pytest.fixture(scope="module")
+def learned(shared):
+    """The three learning runs, side by side (each process is mostly single-threaded)."""
+    procs = {family: launch(shared, family, shared["root"] / f"learn_{family}", *learn_args(family))
+             for family in EXPERIMENTS}
+    return {family: finish(proc) for family, proc in procs.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(EXPERIMENTS))
+def test_each_family_learns_below_unigram_baseline(shared, learned, family):
+    workdir = shared["root"] / f"learn_{family}"
+    args = learn_args(family)
     final = [r for r in read_metrics(workdir) if "eval_loss" in r][-1]
     baseline_loss, baseline_accuracy = unigram_baseline(in_process_config(shared, family, workdir, *args))
     # Clearly learned: lower loss than any context-free model, and context lifts top-1 accuracy by half.
