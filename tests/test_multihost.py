@@ -23,7 +23,7 @@ EXPERIMENT = {"decoder": "gpt2_small", "encoder_decoder": "t5_base"}
 def tok(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     get_tokenizer(DataConfig(source="stdlib", max_files=40, tokenizer_train_chars=200_000), str(root / "tok"), 2048)
-    return {"path": str(root / "tok" / "tokenizer" / "spm.model"), "root": root, "cache": str(root / "cache")}
+    return {"path": str(root / "tok" / "tokenizer" / "spm.model"), "root": root}
 
 
 def run_args(workdir, *extra):
@@ -42,7 +42,7 @@ def start(tok, family, workdir, *, processes=1, devices=4, env=None, extra=(), t
                *run_args(workdir, *extra, *([f"data.tokenizer_path={tok['path']}"] if tokenizer else [])),
                *(flags if processes > 1 else [])]
         e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1",
-                 JAX_COMPILATION_CACHE_DIR=tok["cache"], **(env or {}))
+                 **(env or {}))
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     return procs

@@ -41,7 +41,7 @@ def start_pod(shared, gcs, name, max_restarts):
             "--workdir", f"gs://{gcs.bucket}/{name}", "--local-pod", "2", "--local-devices", "2",
             "--max-restarts", str(max_restarts), "--logs", str(logs)]
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **gcs.env, "PYTHONPATH": ROOT,
-           "JAX_COMPILATION_CACHE_DIR": str(shared["root"] / "jax_cache"), "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, logs, env
 

@@ -22,12 +22,11 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """One tokenizer for every run here, and a compilation cache shared by the subprocesses."""
+    """One tokenizer for every run here (the subprocesses share conftest's session compilation cache)."""
     root = tmp_path_factory.mktemp("train")
     data = DataConfig(source="stdlib", max_files=60, tokenizer_train_chars=300_000)
     get_tokenizer(data, str(root / "tok"), vocab_size=2048)
-    return {"tokenizer": str(root / "tok" / "tokenizer" / "spm.model"), "cache": str(root / "jax_cache"),
-            "root": root}
+    return {"tokenizer": str(root / "tok" / "tokenizer" / "spm.model"), "root": root}
 
 
 def fast(shared, *extra):
@@ -37,8 +36,7 @@ def fast(shared, *extra):
 
 
 def launch(shared, family, workdir, *extra):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COMPILATION_CACHE_DIR=shared["cache"], PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", f"experiments.{EXPERIMENTS[family]}", *fast(shared, f"workdir={workdir}", *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -88,8 +86,7 @@ def interrupted(shared, reference):
     """Runs interrupted side by side, then each rerun to the end: every family SIGKILLed at a random step, the
     decoder SIGKILLed while a checkpoint is being written, and the decoder sent SIGTERM after step 4.
     Each run is its own process on its own workdir, so running them together changes none of them."""
-    from t5like.checkpoint import Checkpointer
-    from t5like.config import CheckpointConfig
+    from t5like.checkpoint import latest_step
     root = shared["root"]
     jobs = {f"kill_{family}": dict(family=family, workdir=root / f"killed_{family}", extra=(), signal=signal.SIGKILL,
                                    at=random.Random(family).randint(5, STEPS - 4)) for family in EXPERIMENTS}
@@ -125,8 +122,7 @@ def interrupted(shared, reference):
         ckpt = job["workdir"] / "checkpoints"
         job["checkpoints"] = {n for n in os.listdir(ckpt) if (ckpt / n).is_dir()} if ckpt.is_dir() else set()
     save = jobs["kill_in_save"]
-    save["latest"] = Checkpointer(str(save["workdir"] / "checkpoints"),
-                                  CheckpointConfig(async_save=False)).latest_step()  # before the rerun
+    save["latest"] = latest_step(str(save["workdir"]))  # before the rerun
     reruns = {name: launch(shared, job["family"], job["workdir"], *job["extra"]) for name, job in jobs.items()}
     for name, proc in reruns.items():
         jobs[name]["rerun_out"] = finish(proc)
