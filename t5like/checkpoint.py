@@ -32,15 +32,43 @@ class UnreadableCheckpoint(Exception):
     """No finalised checkpoint step could be read back."""
 
 
+class _OneProcessTypeHandlers(ocp.type_handlers.TypeHandlerRegistry):
+    """orbax's standard type handlers, but jax.Arrays are saved whole, not in replica-parallel slices."""
+
+    def __init__(self):
+        # orbax exports no public name for the array-metadata store its default ArrayHandler gets.
+        from orbax.checkpoint._src.metadata.array_metadata_store import Store
+        self._array = ocp.type_handlers.ArrayHandler(use_replica_parallel=False, array_metadata_store=Store())
+
+    def get(self, ty: Any) -> Any:
+        if ty == self._array.typestr() or (isinstance(ty, type) and issubclass(ty, jax.Array)):
+            return self._array
+        return ocp.type_handlers.get_type_handler(ty)
+
+    def has(self, ty: Any) -> bool:
+        try:
+            self.get(ty)
+            return True
+        except ValueError:
+            return False
+
+    def add(self, *args, **kwargs):
+        raise NotImplementedError("a fixed registry; register handlers with orbax instead")
+
+
 class Checkpointer:
     def __init__(self, directory: str, cfg: CheckpointConfig):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, keep_period=cfg.keep_period or None, create=True,
             enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True)
         self.directory = directory
+        # One process holds every replica of every array: orbax's replica-parallel saving would only cut each
+        # replicated array into per-replica slices (an eager op each) for this same process to write.
+        state = (ocp.PyTreeCheckpointHandler() if jax.process_count() > 1 else
+                 ocp.PyTreeCheckpointHandler(type_handler_registry=_OneProcessTypeHandlers()))
         self.manager = ocp.CheckpointManager(
             _absolute(directory), options=options,
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+            item_handlers={"state": state, "config": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()

@@ -22,6 +22,7 @@ from t5like.checkpoint import Checkpointer, checkpoint_dir
 from t5like.config import CheckpointConfig, Config, MeshConfig, ModelConfig, OptimConfig
 from t5like.data import DataConfig, get_tokenizer, make_iterator
 from t5like.metrics import read_metrics
+from xla import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -271,7 +272,7 @@ def test_no_readable_checkpoint_is_a_clear_error(tok_path, finished, tmp_path, c
 
 def test_second_trainer_on_a_workdir_is_refused_and_a_killed_ones_lock_is_not(tok_path, tmp_path, capsys):
     workdir = tmp_path / "run"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "experiments.gpt2_small",
                              *args(tok_path, workdir, "train.steps=100000", "checkpoint.every=100000")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

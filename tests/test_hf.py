@@ -24,6 +24,7 @@ from t5like.decoding import DecodeConfig, generate  # noqa: E402
 from t5like.hf import load_pretrained, save_pretrained  # noqa: E402
 from t5like.models import build_model  # noqa: E402
 from t5like.sharding import Sharder, make_mesh  # noqa: E402
+from xla import xla_flags  # noqa: E402
 
 TOL = 1e-4
 TEXT = open(argparse.__file__, encoding="utf-8").read()[:60000]
@@ -310,7 +311,7 @@ def test_bad_checkpoints_are_refused_naming_the_problem(hf, tmp_path):
 
 def start_cli(*args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    env["XLA_FLAGS"] = ""  # one CPU device is enough here
+    env["XLA_FLAGS"] = xla_flags(1)  # one CPU device is enough here
     return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
 

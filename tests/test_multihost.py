@@ -13,6 +13,7 @@ import pytest
 from gcs import free_port
 from t5like.data import DataConfig, get_tokenizer
 from t5like.metrics import read_metrics
+from xla import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -41,7 +42,7 @@ def start(tok, family, workdir, *, processes=1, devices=4, env=None, extra=(), t
         cmd = [sys.executable, "-m", f"experiments.{EXPERIMENT[family]}",
                *run_args(workdir, *extra, *([f"data.tokenizer_path={tok['path']}"] if tokenizer else [])),
                *(flags if processes > 1 else [])]
-        e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1",
+        e = dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONUNBUFFERED="1",
                  **(env or {}))
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
@@ -180,7 +181,7 @@ def test_bad_multihost_input_is_a_clear_error(tok, gcs_server):
     def run(*flags, workdir, env=None):
         cmd = [sys.executable, "-m", "experiments.gpt2_small", *run_args(workdir), *flags]
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                                env=dict(os.environ, XLA_FLAGS=xla_flags(1),
                                          **(env or {})))
 
     def result(proc, timeout=120):

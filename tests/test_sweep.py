@@ -20,6 +20,7 @@ from launch.backends import LocalBackend
 from launch.plan import load_sweep
 from launch.runner import run_sweep
 from launch.table import COLUMNS, ResultsTable
+from xla import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -344,7 +345,7 @@ def test_one_real_trial_matches_its_design(tmp_path, monkeypatch):
     '''))
     monkeypatch.syspath_prepend(str(mods))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(mods), ROOT]),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=xla_flags(1))
     wd = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "-m", "launch.sweep", "real_exp", "--workdir", str(wd), "--no-fit"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 
 from test_sweep import FAKE, ROOT, check_each_trial_once, events, finish, mid_way, rows, wait_until
+from xla import xla_flags
 
 ray = pytest.importorskip("ray")
 
@@ -266,7 +267,7 @@ if __name__ == "__main__":
 def test_real_tiny_sweep_on_ray_matches_local(sweep, cluster, tmp_path):
     """Real training: the Ray backend's table is the local backend's, losses bitwise included."""
     (tmp_path / "mods" / "real_exp.py").write_text(REAL)
-    one = "--xla_force_host_platform_device_count=1"
+    one = xla_flags(1)
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     code, out = finish(sweep(local, "--parallel", "2", module="real_exp", XLA_FLAGS=one), timeout=900)
     assert code == 0, out

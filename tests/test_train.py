@@ -14,6 +14,7 @@ from t5like import train
 from t5like.config import Config
 from t5like.data import DataConfig, get_tokenizer, make_iterator
 from t5like.metrics import read_metrics
+from xla import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = {"decoder": "gpt2_small", "encoder": "bert_base", "encoder_decoder": "t5_base"}
@@ -35,8 +36,8 @@ def fast(shared, *extra):
             f"train.steps={STEPS}", "checkpoint.every=3", *extra]
 
 
-def launch(shared, family, workdir, *extra):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+def launch(shared, family, workdir, *extra, fast_compile=True):
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1, fast_compile), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", f"experiments.{EXPERIMENTS[family]}", *fast(shared, f"workdir={workdir}", *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -320,7 +321,8 @@ def learn_args(family):
 @pytest.fixture(scope="module")
 def learned(shared):
     """The three learning runs, side by side (each process is mostly single-threaded)."""
-    procs = {family: launch(shared, family, shared["root"] / f"learn_{family}", *learn_args(family))
+    procs = {family: launch(shared, family, shared["root"] / f"learn_{family}", *learn_args(family),
+                            fast_compile=False)
              for family in EXPERIMENTS}
     return {family: finish(proc) for family, proc in procs.items()}
 
