@@ -4,7 +4,7 @@ import os
 import shutil
 import tempfile
 
-from xla import xla_flags  # noqa: E402  (tests/ is on sys.path under pytest)
+from xla import xla_flags  # tests/ is on sys.path under pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
