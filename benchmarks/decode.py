@@ -5,10 +5,10 @@
     python benchmarks/decode.py --batch 1 8 --modes cached_fit hf     # t5like against HF transformers
 
 Modes (greedy, EOS disabled so every row decodes all N tokens; compile time excluded):
-  cached      t5like.decoding.generate: one jitted loop, KV cache preallocated to model.max_len slots,
-              so every step costs the same and time should grow linearly in N (time(256)/time(128) ~ 2).
-  cached_fit  the same with the cache sized to prompt + N (generate's default): attention reads a
-              cache that is longer for larger N, so the ratio is a little above 2.
+  cached      t5like.decoding.generate: one jitted loop, KV cache preallocated to model.max_len slots.
+              Attention reads the shortest of `t5like.layers.cache_read_lengths` that holds every filled
+              slot, so the unfilled end of the cache costs little.
+  cached_fit  the same with the cache sized to prompt + N (generate's default).
   uncached    each step a full forward over the whole sequence so far (padded to a multiple of 16 tokens
               to bound recompiles), argmax at the last position: work per step grows with the sequence,
               so total time grows quadratically once attention/projection over the sequence dominates.

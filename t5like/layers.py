@@ -10,6 +10,7 @@ layers stacked under `lax.scan` stay pure functions of (params, inputs, key).
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Callable, Optional
@@ -22,6 +23,9 @@ from t5like.config import ModelConfig
 from t5like.sharding import Sharder
 
 Array = jax.Array
+
+
+CACHE_NAMES = ("batch", "act_kv_heads", "length", None)  # a decode cache's [B, K, S, H]
 
 
 def dtype_of(name: str):
@@ -76,21 +80,26 @@ def adapted(module: nnx.Module, kernel: str, x: Array, y: Array, rng: Optional[A
     return y + lora(x, None if rng is None else jax.random.fold_in(rng, zlib.crc32(kernel.encode()))).astype(y.dtype)
 
 
-def with_prefix(k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array, bias_BNTS: Optional[Array],
-                prefix_kv: Optional[tuple[Array, Array]], shard: Sharder):
+def with_prefix(k: Array, v: Array, mask_B1TS: Array, bias_BNTS: Optional[Array],
+                prefix_kv: Optional[tuple[Array, Array]], shard: Sharder, *, length_axis: int = 1):
     """Prepend learned prefix keys/values [P, K, H] (Li & Liang 2021): every query sees all P of them.
-    They carry no position, so a relative bias (T5) is 0 on their columns."""
+    They carry no position, so a relative bias (T5) is 0 on their columns. k, v are [B, S, K, H]
+    (length_axis 1) or a decode cache's [B, K, S, H] (length_axis 2)."""
     if prefix_kv is None:
-        return k_BSKH, v_BSKH, mask_B1TS, bias_BNTS
+        return k, v, mask_B1TS, bias_BNTS
     pk_PKH, pv_PKH = prefix_kv
-    B, P = k_BSKH.shape[0], pk_PKH.shape[0]
-    names = ("batch", "length", "act_kv_heads", None)
-    grow = lambda p, x: shard(jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (B, *p.shape)), x], 1), names)
+    B, P = k.shape[0], pk_PKH.shape[0]
+    names = ("batch", "length", "act_kv_heads", None) if length_axis == 1 else CACHE_NAMES
+
+    def grow(p_PKH, x):
+        p = p_PKH if length_axis == 1 else jnp.swapaxes(p_PKH, 0, 1)
+        return shard(jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (B, *p.shape)), x], length_axis), names)
+
     mask = jnp.concatenate([jnp.ones((*mask_B1TS.shape[:3], P), bool), jnp.broadcast_to(
         mask_B1TS, (B, *mask_B1TS.shape[1:]))], axis=-1)
     if bias_BNTS is not None:
         bias_BNTS = jnp.concatenate([jnp.zeros((*bias_BNTS.shape[:3], P), bias_BNTS.dtype), bias_BNTS], -1)
-    return grow(pk_PKH, k_BSKH), grow(pv_PKH, v_BSKH), mask, bias_BNTS
+    return grow(pk_PKH, k), grow(pv_PKH, v), mask, bias_BNTS
 
 
 # Embeddings and positions --------------------------------------------------------------------------
@@ -238,6 +247,14 @@ def decode_mask(start_B: Array, q_slots_T: Array, num_slots: int, prefix_end: Op
     return (visible_TS[None] & (real_BS[:, None, :] | self_TS[None]))[:, None]
 
 
+def cache_read_lengths(num_slots: int) -> tuple[int, ...]:
+    """The lengths decoding reads a cache of `num_slots` slots at: attention reads the shortest that holds
+    every filled slot, not the whole cache, so early steps of a long decode do not pay for its end. At most
+    8 lengths, multiples of 16: each is one branch of a lax.switch, and each branch adds compile time."""
+    width = max(16, -(-num_slots // (8 * 16)) * 16)
+    return tuple(range(width, num_slots, width)) + (num_slots,)
+
+
 # Attention kernels ----------------------------------------------------------------------------------
 
 def platform(shard: Sharder) -> str:
@@ -256,7 +273,7 @@ def attention_kernel(impl: Optional[str], q_BTNH: Array, k_BSKH: Array, v_BSKH: 
         segment-equality mask (the kernel has no segment ids).
     "splash": Pallas splash attention (TPU) with segment ids and a static causal mask, under shard_map
         (batch and heads stay sharded). Interpreted on other platforms (tests).
-    A dense mask (decoding against a cache) always goes to XLA, as does cross-attention under splash:
+    A dense mask (prefix tuning's widened keys) always goes to XLA, as does cross-attention under splash:
     a padding query there can see no key at all, a row splash leaves undefined.
     """
     if not isinstance(mask, MaskSpec):
@@ -275,6 +292,24 @@ def attention_kernel(impl: Optional[str], q_BTNH: Array, k_BSKH: Array, v_BSKH: 
                                             scale=scale, is_causal=mask.causal, implementation="cudnn")
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask.dense(), scale=scale,
                                         implementation="xla" if impl == "splash" else impl)
+
+
+def cache_attention(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TS: Array, bias_BNTS: Optional[Array],
+                    scale: Optional[float] = None) -> Array:
+    """Attention of T new tokens against a decode cache laid out [B, K, S, H]: each (row, kv head)'s keys are
+    contiguous, so the two einsums stream them without a transpose (on CPU, one token at batch 8 against 1024
+    slots: 2.2x faster than jax.nn.dot_product_attention over [B, S, K, H]). Logits and softmax in float32."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BKSH.shape[1]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum("btkgh,bksh->bkgts", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
+    logits_BKGTS = logits_BKGTS * (H ** -0.5 if scale is None else scale)
+    if bias_BNTS is not None:
+        logits_BKGTS = logits_BKGTS + bias_BNTS.astype(jnp.float32).reshape(
+            bias_BNTS.shape[0], K, N // K, *bias_BNTS.shape[2:])
+    logits_BKGTS = jnp.where(mask_B1TS[:, :, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
+    return jnp.einsum("bkgts,bksh->btkgh", probs_BKGTS, v_BKSH).reshape(B, T, N, H)
 
 
 SPLASH_BLOCK = 512  # the largest query/key block; sequences must be a multiple of min(512, length) and of 128
@@ -393,39 +428,57 @@ class Attention(nnx.Module):
 
     def attend(self, q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask: "MaskSpec | Array",
                bias_BNTS: Optional[Array], shard: Sharder, rng=None) -> Array:
-        """Attention of q over k, v. `mask` is a MaskSpec (training, prefill) or a dense boolean
-        [B, 1, T, S] (decoding against a cache)."""
+        """Attention of q over k, v through the kernel `model.attention_impl`. `mask` is a MaskSpec, or a
+        dense boolean [B, 1, T, S] where prefixes widen the keys."""
         # The T5 bias is added to the logits before softmax; jax.nn.dot_product_attention takes it as `bias`.
         bias = None if bias_BNTS is None else bias_BNTS.astype(q_BTNH.dtype)
         o_BTNH = attention_kernel(self.impl, q_BTNH, k_BSKH, v_BSKH, mask, bias, shard, scale=self.logit_scale)
+        return self.project_out(o_BTNH, shard, rng)
+
+    def attend_stored(self, q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TS: Array,
+                     bias_BNTS: Optional[Array], shard: Sharder) -> Array:
+        """Decoding: attention of q over stored keys/values [B, K, S, H], a self-attention cache's or the
+        encoder's (see `cache_attention`)."""
+        return self.project_out(cache_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS, bias_BNTS, self.logit_scale),
+                                shard, None)
+
+    def project_out(self, o_BTNH: Array, shard: Sharder, rng=None) -> Array:
         o_BTNH = shard(o_BTNH, ("batch", "length", "act_heads", None))
         y_BTD = adapted(self, "out", o_BTNH, jnp.einsum("btnh,nhd->btd", o_BTNH, self._w(self.out)), rng)
         if self.use_bias:
             y_BTD = y_BTD + self._w(self.out_bias)
         return shard(y_BTD, ("batch", "length", "act_embed"))
 
-    def attend_cached(self, x_BTD: Array, positions_BT: Array, k_LBSKH: Array, v_LBSKH: Array, layer: Array,
+    def attend_cached(self, x_BTD: Array, positions_BT: Array, k_LBKSH: Array, v_LBKSH: Array, layer: Array,
                       index: Array, *, mask_B1TS: Array, shard: Sharder, bias_BNTS: Optional[Array] = None,
                       prefix_kv=None) -> tuple[Array, Array, Array]:
         """Self-attention of T new tokens against a preallocated cache of S slots (decoding).
 
-        Writes the new keys/values into the stack's cache [layers, B, S, K, H] at `layer`, slots
-        [index, index + T) (RoPE already applied, so they are never rotated again), then reads this layer's
-        S slots back and attends over them; `mask_B1TS` hides empty and padding slots. Writing before
-        reading lets XLA update the cache in place: no step copies a whole cache (a cost growing with S).
-        Returns the output and the updated cache.
+        Writes the new keys/values into the stack's cache [layers, B, K, S, H] at `layer`, slots
+        [index, index + T) (RoPE already applied, so they are never rotated again), then attends over the
+        first slots of this layer, as many as the shortest of `cache_read_lengths(S)` that holds every filled
+        one; `mask_B1TS` [B, 1, T, S] hides empty and padding slots. Writing before reading lets XLA update the cache in place: no step copies a
+        whole cache (a cost growing with S). Returns the output and the updated cache.
         """
         q_BTNH = self.project_query(x_BTD, positions_BT, shard)
         k_BTKH, v_BTKH = self.project_kv(x_BTD, positions_BT, shard)
-        at = (layer, 0, index, 0, 0)
-        k_LBSKH = jax.lax.dynamic_update_slice(k_LBSKH, k_BTKH.astype(k_LBSKH.dtype)[None], at)
-        v_LBSKH = jax.lax.dynamic_update_slice(v_LBSKH, v_BTKH.astype(v_LBSKH.dtype)[None], at)
-        names = ("batch", "length", "act_kv_heads", None)
-        k_BSKH, v_BSKH = (shard(c[layer].astype(self.dtype), names) for c in (k_LBSKH, v_LBSKH))
-        # Prefixes are not written into the cache: they are the same at every step, prepended here.
-        k, v, mask_B1TS, bias_BNTS = with_prefix(k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, prefix_kv, shard)
-        y_BTD = self.attend(q_BTNH, k, v, mask_B1TS, bias_BNTS, shard)
-        return y_BTD, k_LBSKH, v_LBSKH
+        at = (layer, 0, 0, index, 0)
+        k_LBKSH = jax.lax.dynamic_update_slice(k_LBKSH, jnp.swapaxes(k_BTKH, 1, 2).astype(k_LBKSH.dtype)[None], at)
+        v_LBKSH = jax.lax.dynamic_update_slice(v_LBKSH, jnp.swapaxes(v_BTKH, 1, 2).astype(v_LBKSH.dtype)[None], at)
+
+        def read(length: int) -> Array:
+            k_BKSH, v_BKSH = (shard(c[layer, :, :, :length].astype(self.dtype), CACHE_NAMES) for c in (k_LBKSH, v_LBKSH))
+            bias = None if bias_BNTS is None else bias_BNTS[..., :length]
+            # Prefixes are not written into the cache: they are the same at every step, prepended here.
+            k, v, mask, bias = with_prefix(k_BKSH, v_BKSH, mask_B1TS[..., :length], bias, prefix_kv, shard,
+                                           length_axis=2)
+            return self.attend_stored(q_BTNH, k, v, mask, bias, shard)
+
+        lengths = cache_read_lengths(k_LBKSH.shape[3])
+        filled = index + x_BTD.shape[1]
+        y_BTD = jax.lax.switch(jnp.searchsorted(jnp.asarray(lengths), filled), [
+            functools.partial(read, n) for n in lengths]) if len(lengths) > 1 else read(lengths[0])
+        return y_BTD, k_LBKSH, v_LBKSH
 
     def __call__(self, x_BTD: Array, context_BSD: Array, *, mask_B1TS: "MaskSpec | Array", shard: Sharder,
                  bias_BNTS: Optional[Array] = None, q_positions_BT: Optional[Array] = None,

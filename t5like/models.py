@@ -73,21 +73,21 @@ class Block(nnx.Module):
     def _add(self, x, y, norm):
         return norm(x + y) if self.post_norm else x + y
 
-    def decode(self, x_BTD: Array, k_LBSKH: Array, v_LBSKH: Array, layer: Array, *, index, mask, bias, positions,
-               shard: Sharder, cross_k_BSKH=None, cross_v_BSKH=None, cross_mask=None, prefix_kv=None):
+    def decode(self, x_BTD: Array, k_LBKSH: Array, v_LBKSH: Array, layer: Array, *, index, mask, bias, positions,
+               shard: Sharder, cross_k_BKSH=None, cross_v_BKSH=None, cross_mask=None, prefix_kv=None):
         """One layer (number `layer` of the stack) over T new tokens: self-attention against, and into, the
-        stack's cache [layers, B, S, K, H]; cross-attention against the encoder's keys/values, computed once
+        stack's cache [layers, B, K, S, H]; cross-attention against the encoder's keys/values, computed once
         before decoding. Returns (x, k, v): the cache with this layer's new slots written."""
-        y, k_LBSKH, v_LBSKH = self.attn.attend_cached(self._norm_in(x_BTD, self.attn_norm), positions, k_LBSKH,
-                                                      v_LBSKH, layer, index, mask_B1TS=mask, bias_BNTS=bias,
+        y, k_LBKSH, v_LBKSH = self.attn.attend_cached(self._norm_in(x_BTD, self.attn_norm), positions, k_LBKSH,
+                                                      v_LBKSH, layer, index, mask_B1TS=mask, bias_BNTS=bias,
                                                       shard=shard, prefix_kv=prefix_kv)
         x_BTD = self._add(x_BTD, y, self.attn_norm)
         if self.cross:
             q_BTNH = self.cross_attn.project_query(self._norm_in(x_BTD, self.cross_norm), None, shard)
-            y = self.cross_attn.attend(q_BTNH, cross_k_BSKH, cross_v_BSKH, cross_mask, None, shard)
+            y = self.cross_attn.attend_stored(q_BTNH, cross_k_BKSH, cross_v_BKSH, cross_mask, None, shard)
             x_BTD = self._add(x_BTD, y, self.cross_norm)
         x_BTD = self._add(x_BTD, self.mlp(self._norm_in(x_BTD, self.mlp_norm), shard), self.mlp_norm)
-        return shard(x_BTD, ("batch", "length", "act_embed")), k_LBSKH, v_LBSKH
+        return shard(x_BTD, ("batch", "length", "act_embed")), k_LBKSH, v_LBKSH
 
 
 def stacked(make, num_layers: int, rngs: nnx.Rngs):
@@ -143,7 +143,7 @@ class Stack(nnx.Module):
 
     def empty_cache(self, batch_size: int, length: int, shard: Sharder) -> "KVCache":
         num_layers, _, K, H = self.layers.attn.key.shape  # [layers, D, K, H]
-        zeros = jnp.zeros((num_layers, batch_size, length, K, H), self.layers.attn.dtype)
+        zeros = jnp.zeros((num_layers, batch_size, K, length, H), self.layers.attn.dtype)
         return KVCache(shard(zeros, KV_CACHE_AXES), shard(zeros, KV_CACHE_AXES))
 
     def cross_kv(self, encoded_BSD: Array, shard: Sharder) -> "KVCache":
@@ -152,7 +152,8 @@ class Stack(nnx.Module):
 
         def body(_, layer_params):
             layer = nnx.merge(graphdef, layer_params)
-            return None, layer.cross_attn.project_kv(encoded_BSD, None, shard)
+            k_BSKH, v_BSKH = layer.cross_attn.project_kv(encoded_BSD, None, shard)
+            return None, (jnp.swapaxes(k_BSKH, 1, 2), jnp.swapaxes(v_BSKH, 1, 2))
 
         _, (k, v) = jax.lax.scan(body, None, params)
         return KVCache(shard(k, KV_CACHE_AXES), shard(v, KV_CACHE_AXES))
@@ -168,13 +169,13 @@ class Stack(nnx.Module):
         # place. Scanning over the cache as inputs/outputs instead rewrote all S slots of every layer at
         # every step: at batch 8 on CPU that copying took more time than the model.
         def body(carry, xs):
-            x, k_LBSKH, v_LBSKH = carry
+            x, k_LBKSH, v_LBKSH = carry
             layer_params, i, cross_k, cross_v, prefix_kv = xs
             layer = nnx.merge(graphdef, layer_params)
-            x, k_LBSKH, v_LBSKH = layer.decode(x, k_LBSKH, v_LBSKH, i, index=index, mask=mask, bias=bias,
-                                               positions=q_positions_BT, shard=shard, cross_k_BSKH=cross_k,
-                                               cross_v_BSKH=cross_v, cross_mask=cross_mask, prefix_kv=prefix_kv)
-            return (x, k_LBSKH, v_LBSKH), None
+            x, k_LBKSH, v_LBKSH = layer.decode(x, k_LBKSH, v_LBKSH, i, index=index, mask=mask, bias=bias,
+                                               positions=q_positions_BT, shard=shard, cross_k_BKSH=cross_k,
+                                               cross_v_BKSH=cross_v, cross_mask=cross_mask, prefix_kv=prefix_kv)
+            return (x, k_LBKSH, v_LBKSH), None
 
         xs = (params, jnp.arange(self.num_layers), None if cross is None else cross.k,
               None if cross is None else cross.v, self._prefix_kv())
@@ -195,12 +196,13 @@ def _segments_and_positions(batch: dict, prefix: str, ids_BL: Array):
 
 # Decode caches ----------------------------------------------------------------------------------------
 
-KV_CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
+KV_CACHE_AXES = ("layers",) + L.CACHE_NAMES
 
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of every layer of a stack: k, v [layers, B, S, K, H]."""
+    """Keys and values of every layer of a stack: k, v [layers, B, K, S, H]; each (row, kv head)'s slots are
+    contiguous, so decoding streams them without a transpose."""
     k: Array
     v: Array
 
@@ -212,15 +214,15 @@ class DecodeCache:
     Prompts are left-padded, so every row writes the same slot at each step; row b's real tokens
     start at slot start_B[b] and its positions count from there.
     """
-    self_kv: KVCache                       # [layers, B, S, K, H], S = the static decode length
+    self_kv: KVCache                       # [layers, B, K, S, H], S = the static decode length
     start_B: Array                         # int32 [B]
     index: Array                           # int32 scalar: the next slot to write
-    cross_kv: Optional[KVCache] = None     # encoder-decoder: [layers, B, S_enc, K, H]
+    cross_kv: Optional[KVCache] = None     # encoder-decoder: [layers, B, K, S_enc, H]
     encoder_valid_BS: Optional[Array] = None  # encoder-decoder: bool [B, S_enc], False on encoder padding
 
     @property
     def length(self) -> int:
-        return self.self_kv.k.shape[2]
+        return self.self_kv.k.shape[3]
 
     def take(self, rows_B: Array) -> "DecodeCache":
         """Rows `rows_B` of the cache (beam search: expand prompts into beams, reorder beams)."""

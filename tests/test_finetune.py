@@ -188,7 +188,7 @@ def test_prefix_tuning_freezes_base_and_cached_decoding_sees_prefixes(family):
     params = on_one_device(state["params"])
     plain = dataclasses.replace(setup, sharder=train.Sharder())
     model = model_from(plain, params)
-    batch = synthetic_batch(family, seed=2)
+    batch = synthetic_batch(family, seed=2, L=24)  # 24 decode slots: reads cross cache_read_lengths (16, 24)
     full = np.asarray(forward(model, batch, OBJECTIVE[family]))
     no_prefix = finetune.base_params(params)
     graphdef, base_state = abstract_like(cfg.model)

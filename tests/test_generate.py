@@ -72,7 +72,7 @@ def test_kv_cache_matches_full_forward_at_every_step(case):
     (tests/test_models.py checks causality), so one forward covers every step of the growing sequence."""
     cfg = CACHE_CASES[case]
     model = model_for(cfg)
-    B, P, N = PROMPTS.shape[0], PROMPTS.shape[1], 6
+    B, P, N = PROMPTS.shape[0], PROMPTS.shape[1], 30  # enough steps to cross cache_read_lengths
     steps = np.random.RandomState(1).randint(3, cfg.vocab_size, (B, N)).astype(np.int32)
     inputs = decoding.model_inputs(cfg.family, PROMPTS, LENGTHS)
     graphdef, state = nnx.split(model)
@@ -310,9 +310,10 @@ def sharded_model_for(cfg):
     return create_sharded(cfg, Sharder(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))), seed=0)
 
 
+# 24 new tokens: the cache is read at more than one of cache_read_lengths.
 @pytest.mark.parametrize("cfg, decode_cfg", [
-    (DEC, DecodeConfig("beam", max_new_tokens=T_NEW, num_beams=4, num_return=2, length_penalty=0.6)),
-    (ENCDEC, DecodeConfig(max_new_tokens=T_NEW)),
+    (DEC, DecodeConfig("beam", max_new_tokens=24, num_beams=4, num_return=2, length_penalty=0.6)),
+    (ENCDEC, DecodeConfig(max_new_tokens=24)),
 ], ids=["decoder-beam", "encdec-greedy"])
 def test_mesh_decoding_matches_single_device(cfg, decode_cfg):
     """8 devices: batch over data x fsdp = 4, heads over tensor = 2 (GQA's 2 kv heads: one per device)."""
@@ -334,9 +335,9 @@ def test_mesh_cache_is_sharded_by_logical_names():
         return m.decode_step(inputs["tokens"], m.init_cache(inputs["start"], 16))[1]
 
     cache = prefill(state, inputs)
-    k = cache.self_kv.k  # [layers, B, S, K, H]: batch over data+fsdp, kv heads over tensor
-    assert k.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor")
-    assert k.addressable_shards[0].data.shape == (DEC.num_layers, 1, 16, DEC.kv_heads // 2, DEC.dim_per_head)
+    k = cache.self_kv.k  # [layers, B, K, S, H]: batch over data+fsdp, kv heads over tensor
+    assert k.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor")
+    assert k.addressable_shards[0].data.shape == (DEC.num_layers, 1, DEC.kv_heads // 2, 16, DEC.dim_per_head)
 
 
 # Encoder-only: fill-mask ------------------------------------------------------------------------------------
