@@ -25,6 +25,11 @@ import subprocess
 _COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
 
+def with_device_count(xla_flags: str, n: int) -> str:
+    """XLA_FLAGS with the simulated CPU device count set to n, and every other flag kept."""
+    return " ".join(_COUNT_FLAG.sub("", xla_flags).split() + [f"--xla_force_host_platform_device_count={n}"])
+
+
 @dataclasses.dataclass(frozen=True)
 class HostDevices:
     kind: str                   # "gpu", "tpu" or "cpu"
@@ -95,8 +100,7 @@ def split(host: HostDevices, k: int, env: dict) -> list[dict]:
                             TPU_CHIPS_PER_PROCESS_BOUNDS=bounds, TPU_PROCESS_BOUNDS="1,1,1")
         if host.kind == "cpu":
             if d > 1:
-                slot["XLA_FLAGS"] = _COUNT_FLAG.sub("", env.get("XLA_FLAGS", "")).strip() + \
-                    f" --xla_force_host_platform_device_count={per}"
+                slot["XLA_FLAGS"] = with_device_count(env.get("XLA_FLAGS", ""), per)
             cores = core_sets(host.cores, k)[i]
             slot["T5LIKE_CPUS"] = ",".join(map(str, cores))
             slot["OMP_NUM_THREADS"] = str(len(cores))

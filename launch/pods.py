@@ -20,6 +20,7 @@ import threading
 import time
 
 from launch import gcloud
+from launch.devices import with_device_count
 from launch.gcloud import Slice
 
 
@@ -114,7 +115,7 @@ class LocalPod:
     def run(self, worker_command: list[str], attempt: int) -> list[int]:
         port = free_port()
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={self.k}"}
+               "XLA_FLAGS": with_device_count(os.environ.get("XLA_FLAGS", ""), self.k)}  # other flags kept
         logs = []
         for i in range(self.n):
             argv = [*worker_command, "--coordinator", f"localhost:{port}", "--num-processes", str(self.n),

@@ -1,5 +1,6 @@
 """Layers and families: positions, masks, parameter counts, presets, bad configs."""
 import dataclasses
+import functools
 import math
 
 import jax
@@ -213,7 +214,7 @@ def test_bert_preset_learns_from_context():
     opt_state = opt.init(params)
     rng = np.random.RandomState(0)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 2})  # step-bound: not -O0
     def step(params, opt_state, batch):
         def loss(p):
             objective, sums = cross_entropy(nnx.merge(graphdef, p)(batch), batch["targets"], batch["weights"])

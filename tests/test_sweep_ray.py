@@ -365,3 +365,13 @@ def test_gpu_and_tpu_hosts_split_into_disjoint_visible_device_sets():
     assert "TPU_VISIBLE_CHIPS" not in split(HostDevices("tpu", tuple("0123"), (0, 1)), 1, {})[0]  # whole host
     with pytest.raises(ValueError, match="--parallel 3 does not divide this host's 4 TPU devices"):
         split(HostDevices("tpu", tuple("0123"), (0, 1)), 3, {})
+
+
+def test_device_count_is_set_and_every_other_xla_flag_kept():
+    from launch.devices import HostDevices, split, with_device_count
+    flags = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/d"
+    assert with_device_count(flags, 2) == ("--xla_backend_optimization_level=0 --xla_dump_to=/tmp/d "
+                                           "--xla_force_host_platform_device_count=2")
+    assert with_device_count("", 4) == "--xla_force_host_platform_device_count=4"
+    slots = split(HostDevices("cpu", tuple("01234567"), (0, 1)), 2, {"XLA_FLAGS": flags})
+    assert all(s["XLA_FLAGS"] == with_device_count(flags, 4) for s in slots)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from t5like.data import DataConfig, get_tokenizer
+from xla import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 120
@@ -40,8 +41,8 @@ def start_pod(shared, gcs, name, max_restarts):
     argv = [sys.executable, "-m", "launch.tpu", "run", "experiments.gpt2_small", *overrides(shared), "--name", name,
             "--workdir", f"gs://{gcs.bucket}/{name}", "--local-pod", "2", "--local-devices", "2",
             "--max-restarts", str(max_restarts), "--logs", str(logs)]
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **gcs.env, "PYTHONPATH": ROOT,
-           "PYTHONUNBUFFERED": "1"}
+    # The local pod sets each worker's device count and keeps the rest: its workers compile at -O0 too.
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), **gcs.env, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, logs, env
 
