@@ -90,6 +90,26 @@ class Block(nnx.Module):
         return shard(x_BTD, ("batch", "length", "act_embed")), k_LBKSH, v_LBKSH
 
 
+@jax.custom_vjp
+def write_gradient_once(x: Array) -> Array:
+    """The identity, whose gradient XLA must compute and write out before anything uses it."""
+    return x
+
+
+def _write_gradient_once_fwd(x):
+    return x, None
+
+
+def _write_gradient_once_bwd(_, g):
+    # A conditional is a boundary XLA does not fuse across (XLA CPU drops optimization barriers). XLA cannot fold
+    # its predicate, and removes a conditional whose branches are the same: a NaN gradient comes out all NaN.
+    first = g.reshape(-1)[0]
+    return (jax.lax.cond(first == first, lambda g: g, lambda g: jnp.full_like(g, jnp.nan), g),)
+
+
+write_gradient_once.defvjp(_write_gradient_once_fwd, _write_gradient_once_bwd)
+
+
 def stacked(make, num_layers: int, rngs: nnx.Rngs):
     """`num_layers` copies of a module, parameters stacked on a leading `layers` axis."""
     @nnx.split_rngs(splits=num_layers)
@@ -120,17 +140,22 @@ class Stack(nnx.Module):
         bias = None if self.relative_bias is None else self.relative_bias(positions, positions)
         graphdef, params = nnx.split(self.layers)
         keys = None if rng is None else jax.random.split(rng, self.num_layers)
+        unroll = min(self.scan_unroll or (1 if L.platform(shard) == "tpu" else self.num_layers), self.num_layers)
+        # XLA CPU fuses the residual stream's gradient, a chain of adds through every layer above, into each of
+        # its consumers instead of writing it once; unrolled on CPU, each layer's input gradient is written out
+        # first (benchmarks/PROFILE.md). The values agree to float rounding.
+        write_gradients = unroll > 1 and L.platform(shard) == "cpu"
 
         def body(x, xs):
             layer_params, key, prefix_kv = xs
             layer = nnx.merge(graphdef, layer_params)
+            x = write_gradient_once(x) if write_gradients else x
             return layer(x, mask=mask, bias=bias, positions=positions, shard=shard, rng=key,
                          encoded_BSD=encoded_BSD, cross_mask=cross_mask, prefix_kv=prefix_kv), None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=CHECKPOINT_POLICIES[self.remat], prevent_cse=False)
-        unroll = self.scan_unroll or (1 if L.platform(shard) == "tpu" else self.num_layers)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys, self._prefix_kv()), unroll=min(unroll, self.num_layers))
+        x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys, self._prefix_kv()), unroll=unroll)
         return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
 
 

@@ -229,3 +229,16 @@ def test_bert_preset_learns_from_context():
         batch = dict(inputs=np.where(selected, 63, tokens), targets=tokens, weights=selected.astype(np.float32))
         params, opt_state, metrics = step(params, opt_state, batch)
     assert float(metrics["accuracy"]) > 0.6  # a context-free model gets ~1/57
+
+
+def test_write_gradient_once_is_the_identity_with_the_same_gradient():
+    """Unrolled stacks on CPU pass each layer's input through it (a fusion boundary for XLA in the backward)."""
+    from t5like.models import write_gradient_once
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 3, 4).astype(np.float32))
+    loss = lambda x: (jnp.sin(x) ** 2 * jnp.arange(4.0)).sum()  # noqa: E731
+    np.testing.assert_array_equal(jax.jit(write_gradient_once)(x), x)
+    np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: loss(write_gradient_once(x))))(x),
+                                  jax.jit(jax.grad(loss))(x))
+    # A gradient that is not a number stays one: the boundary's other branch returns NaN everywhere.
+    nan_at_first = jax.grad(lambda x: (write_gradient_once(x) * jnp.where(x == x[0, 0, 0], jnp.nan, 1.0)).sum())(x)
+    assert np.isnan(np.asarray(nan_at_first)).all()
