@@ -25,6 +25,7 @@ from t5like.sharding import Sharder
 Array = jax.Array
 
 
+KV_NAMES = ("batch", "length", "act_kv_heads", None)     # keys/values [B, S, K, H]
 CACHE_NAMES = ("batch", "act_kv_heads", "length", None)  # a decode cache's [B, K, S, H]
 
 
@@ -89,7 +90,7 @@ def with_prefix(k: Array, v: Array, mask_B1TS: Array, bias_BNTS: Optional[Array]
         return k, v, mask_B1TS, bias_BNTS
     pk_PKH, pv_PKH = prefix_kv
     B, P = k.shape[0], pk_PKH.shape[0]
-    names = ("batch", "length", "act_kv_heads", None) if length_axis == 1 else CACHE_NAMES
+    names = KV_NAMES if length_axis == 1 else CACHE_NAMES
 
     def grow(p_PKH, x):
         p = p_PKH if length_axis == 1 else jnp.swapaxes(p_PKH, 0, 1)
@@ -406,8 +407,7 @@ class Attention(nnx.Module):
             k_BSKH, v_BSKH = k_BSKH + self._w(self.key_bias), v_BSKH + self._w(self.value_bias)
         if self.rope_theta is not None:
             k_BSKH = apply_rope(k_BSKH, positions_BS, self.rope_theta)
-        names = ("batch", "length", "act_kv_heads", None)
-        return shard(k_BSKH, names), shard(v_BSKH, names)
+        return shard(k_BSKH, KV_NAMES), shard(v_BSKH, KV_NAMES)
 
     def project_qkv(self, x_BTD: Array, positions_BT: Optional[Array], shard: Sharder) -> tuple[Array, Array, Array]:
         """Self-attention with as many kv heads as query heads: q, k and v from one 3x wider matmul, which
@@ -422,9 +422,8 @@ class Attention(nnx.Module):
         if self.rope_theta is not None:
             q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope_theta)
             k_BTNH = apply_rope(k_BTNH, positions_BT, self.rope_theta)
-        kv_names = ("batch", "length", "act_kv_heads", None)
-        return (shard(q_BTNH, ("batch", "length", "act_heads", None)), shard(k_BTNH, kv_names),
-                shard(v_BTNH, kv_names))
+        return (shard(q_BTNH, ("batch", "length", "act_heads", None)), shard(k_BTNH, KV_NAMES),
+                shard(v_BTNH, KV_NAMES))
 
     def attend(self, q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask: "MaskSpec | Array",
                bias_BNTS: Optional[Array], shard: Sharder, rng=None) -> Array:
@@ -457,8 +456,9 @@ class Attention(nnx.Module):
         Writes the new keys/values into the stack's cache [layers, B, K, S, H] at `layer`, slots
         [index, index + T) (RoPE already applied, so they are never rotated again), then attends over the
         first slots of this layer, as many as the shortest of `cache_read_lengths(S)` that holds every filled
-        one; `mask_B1TS` [B, 1, T, S] hides empty and padding slots. Writing before reading lets XLA update the cache in place: no step copies a
-        whole cache (a cost growing with S). Returns the output and the updated cache.
+        one; `mask_B1TS` [B, 1, T, S] hides empty and padding slots. Writing before reading lets XLA update
+        the cache in place: no step copies a whole cache (a cost growing with S). Returns the output and the
+        updated cache.
         """
         q_BTNH = self.project_query(x_BTD, positions_BT, shard)
         k_BTKH, v_BTKH = self.project_kv(x_BTD, positions_BT, shard)
@@ -467,17 +467,17 @@ class Attention(nnx.Module):
         v_LBKSH = jax.lax.dynamic_update_slice(v_LBKSH, jnp.swapaxes(v_BTKH, 1, 2).astype(v_LBKSH.dtype)[None], at)
 
         def read(length: int) -> Array:
-            k_BKSH, v_BKSH = (shard(c[layer, :, :, :length].astype(self.dtype), CACHE_NAMES) for c in (k_LBKSH, v_LBKSH))
+            k_BKSH, v_BKSH = (shard(c[layer, :, :, :length].astype(self.dtype), CACHE_NAMES)
+                              for c in (k_LBKSH, v_LBKSH))
             bias = None if bias_BNTS is None else bias_BNTS[..., :length]
             # Prefixes are not written into the cache: they are the same at every step, prepended here.
             k, v, mask, bias = with_prefix(k_BKSH, v_BKSH, mask_B1TS[..., :length], bias, prefix_kv, shard,
                                            length_axis=2)
             return self.attend_stored(q_BTNH, k, v, mask, bias, shard)
 
-        lengths = cache_read_lengths(k_LBKSH.shape[3])
-        filled = index + x_BTD.shape[1]
-        y_BTD = jax.lax.switch(jnp.searchsorted(jnp.asarray(lengths), filled), [
-            functools.partial(read, n) for n in lengths]) if len(lengths) > 1 else read(lengths[0])
+        lengths = cache_read_lengths(k_LBKSH.shape[3])  # one length: switch calls its branch, no conditional
+        shortest = jnp.searchsorted(jnp.asarray(lengths), index + x_BTD.shape[1])
+        y_BTD = jax.lax.switch(shortest, [functools.partial(read, n) for n in lengths])
         return y_BTD, k_LBKSH, v_LBKSH
 
     def __call__(self, x_BTD: Array, context_BSD: Array, *, mask_B1TS: "MaskSpec | Array", shard: Sharder,
