@@ -140,11 +140,12 @@ class Stack(nnx.Module):
         bias = None if self.relative_bias is None else self.relative_bias(positions, positions)
         graphdef, params = nnx.split(self.layers)
         keys = None if rng is None else jax.random.split(rng, self.num_layers)
-        unroll = min(self.scan_unroll or (1 if L.platform(shard) == "tpu" else self.num_layers), self.num_layers)
+        platform = L.platform(shard)
+        unroll = min(self.scan_unroll or (1 if platform == "tpu" else self.num_layers), self.num_layers)
         # XLA CPU fuses the residual stream's gradient, a chain of adds through every layer above, into each of
         # its consumers instead of writing it once; unrolled on CPU, each layer's input gradient is written out
         # first (benchmarks/PROFILE.md). The values agree to float rounding.
-        write_gradients = unroll > 1 and L.platform(shard) == "cpu"
+        write_gradients = unroll > 1 and platform == "cpu"
 
         def body(x, xs):
             layer_params, key, prefix_kv = xs
