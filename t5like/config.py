@@ -294,6 +294,10 @@ class TrainConfig:
     eval_steps: int = 20                    # validation batches per eval
     log_every: int = 1
     progress: bool = True                   # a progress bar on stderr
+    # Peak FLOP/s per device for MFU (per host on CPU, whose simulated devices share its cores). 0 = the
+    # data-sheet table, or on CPU one matmul measured at start. Set it where the table is wrong for your part
+    # (H100 PCIe) or to make CPU runs' MFU comparable without the measurement's noise.
+    peak_flops: float = 0.0
 
     def validate(self) -> "TrainConfig":
         _positive("train.steps", self.steps)
@@ -301,6 +305,8 @@ class TrainConfig:
         _positive("train.eval_steps", self.eval_steps)
         _positive("train.log_every", self.log_every)
         _non_negative("train.eval_every", self.eval_every, "0 = only at the end.")
+        _real("train.peak_flops", self.peak_flops, 0, hint="FLOP/s per device, e.g. 756e12 for an H100 PCIe; "
+              "0 = the data-sheet table (a measured matmul on CPU).")
         return self
 
 

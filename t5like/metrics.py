@@ -4,10 +4,11 @@ MFU = model FLOPs per step (t5like.accounting.training_flops, causal attention h
       / step time / (peak FLOP/s per device x devices).
 Peaks are dense matmul figures per compute dtype from the vendors' data sheets; a device or dtype the
 table does not know gives MFU None (null in metrics.jsonl) and one warning, never a stopped run. On CPU there is no data sheet:
-the peak is one jitted fp32 2048x2048x2048 matmul measured in the same process.
+the peak is one jitted fp32 2048x2048x2048 matmul measured in the same process. `train.peak_flops` overrides both.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -36,8 +37,10 @@ PEAK_FLOPS = {
 }
 
 
+@functools.cache
 def measure_cpu_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of one jitted fp32 n^3 matmul: the best of `repeats` after a warm-up."""
+    """FLOP/s of one jitted fp32 n^3 matmul: the best of `repeats` after a warm-up. Measured once per process
+    (0.7 s on 2 cores), so runs started one after another in a process share it."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)

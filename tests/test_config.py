@@ -38,7 +38,7 @@ BAD = {
         "grad_accum_steps": NOT_A_COUNT,
     },
     TrainConfig: {"steps": NOT_A_COUNT, "batch_size": NOT_A_COUNT, "eval_steps": NOT_A_COUNT,
-                  "log_every": NOT_A_COUNT, "eval_every": [-1, 2.5, None]},
+                  "log_every": NOT_A_COUNT, "eval_every": [-1, 2.5, None], "peak_flops": NOT_NON_NEGATIVE},
     CheckpointConfig: {"every": NOT_A_COUNT, "keep": NOT_A_COUNT, "keep_period": [-1, 1.5, None]},
     DataConfig: {
         "seq_len": [0, 1, -5, 128.0], "validation_fraction": NOT_A_FRACTION,

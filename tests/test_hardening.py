@@ -213,6 +213,9 @@ def test_resume_at_last_step_evaluates_and_shorter_rerun_is_an_error(tok_path, f
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["step"] == 4 and np.isfinite(summary["final_eval_loss"]) and np.isfinite(summary["final_loss"])
     assert result.eval_loss == summary["final_eval_loss"]
+    # No train.peak_flops given: on CPU the peak is measured, and MFU is known.
+    assert summary["peak_flops_source"] == "measured fp32 2048^3 matmul"
+    assert all(r["mfu"] > 0 for r in read_metrics(workdir) if "loss" in r)
     err = run_main(tok_path, workdir, "train.steps=2", "optim.schedule=constant", "checkpoint.every=2",
                    "optim.warmup_steps=1", capsys=capsys)
     assert "train.steps" in err, err
