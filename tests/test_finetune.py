@@ -267,11 +267,9 @@ def test_bad_task_configs(tmp_path):
 ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
+def make_tasks(root) -> dict:
     """Small versions of the experiments' task files and one tokenizer fitted on their text."""
     from t5like.data import get_tokenizer
-    root = tmp_path_factory.mktemp("tasks")
     files = {"classify": finetune_tasks.line_kinds(str(root / "kinds.jsonl"), per_class=150, max_files=150),
              # Prefix tuning of a random base learns slowest: its task keeps the experiment's full size.
              "words": finetune_tasks.line_kind_words(str(root / "words.jsonl")),
@@ -281,27 +279,9 @@ def tasks(tmp_path_factory):
     return {**files, "tokenizer": str(root / "tok" / "tokenizer" / "spm.model"), "root": root}
 
 
-def start_experiment(tasks, module: str, task: str, *overrides, fast_compile: bool = True):
-    """Start `python -m experiments.MODULE` on one CPU device with the small task file -> (process, workdir)."""
-    import os
-    import subprocess
-    import sys
-    workdir = tasks["root"] / f"{module}_{abs(hash(overrides)) % 10 ** 6}"
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1, fast_compile), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", f"experiments.{module}", f"workdir={workdir}", f"data.paths={tasks[task]}",
-           f"data.tokenizer_path={tasks['tokenizer']}", "train.progress=false", "data.validation_fraction=0.2",
-           *overrides]
-    with open(workdir.with_suffix(".log"), "w") as log:  # a file, not a pipe: nobody reads it while it runs
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), workdir
-
-
-def experiment_result(run) -> dict:
-    """Wait for a started experiment -> summary.json's "task"."""
-    proc, workdir = run
-    proc.wait(timeout=900)
-    assert proc.returncode == 0, workdir.with_suffix(".log").read_text()[-3000:]
-    with open(workdir / "summary.json") as f:
-        return json.load(f)["task"]
+@pytest.fixture(scope="module")
+def tasks(background):
+    return background.once("tasks", make_tasks)
 
 
 # test id -> the experiment it runs (module, task file, overrides).
@@ -316,18 +296,31 @@ EXPERIMENTS = {
 STEP_BOUND = {"test_gpt2_prefix_tuning_learns"}  # its time is training steps, not compiling: XLA's default -O2
 
 
-@pytest.fixture(scope="module")
-def experiments(tasks, request):
-    """The selected learning tests' experiments, all started at once: each is a separate process that spends
-    much of its time compiling on one thread, so side by side they keep both cores busy."""
-    selected = {item.name for item in request.session.items if item.path == request.path}
-    runs = {name: start_experiment(tasks, *spec, fast_compile=name not in STEP_BOUND)
-            for name, spec in EXPERIMENTS.items() if name in selected}
-    yield runs
-    for proc, _ in runs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def workdir(tasks, name):
+    return tasks["root"] / name.replace("[", "_").replace("]", "")
+
+
+def background_runs(background, selected):
+    """The selected learning tests' experiments, started before the first test (tests/background.py): each is
+    `python -m experiments.MODULE` on one CPU device with its small task file."""
+    import os
+    import sys
+    for name, (module, task, *overrides) in EXPERIMENTS.items():
+        if name not in selected:
+            continue
+        tasks = background.once("tasks", make_tasks)
+        env = dict(os.environ, XLA_FLAGS=xla_flags(1, fast_compile=name not in STEP_BOUND), PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", f"experiments.{module}", f"workdir={workdir(tasks, name)}",
+               f"data.paths={tasks[task]}", f"data.tokenizer_path={tasks['tokenizer']}", "train.progress=false",
+               "data.validation_fraction=0.2", *overrides]
+        background.start(name, cmd, cwd=ROOT, env=env)
+
+
+def experiment_result(background, name) -> dict:
+    """Wait for a learning test's experiment -> summary.json's "task"."""
+    background.wait(name)
+    with open(workdir(background.once("tasks", make_tasks), name) / "summary.json") as f:
+        return json.load(f)["task"]
 
 
 # Margins: held-out sets have >= 100 examples, so a metric's binomial standard error is <= 0.05; each margin
@@ -336,14 +329,14 @@ def experiments(tasks, request):
 # 40%); GPT-2 prefix tuning 66% vs 20% (needs 35%).
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_bert_classification_learns(experiments, method):
-    task = experiment_result(experiments[f"test_bert_classification_learns[{method}]"])
+def test_bert_classification_learns(background, method):
+    task = experiment_result(background, f"test_bert_classification_learns[{method}]")
     assert task["metric"] == "accuracy" and task["examples"] >= 100
     assert task["baseline"] < 0.35 and task["untuned"] < 0.45  # 4 balanced classes
     assert task["finetuned"] >= task["baseline"] + 0.4, task
 
 
-# Runs here, in this process, while the T5 and GPT-2 experiments train beside it.
+# Runs here, in this process, while the experiments above may still train beside it at low priority.
 @pytest.mark.slow
 def test_lora_from_a_pretrained_run_keeps_its_base(tasks, tmp_path):
     """checkpoint.init_from: an MLM run's params become the frozen base of a LoRA classifier (plus a new head);
@@ -380,16 +373,16 @@ def test_lora_from_a_pretrained_run_keeps_its_base(tasks, tmp_path):
 
 
 @pytest.mark.slow
-def test_t5_lora_seq2seq_learns(experiments):
-    task = experiment_result(experiments["test_t5_lora_seq2seq_learns"])  # 100 steps x 16
+def test_t5_lora_seq2seq_learns(background):
+    task = experiment_result(background, "test_t5_lora_seq2seq_learns")  # 100 steps x 16
     assert task["metric"] == "exact_match" and task["examples"] >= 100
     assert task["untuned"] == 0.0
     assert task["finetuned"] >= task["baseline"] + 0.2, task
 
 
 @pytest.mark.slow
-def test_gpt2_prefix_tuning_learns(experiments):
-    task = experiment_result(experiments["test_gpt2_prefix_tuning_learns"])  # the experiment as it is
+def test_gpt2_prefix_tuning_learns(background):
+    task = experiment_result(background, "test_gpt2_prefix_tuning_learns")  # the experiment as it is
     assert task["metric"] == "exact_match" and task["examples"] >= 400  # standard error <= 0.025
     assert task["finetuned"] >= task["baseline"] + 0.15, task
 

@@ -1,5 +1,6 @@
 """Training end to end: exact resume after SIGKILL, kill during save, SIGTERM, mesh parity, learning,
 NaN stop, fine-tuning from another run, and bad input that must not touch an existing run."""
+import json
 import os
 import random
 import signal
@@ -19,26 +20,36 @@ from xla import xla_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = {"decoder": "gpt2_small", "encoder": "bert_base", "encoder_decoder": "t5_base"}
 STEPS = 20
+# MFU against a given peak: no 0.7 s matmul measured at the start of each of the many runs here.
+PEAK = "train.peak_flops=1e11"
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
+def make_shared(root) -> dict:
     """One tokenizer for every run here (the subprocesses share conftest's session compilation cache)."""
-    root = tmp_path_factory.mktemp("train")
     data = DataConfig(source="stdlib", max_files=60, tokenizer_train_chars=300_000)
     get_tokenizer(data, str(root / "tok"), vocab_size=2048)
     return {"tokenizer": str(root / "tok" / "tokenizer" / "spm.model"), "root": root}
 
 
+@pytest.fixture(scope="module")
+def shared(background):
+    return background.once("train", make_shared)
+
+
 def fast(shared, *extra):
     return ["size=tiny", "data.max_files=60", "data.seq_len=64", "train.batch_size=8", "train.eval_steps=2",
             "train.eval_every=0", "train.progress=false", f"data.tokenizer_path={shared['tokenizer']}",
-            f"train.steps={STEPS}", "checkpoint.every=3", *extra]
+            f"train.steps={STEPS}", "checkpoint.every=3", PEAK, *extra]
 
 
-def launch(shared, family, workdir, *extra, fast_compile=True):
+def command(shared, family, workdir, *extra, fast_compile=True) -> tuple[list[str], dict]:
     env = dict(os.environ, XLA_FLAGS=xla_flags(1, fast_compile), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", f"experiments.{EXPERIMENTS[family]}", *fast(shared, f"workdir={workdir}", *extra)]
+    return cmd, env
+
+
+def launch(shared, family, workdir, *extra):
+    cmd, env = command(shared, family, workdir, *extra)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -62,12 +73,11 @@ def losses(workdir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def reference(shared):
-    """Uninterrupted single-device runs, one per family (side by side: each process is mostly single-threaded)."""
-    procs = {family: launch(shared, family, shared["root"] / f"ref_{family}") for family in EXPERIMENTS}
+def reference(shared, background):
+    """Uninterrupted single-device runs, one per family, started before the first test (`background_runs`)."""
     runs = {}
-    for family, proc in procs.items():
-        finish(proc)
+    for family in EXPERIMENTS:
+        background.wait(f"ref_{family}")
         runs[family] = losses(shared["root"] / f"ref_{family}")
         assert sorted(runs[family]) == list(range(1, STEPS + 1))
     return runs
@@ -83,7 +93,7 @@ def saving_step(ckpt) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def interrupted(shared, reference):
+def interrupted(shared):
     """Runs interrupted side by side, then each rerun to the end: every family SIGKILLed at a random step, the
     decoder SIGKILLed while a checkpoint is being written, and the decoder sent SIGTERM after step 4.
     Each run is its own process on its own workdir, so running them together changes none of them."""
@@ -171,6 +181,19 @@ def test_sigterm_saves_and_exits_cleanly(reference, interrupted):
 def in_process_config(shared, family, workdir, *extra) -> Config:
     module = __import__(f"experiments.{EXPERIMENTS[family]}", fromlist=["config"])
     return train.parse_args(module.config, fast(shared, f"workdir={workdir}", *extra))
+
+
+def test_mfu_is_against_the_given_peak(shared, reference):
+    """train.peak_flops replaces the table and the CPU measurement: every row's MFU is the step's FLOPs over
+    its time and that peak (one process, so the CPU peak counts once)."""
+    workdir = shared["root"] / "ref_decoder"
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["peak_flops_source"] == "train.peak_flops"
+    flops_per_step = summary["flops"] / summary["step"]
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    assert len(rows) == STEPS
+    for r in rows:
+        assert r["mfu"] == pytest.approx(flops_per_step / r["step_time"] / 1e11, rel=1e-9), r
 
 
 def test_mesh_parity_in_training(shared, reference):
@@ -318,13 +341,25 @@ def learn_args(family):
     return args + (["optim.schedule=constant"] if family == "encoder" else [])
 
 
+def background_runs(background, selected):
+    """Started before the first test (tests/background.py), for the selected tests that use them: the
+    uninterrupted reference runs, and the three learning runs. The learning runs' time goes to training steps,
+    not compiling, so they keep XLA's default -O2."""
+    shared = background.once("train", make_shared)
+    if any("reference" in fixtures for fixtures in selected.values()):
+        for family in EXPERIMENTS:
+            cmd, env = command(shared, family, shared["root"] / f"ref_{family}")
+            background.start(f"ref_{family}", cmd, cwd=ROOT, env=env)
+    if any("learned" in fixtures for fixtures in selected.values()):
+        for family in EXPERIMENTS:
+            cmd, env = command(shared, family, shared["root"] / f"learn_{family}", *learn_args(family),
+                               fast_compile=False)
+            background.start(f"learn_{family}", cmd, cwd=ROOT, env=env)
+
+
 @pytest.fixture(scope="module")
-def learned(shared):
-    """The three learning runs, side by side (each process is mostly single-threaded)."""
-    procs = {family: launch(shared, family, shared["root"] / f"learn_{family}", *learn_args(family),
-                            fast_compile=False)
-             for family in EXPERIMENTS}
-    return {family: finish(proc) for family, proc in procs.items()}
+def learned(background):
+    return {family: background.wait(f"learn_{family}") for family in EXPERIMENTS}
 
 
 @pytest.mark.slow
