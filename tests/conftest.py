@@ -28,7 +28,7 @@ from background import Background  # noqa: E402
 def pytest_collection_modifyitems(session, config, items):
     """Modules with background runs (tests/background.py) go last, in their usual order: the runs they start
     before the first test then have the most of the session to use the core the other tests leave idle."""
-    items.sort(key=lambda item: hasattr(item.module, "background_runs"))
+    items.sort(key=lambda item: hasattr(getattr(item, "module", None), "background_runs"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,7 +37,7 @@ def background(request, tmp_path_factory):
     runs = Background(tmp_path_factory.mktemp("background"))
     selected: dict = {}
     for item in request.session.items:
-        if hasattr(item.module, "background_runs"):
+        if hasattr(getattr(item, "module", None), "background_runs"):
             selected.setdefault(item.module, {})[item.name] = set(item.fixturenames)
     try:
         for module, names in selected.items():
