@@ -143,7 +143,7 @@ def main(argv: list[str]) -> dict:
     step_s = statistics.median(times["step_s"])
     step_s_lagged = statistics.median(times["step_s_lagged"])
 
-    peak, source = peak_flops_per_device(dtype=cfg.model.dtype)
+    peak, source = peak_flops_per_device(dtype=cfg.model.dtype, given=cfg.train.peak_flops)
     devices = jax.devices()
     total_peak = peak * (jax.process_count() if devices[0].platform == "cpu" else len(devices))
     model_flops_per_s = setup.flops_per_step / step_s

@@ -178,7 +178,7 @@ def main(argv: list[str]) -> dict:
             return {}
     step = {k: statistics.median(v) for k, v in times.items()}
     if on_gpu:
-        peak, peak_source = peak_flops_per_device(dtype=cfg.model.dtype)
+        peak, peak_source = peak_flops_per_device(dtype=cfg.model.dtype, given=cfg.train.peak_flops)
     else:
         peak, peak_source = MATMUL_FLOPS / min(times["matmul"]), "fastest fp32 2048^3 jitted matmul in this run"
     tokens = setup.tokens_per_step

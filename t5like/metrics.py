@@ -53,9 +53,12 @@ def measure_cpu_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def peak_flops_per_device(device: Optional[jax.Device] = None, dtype: str = "bfloat16") -> tuple[Optional[float], str]:
+def peak_flops_per_device(device: Optional[jax.Device] = None, dtype: str = "bfloat16",
+                          given: float = 0.0) -> tuple[Optional[float], str]:
     """(peak FLOP/s for `dtype` matmuls, where it came from) for one device; (None, why) when unknown,
-    so MFU is reported as unknown rather than stopping a run."""
+    so MFU is reported as unknown rather than stopping a run. `given` (train.peak_flops), when not 0, wins."""
+    if given:
+        return given, "train.peak_flops"
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return measure_cpu_peak(), "measured fp32 2048^3 matmul"

@@ -412,10 +412,7 @@ def _train(cfg: Config) -> Result:
 
     preemption = Preemption()
     writer = MetricsWriter(cfg.workdir, resume_step=start or None)
-    if cfg.train.peak_flops:
-        peak, peak_source = cfg.train.peak_flops, "train.peak_flops"
-    else:
-        peak, peak_source = peak_flops_per_device(dtype=cfg.model.dtype)
+    peak, peak_source = peak_flops_per_device(dtype=cfg.model.dtype, given=cfg.train.peak_flops)
     if peak is None:
         print(f"warning: MFU unknown: {peak_source}; training continues, mfu is null in metrics.", file=sys.stderr)
     devices = jax.devices()
