@@ -27,7 +27,7 @@ def config() -> Config:
 
 def sample(result: train.Result) -> str:
     """A short completion from the trained model, through the same path as `python -m t5like.generate`."""
-    from t5like.checkpoint import load_for_inference
+    from t5like.inference import load_for_inference
     from t5like.generate import generate_text
     _, model, tokenizer = load_for_inference(result.config.workdir)
     return generate_text(model, tokenizer, ["def "], strategy="sample", temperature=0.8, top_k=40,

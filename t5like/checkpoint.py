@@ -213,29 +213,3 @@ def load_params(workdir: str, abstract_params: Any, step: Optional[int] = None) 
         return ckpt.restore_params(step, abstract_params)
     finally:
         ckpt.close()
-
-
-def load_for_inference(workdir: str, shard=None):
-    """(config, model, tokenizer) from a run's latest checkpoint, on the default device or `shard`'s mesh."""
-    from flax import nnx
-    from t5like.data import get_tokenizer
-    from t5like.models import abstract_model
-    from t5like.sharding import Sharder, state_shardings
-
-    cfg = read_config(workdir)
-    step = latest_step_or_raise(workdir)
-    shard = shard or Sharder()
-    from t5like.finetune import adapter_fn
-    graphdef, abstract_state = abstract_model(cfg.model, shard, adapt=adapter_fn(cfg))
-    if shard.mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract_state.to_pure_dict())
-    else:
-        shardings = state_shardings(abstract_state, shard).to_pure_dict()
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract_state.to_pure_dict(), shardings)
-    params = load_params(workdir, target, step)
-    nnx.replace_by_pure_dict(abstract_state, params)
-    model = nnx.merge(graphdef, abstract_state)
-    tokenizer = get_tokenizer(cfg.data, workdir, cfg.model.vocab_size)
-    return cfg, model, tokenizer

@@ -1,9 +1,10 @@
 """Parameter-efficient fine-tuning: LoRA (Hu et al. 2021) and prefix tuning (Li & Liang 2021).
 
     model = adapt(MODEL_CLASSES[family](cfg.model, rngs=...), cfg)   # attach adapters (nothing for method=full)
-    optimizer = freeze(optimizer, cfg)                          # optimizer state for trainable params only
-    grad_fn = grad(loss_fn, cfg)                                # gradients for trainable params only
     merge(model)                                                # fold adapters into the base (export, decoding)
+
+The trainer reaches this module only through two plugins of its seam (t5like/plugins.py): `FineTuning`
+(adapters, which params train, a classification head's labels) and `InitFrom` (checkpoint.init_from).
 
 Adapters are ordinary parameters of the model (plain NNX trees with logical axis names), so they are
 created sharded, checkpointed and restored like every other parameter:
@@ -11,21 +12,24 @@ created sharded, checkpointed and restored like every other parameter:
            the projections add scale * dropout(x) A B (layers.adapted). B starts at zero.
   prefix   `prefix` on every Stack: keys/values [layers, P, K, H] that every self-attention query sees,
            learned directly or through Li & Liang's MLP reparametrisation (which `merge` drops).
-The base is frozen through optax.transforms.partition (set_to_zero), and `value_and_grad` differentiates
-only the trainable leaves, so XLA never computes the frozen weights' gradients.
+The base is frozen by the seam's one freezing path (Plugins.optimizer and Plugins.grad): frozen params get
+no optimizer state, and only the trainable leaves are differentiated.
 """
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 from flax import traverse_util
 
 from t5like import layers as L
+from t5like.checkpoint import latest_step_or_raise, load_params, read_config
 from t5like.config import LORA_TARGETS, Config, ModelConfig
-from t5like.models import Stack, stacked
+from t5like.losses import task_logits  # noqa: F401  (the classification forward, part of the fine-tuning API)
+from t5like.models import Stack, abstract_model, stacked
+from t5like.plugins import Plugin
 
 # target name -> (attention or MLP modules of a Block, the kernel it adapts)
 TARGET_KERNELS = {"q": ("attention", "query"), "k": ("attention", "key"), "v": ("attention", "value"),
@@ -117,11 +121,6 @@ def adapt(model, cfg: Config, seed: int = None):
     return model
 
 
-def adapter_fn(cfg: Config):
-    """`adapt` for t5like.models.abstract_model / sharded_init; None when method=full."""
-    return None if cfg.finetune.method == "full" else (lambda model: adapt(model, cfg))
-
-
 # Which parameters train ----------------------------------------------------------------------------
 
 def is_adapter(path: tuple) -> bool:
@@ -136,21 +135,6 @@ def is_trainable(path: tuple, cfg: Config) -> bool:
     return is_adapter(path) or str(path[0]) in cfg.finetune.train_modules + head
 
 
-def _keys(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
-
-
-def trainable_mask(params, cfg: Config):
-    """A tree of bools like `params`: True where the parameter trains."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: is_trainable(_keys(p), cfg), params)
-
-
-def count_trainable(params, cfg: Config) -> int:
-    """Parameters that train (all of them under method=full), as PEFT's print_trainable_parameters counts."""
-    return sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(params), jax.tree.leaves(trainable_mask(params, cfg)))
-               if t)
-
-
 def check_train_modules(params, cfg: Config) -> None:
     """Each `finetune.train_modules` entry names a top-level module of the model."""
     tops = sorted({str(p[0]) for p in traverse_util.flatten_dict(params, keep_empty_nodes=False)})
@@ -158,48 +142,6 @@ def check_train_modules(params, cfg: Config) -> None:
         if name not in tops:
             raise ValueError(f"finetune.train_modules entry {name!r} names no top-level module of this model; "
                              f"its modules are {tops}.")
-
-
-def freeze(optimizer: optax.GradientTransformation, cfg: Config) -> optax.GradientTransformation:
-    """Under lora/prefix, `optimizer` updates only trainable params; frozen ones get zero updates and no state."""
-    if cfg.finetune.method == "full":
-        return optimizer
-    labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, cfg))
-    return optax.transforms.partition({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
-
-
-def optimizer_shardings(opt_shapes, param_shardings: dict, abstract_params: dict, replicated):
-    """Shardings of a frozen optimizer's state: a leaf whose path ends in a parameter's path, with its shape,
-    is sharded like that parameter (the moments); anything else (counts) is replicated. Partitioned state
-    holds masked subtrees, which optax.tree_map_params cannot pair with the full parameter tree."""
-    shardings = {_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
-    shapes = {_keys(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-
-    def one(path, leaf):
-        keys = _keys(path)
-        for i in range(len(keys)):
-            if shapes.get(keys[i:]) == leaf.shape:
-                return shardings[keys[i:]]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(one, opt_shapes)
-
-
-def grad(loss_fn, cfg: Config):
-    """jax.grad(loss_fn, has_aux=True) over the first argument (a nested dict of params), but under
-    lora/prefix only the trainable leaves are differentiated; the others get zero gradients."""
-    if cfg.finetune.method == "full":
-        return jax.grad(loss_fn, has_aux=True)
-
-    def fn(params, *args):
-        flat = traverse_util.flatten_dict(params)
-        train = {k: v for k, v in flat.items() if is_trainable(k, cfg)}
-        inner = lambda t: loss_fn(traverse_util.unflatten_dict({**flat, **t}), *args)
-        grads, aux = jax.grad(inner, has_aux=True)(train)
-        full = {k: grads[k] if k in grads else jnp.zeros_like(v) for k, v in flat.items()}
-        return traverse_util.unflatten_dict(full), aux
-
-    return fn
 
 
 def base_params(params) -> dict:
@@ -236,27 +178,16 @@ def merge(model):
     return model
 
 
-# Task forward --------------------------------------------------------------------------------------
-
-def task_logits(model, batch: dict, objective: str, rng=None) -> jax.Array:
-    """float32 logits the loss reads: [B, num_classes] for classification, else [B, L, V]."""
-    if objective == "classification":
-        return model.classify(batch, rng=rng)
-    return model(batch, rng=rng)
-
-
 # Starting from another run -------------------------------------------------------------------------
 
 def _abstract_params(cfg: Config) -> dict:
-    from t5like.models import abstract_model
-    _, state = abstract_model(cfg.model, adapt=adapter_fn(cfg))
+    _, state = abstract_model(cfg.model, adapt=lambda model: adapt(model, cfg))
     return traverse_util.flatten_dict(state.to_pure_dict())
 
 
 def init_from_plan(cfg: Config) -> dict:
     """{path: shape} of the params to take from `checkpoint.init_from`: all of ours but the adapters and a new
     classification head, which must exist there with the same shapes. Raises ValueError before any work."""
-    from t5like.checkpoint import latest_step_or_raise, read_config
     src = cfg.checkpoint.init_from
     other = read_config(src)
     latest_step_or_raise(src)
@@ -285,7 +216,6 @@ def init_from_plan(cfg: Config) -> dict:
 def load_init_params(cfg: Config, params: dict) -> dict:
     """`params` (sharded, freshly initialised) with every parameter of `init_from_plan` read from the other
     run's latest checkpoint into the same shardings; adapters and a new head keep their fresh values."""
-    from t5like.checkpoint import load_params
     plan = init_from_plan(cfg)
     flat = traverse_util.flatten_dict(params)
     target = traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(flat[k].shape, flat[k].dtype,
@@ -302,3 +232,39 @@ def check_labels(cfg: Config, labels) -> None:
     if (ints and (min(labels) < 0 or max(labels) >= cfg.model.num_classes)) or len(labels) > cfg.model.num_classes:
         raise ValueError(f"the labels of data.paths are {labels[:20]} but model.num_classes={cfg.model.num_classes}; "
                          f"set model.num_classes={max(labels) + 1 if ints else len(labels)}.")
+
+
+# The trainer's plugins ------------------------------------------------------------------------------
+
+class FineTuning(Plugin):
+    """finetune.method=lora|prefix: adapters on the model, a frozen base (the seam freezes it); with
+    data.objective=classification, the data's labels checked against the head before anything compiles."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        ft = cfg.finetune
+        self.uses_rng = ft.method == "lora" and ft.lora_dropout > 0
+        if ft.method != "full":
+            self.trainable = lambda path: is_trainable(path, cfg)
+
+    def adapt(self, model):
+        return adapt(model, self.cfg)
+
+    def check_data(self, train_iter) -> None:
+        if self.cfg.data.objective == "classification":
+            check_labels(self.cfg, train_iter.table.labels)
+
+
+class InitFrom(Plugin):
+    """checkpoint.init_from=RUN: a fresh run starts from RUN's params (adapters and a new head aside)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def check_start(self, resuming: bool) -> None:
+        init_from_plan(self.cfg)  # the other run exists and its params fit this model
+
+    def init_params(self, params: dict) -> dict:
+        params = load_init_params(self.cfg, params)
+        print(f"initialised params from {self.cfg.checkpoint.init_from}", file=sys.stderr)
+        return params

@@ -214,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        length_penalty=args.length_penalty, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p).validate()  # bad flags fail before loading
     prompts = read_prompts(args)
-    from t5like.checkpoint import load_for_inference
+    from t5like.inference import load_for_inference
     run_cfg, model, tokenizer = load_for_inference(args.workdir)
     # A model trained as a prefix-LM reads its prompt bidirectionally, as it did in training.
     cfg = dataclasses.replace(cfg, prefix_lm=getattr(getattr(run_cfg, "data", None), "objective", "") == "prefix_lm")

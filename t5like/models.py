@@ -430,7 +430,7 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, shard: Sharder = Sharder()):
 
 def abstract_model(cfg: ModelConfig, shard: Sharder = Sharder(), *, seed: int = 0, adapt=None):
     """(graphdef, abstract state): shapes, dtypes and logical names, with nothing allocated.
-    `adapt(model) -> model` attaches fine-tuning adapters (t5like.finetune.adapter_fn)."""
+    `adapt(model) -> model` adds modules before creation (the plugins of t5like.capabilities)."""
     adapt = adapt or (lambda m: m)
     model = nnx.eval_shape(lambda: adapt(MODEL_CLASSES[cfg.family](cfg, rngs=nnx.Rngs(seed), shard=shard)))
     return nnx.split(model)

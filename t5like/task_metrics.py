@@ -113,7 +113,7 @@ def untuned_model(cfg: Config):
 
 def report(workdir: str) -> dict:
     """Measure the fine-tuned, the un-fine-tuned and the trivial baseline; add them to summary.json."""
-    from t5like.checkpoint import load_for_inference
+    from t5like.inference import load_for_inference
     cfg, model, tokenizer = load_for_inference(workdir)
     if cfg.data.objective not in TASK_FIELDS:
         raise ValueError(f"{workdir} trained data.objective={cfg.data.objective!r}, not a fine-tuning task "

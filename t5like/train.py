@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +26,17 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from t5like import distributed, finetune, storage
+from t5like import distributed, storage
 from t5like.accounting import param_counts, training_flops
+from t5like.capabilities import plugins_for
 from t5like.checkpoint import Checkpointer, UnreadableCheckpoint, checkpoint_dir, latest_step, read_config
 from t5like.config import Config, apply_overrides, flat_keys, to_dict
 from t5like.data import get_tokenizer, make_iterator
 from t5like.metrics import MetricsWriter, peak_flops_per_device, read_metrics
+from t5like.losses import loss_for
 from t5like.models import sharded_init
-from t5like.optim import cross_entropy, make_optimizer, mean_metrics
+from t5like.optim import make_optimizer, mean_metrics
+from t5like.plugins import Plugin, Plugins, optimizer_state_shardings
 from t5like.sharding import DEFAULT_RULES, Sharder, batch_sharding, make_mesh, replicated
 
 # A preempted run exits with 128 + SIGTERM, after saving, so schedulers see it did not finish.
@@ -51,19 +54,21 @@ def dropout_key(seed: int, step) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM), step)
 
 
-def make_grad_fn(graphdef, cfg: Config) -> Callable:
+def make_grad_fn(graphdef, cfg: Config, plugins: Optional[Plugins] = None) -> Callable:
     """(params, batch, rng) -> (gradient of the batch's token-mean objective, metrics).
 
     With grad_accum_steps > 1 the batch is split into microbatches, whose objective SUMS and target weights
     are summed; the total is divided by the total weight once. That is exactly the full batch's token mean,
     however the target tokens are spread over the microbatches.
     """
-    def objective_sum(params, batch, rng):
-        logits = finetune.task_logits(nnx.merge(graphdef, params), batch, cfg.data.objective, rng)
-        return cross_entropy(logits, batch["targets"], batch["weights"],
-                             label_smoothing=cfg.optim.label_smoothing, z_loss=cfg.optim.z_loss)
+    plugins = plugins_for(cfg) if plugins is None else plugins
+    loss = loss_for(cfg.data.objective)
 
-    grad_sum = finetune.grad(objective_sum, cfg)  # under lora/prefix: the trainable params' gradients only
+    def objective_sum(params, batch, rng):
+        return loss(nnx.merge(graphdef, params), batch, rng,
+                    label_smoothing=cfg.optim.label_smoothing, z_loss=cfg.optim.z_loss)
+
+    grad_sum = plugins.grad(objective_sum)  # when a plugin freezes params: the trainable ones' gradients only
     accum = cfg.optim.grad_accum_steps
 
     def grads_and_metrics(params, batch, rng):
@@ -87,9 +92,9 @@ def make_grad_fn(graphdef, cfg: Config) -> Callable:
     return grads_and_metrics
 
 
-def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation, schedule):
-    grads_and_metrics = make_grad_fn(graphdef, cfg)
-    use_dropout = cfg.model.dropout > 0 or (cfg.finetune.method == "lora" and cfg.finetune.lora_dropout > 0)
+def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation, schedule, plugins: Plugins):
+    grads_and_metrics = make_grad_fn(graphdef, cfg, plugins)
+    use_dropout = cfg.model.dropout > 0 or plugins.uses_rng
 
     def train_step(state, batch):
         step = state["step"]
@@ -104,9 +109,10 @@ def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformati
 
 
 def make_eval_step(graphdef, cfg: Config):
+    loss = loss_for(cfg.data.objective)
+
     def eval_step(params, batch):
-        logits = finetune.task_logits(nnx.merge(graphdef, params), batch, cfg.data.objective)
-        _, sums = cross_entropy(logits, batch["targets"], batch["weights"])
+        _, sums = loss(nnx.merge(graphdef, params), batch)
         return sums
     return eval_step
 
@@ -196,6 +202,7 @@ class WorkdirLock:
 class Setup:
     """Everything `train` builds before the first step; also used by benchmarks and the AOT compile."""
     cfg: Config
+    plugins: Plugins
     sharder: Sharder
     graphdef: Any
     abstract_state: Any           # ShapeDtypeStructs with shardings
@@ -207,26 +214,21 @@ class Setup:
     tokens_per_step: int
 
 
-def build(cfg: Config, example_batch: dict, devices=None) -> Setup:
+def build(cfg: Config, example_batch: dict, devices=None, plugins: Optional[Plugins] = None) -> Setup:
     """Mesh, sharded model and optimizer state, and the jitted steps; compiles nothing until first called.
-    `example_batch` is one host's batch (its rows are this host's share); `devices` defaults to all."""
+    `example_batch` is one host's batch (its rows are this host's share); `devices` defaults to all;
+    `plugins` to the config's own (t5like.capabilities.plugins_for)."""
+    plugins = plugins_for(cfg) if plugins is None else plugins
     mesh = make_mesh(cfg.mesh, devices)
     sharder = Sharder(mesh, cfg.mesh.rules or DEFAULT_RULES)
     graphdef, abstract_params, param_shardings, init_params = sharded_init(cfg.model, sharder, seed=cfg.seed,
-                                                                           adapt=finetune.adapter_fn(cfg))
+                                                                           adapt=plugins.adapt)
     abstract_params = abstract_params.to_pure_dict()
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-    optimizer = finetune.freeze(optimizer, cfg)  # lora/prefix: state and updates for trainable params only
+    optimizer = plugins.optimizer(optimizer)
     repl = replicated(mesh)
-    # Moments shaped like a parameter are sharded like it; anything else (step counts, Adafactor's factored
-    # row/column statistics, which are vectors) is small and replicated.
     opt_shapes = jax.eval_shape(optimizer.init, abstract_params)
-    if cfg.finetune.method == "full":
-        opt_shardings = optax.tree_map_params(
-            optimizer, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else repl,
-            opt_shapes, param_shardings, abstract_params, transform_non_params=lambda _: repl)
-    else:
-        opt_shardings = finetune.optimizer_shardings(opt_shapes, param_shardings, abstract_params, repl)
+    opt_shardings = optimizer_state_shardings(opt_shapes, param_shardings, abstract_params, repl)
     shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": repl}
     init_opt = jax.jit(optimizer.init, out_shardings=opt_shardings)
 
@@ -240,14 +242,14 @@ def build(cfg: Config, example_batch: dict, devices=None) -> Setup:
     global_example = {k: np.zeros((np.shape(v)[0] * hosts, *np.shape(v)[1:]), np.asarray(v).dtype)
                       for k, v in example_batch.items()}
     batch_shardings = batch_sharding(sharder, global_example)
-    train_step = jax.jit(make_train_step(graphdef, cfg, optimizer, schedule), donate_argnums=0,
+    train_step = jax.jit(make_train_step(graphdef, cfg, optimizer, schedule, plugins), donate_argnums=0,
                          in_shardings=(shardings, batch_shardings), out_shardings=(shardings, repl))
     eval_step = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(shardings["params"], batch_shardings),
                         out_shardings=repl)
     seq = example_batch["encoder_inputs" if cfg.model.family == "encoder_decoder" else "inputs"].shape[1]
     target = example_batch["targets"].shape[1] if cfg.model.family == "encoder_decoder" else 0
     flops = training_flops(cfg.model, seq, target)
-    return Setup(cfg, sharder, graphdef, abstract_state, init_state, train_step, eval_step, batch_shardings,
+    return Setup(cfg, plugins, sharder, graphdef, abstract_state, init_state, train_step, eval_step, batch_shardings,
                  flops.per_sequence * cfg.train.batch_size, cfg.train.batch_size * (seq + target))
 
 
@@ -340,20 +342,20 @@ def _data_position(saved: list[dict], cfg: Config, step: int) -> dict:
                      f"resume with {len(saved)} hosts, or start a new workdir with checkpoint.init_from.")
 
 
-def train(cfg: Config) -> Result:
+def train(cfg: Config, plugins: Sequence[Plugin] = ()) -> Result:
+    """Train (or resume) `cfg`'s run. `plugins` are added after the config's own (t5like/plugins.py)."""
     cfg = cfg.validate()
     storage.check_workdir(cfg.workdir)
     lock = WorkdirLock(cfg.workdir)
     try:
-        return _train(cfg)
+        return _train(cfg, plugins_for(cfg, plugins))
     finally:
         lock.release()
 
 
-def _train(cfg: Config) -> Result:
+def _train(cfg: Config, plugins: Plugins) -> Result:
     check_workdir(cfg)
-    if cfg.checkpoint.init_from:
-        finetune.init_from_plan(cfg)  # the other run exists and its params fit this model (adapters aside)
+    plugins.check_start(resuming=latest_step(cfg.workdir) is not None)
     processes = jax.process_count()
     if cfg.train.batch_size % processes:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {processes} hosts.")
@@ -364,10 +366,9 @@ def _train(cfg: Config) -> Result:
     train_iter = make_iterator(cfg.data, tokenizer, "train", batch_size=per_host, seed=cfg.seed)
     eval_iter = make_iterator(cfg.data, tokenizer, "validation", batch_size=per_host, seed=cfg.seed,
                               num_batches=cfg.train.eval_steps)
-    if cfg.data.objective == "classification":
-        finetune.check_labels(cfg, train_iter.table.labels)  # before anything compiles
+    plugins.check_data(train_iter)  # before anything compiles
     first_batch_state = train_iter.state()
-    setup = build(cfg, next(iter(train_iter)))
+    setup = build(cfg, next(iter(train_iter)), plugins=plugins)
     train_iter.restore(first_batch_state)
     check_state_fits(setup)
 
@@ -406,9 +407,7 @@ def _train(cfg: Config) -> Result:
             raise ValueError(f"the model and optimizer state do not fit in device memory ({str(e).splitlines()[0]}). "
                              "Reduce model size (d_model, num_layers, vocab_size), use param_dtype=bfloat16, or "
                              "shard more (mesh.fsdp=-1).") from None
-        if cfg.checkpoint.init_from:
-            state["params"] = finetune.load_init_params(cfg, state["params"])
-            print(f"initialised params from {cfg.checkpoint.init_from}", file=sys.stderr)
+        state["params"] = plugins.init_params(state["params"])
 
     preemption = Preemption()
     writer = MetricsWriter(cfg.workdir, resume_step=start or None)
@@ -447,6 +446,7 @@ def _train(cfg: Config) -> Result:
                    "mfu": None if total_peak is None else setup.flops_per_step / dt / total_peak}
             writer.write(step, row)
             progress.update(step, row)
+            plugins.on_log(step, row)
 
     # A logged step's metrics are read one step late, once the next step is dispatched, so the host never
     # waits for the device between steps (1.05x a gpt2-bench step on CPU, benchmarks/PROFILE.md). A step
@@ -469,17 +469,19 @@ def _train(cfg: Config) -> Result:
                 if pending is not None:  # keep rows in step order: this step's training row first
                     read(*pending, log=True)
                     pending = None
-                last_eval = evaluate(setup, state["params"], eval_iter)
+                last_eval = {**evaluate(setup, state["params"], eval_iter), **plugins.on_eval(step, state["params"])}
                 writer.write(step, last_eval)
                 t_last = time.perf_counter()
             if save:
                 write_config(cfg)  # describes the checkpoints from now on
                 writer.flush()
                 ckpt.save(step, state, train_iter.state(), to_dict(cfg))
+                plugins.on_save(step)
             if preempted:
                 break
         if not preempted:
-            last_eval = evaluate(setup, state["params"], eval_iter)
+            last_eval = {**evaluate(setup, state["params"], eval_iter),
+                         **plugins.on_eval(cfg.train.steps, state["params"])}
             writer.write(cfg.train.steps, last_eval)
     finally:
         progress.close()
@@ -494,7 +496,7 @@ def _train(cfg: Config) -> Result:
                "tokens": setup.tokens_per_step * step, "flops": setup.flops_per_step * step,
                "final_loss": final_loss, "final_eval_loss": last_eval.get("eval_loss", float("nan")),
                "wall_time_s": time.perf_counter() - started, "peak_flops_source": peak_source,
-               "preempted": preempted, "trainable_params": finetune.count_trainable(setup.abstract_state["params"], cfg)}
+               "preempted": preempted, **plugins.summary(setup.abstract_state["params"])}
     if preempted:
         print(f"SIGTERM: saved step {step} to {checkpoint_dir(cfg.workdir)}; rerun the same command to resume.",
               file=sys.stderr)

@@ -341,7 +341,7 @@ def test_bert_classification_learns(background, method):
 def test_lora_from_a_pretrained_run_keeps_its_base(tasks, tmp_path):
     """checkpoint.init_from: an MLM run's params become the frozen base of a LoRA classifier (plus a new head);
     a run whose shapes differ is refused, naming the tensor and both shapes."""
-    from t5like.checkpoint import load_for_inference
+    from t5like.inference import load_for_inference
     model = ModelConfig(family="encoder", vocab_size=1024, d_model=32, num_heads=4, d_ff=64, num_layers=2,
                         max_len=64, position="learned", activation="gelu", norm="layernorm", norm_placement="post",
                         embedding_norm=True, use_bias=True)

@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from t5like import storage
-    from t5like.data.sources import training_texts
-    from t5like.data.tokenizer import get_tokenizer, train_tokenizer
+    from t5like.data.tokenizer import train_tokenizer
+    from t5like.data.vocabulary import get_tokenizer, training_texts
 
     if args.command == "train-tokenizer":
         storage.check_workdir(args.out, "--out")  # local or gs://; refused before reading any text

@@ -273,13 +273,10 @@ def open_stream(cfg: DataConfig, split: str, process_index: int, process_count: 
 
 def training_texts(cfg: DataConfig) -> Iterator[str]:
     """Training-split documents for fitting the tokenizer, in a fixed pseudo-random order (for variety).
+    A fine-tuning task's texts come from tasks.training_texts (t5like.data.vocabulary picks).
 
     The caller stops reading once it has enough characters, so only that much of a stream is fetched.
     """
-    if cfg.objective in ("seq2seq", "completion", "classification"):
-        from t5like.data.tasks import training_texts as task_texts  # lazy: tasks imports this module
-        yield from task_texts(cfg)
-        return
     if cfg.source == "hub":
         for example in open_stream(cfg, "train", 0, 1, shuffle=False, seed=0):
             if example["text"]:

@@ -10,13 +10,10 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from t5like.data.config import DataConfig
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, -1
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
@@ -169,71 +166,3 @@ def _explain_spm_error(e: RuntimeError, vocab_size: int, num_sentinels: int, max
         return ValueError(f"vocab_size={vocab_size} is too small: the training text has more distinct characters "
                           f"than pieces; set vocab_size >= {least} (with data.num_sentinels={num_sentinels})")
     return ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {msg}")
-
-
-def _train_into(cfg: DataConfig, final: str, vocab_size: int) -> None:
-    """Train in a local temporary directory, then publish: a rename locally; on Cloud Storage one upload
-    per file with spm.model last, so its presence means the tokenizer is complete."""
-    from t5like import storage
-    from t5like.data.sources import training_texts
-
-    if storage.is_remote(final):  # train_tokenizer writes one upload per file, spm.model last
-        train_tokenizer(training_texts(cfg), final, vocab_size, cfg.num_sentinels, cfg.tokenizer_train_chars)
-        return
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
-    try:
-        train_tokenizer(training_texts(cfg), tmp, vocab_size, cfg.num_sentinels, cfg.tokenizer_train_chars)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.exists(os.path.join(final, "spm.model")):  # not a lost race: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def get_tokenizer(cfg: DataConfig, workdir: str, vocab_size: int) -> Tokenizer:
-    """The run's tokenizer: cfg.tokenizer_path if set (a SentencePiece .model, or a Hugging Face checkpoint's
-    directory, read by t5like.data.hf_tokenizer), else WORKDIR/tokenizer/spm.model, trained on first use.
-
-    Training reads up to cfg.tokenizer_train_chars of training-split text on host 0, writes to a temporary
-    directory and publishes it whole (see _train_into), so a crash never leaves a half-written tokenizer
-    behind; the other hosts wait for it. WORKDIR may be gs://.
-    """
-    cfg.validate()
-    if cfg.tokenizer_path and os.path.isdir(cfg.tokenizer_path):  # a Hugging Face checkpoint's tokenizer
-        from t5like.data.hf_tokenizer import HFTokenizer
-        tokenizer = HFTokenizer(cfg.tokenizer_path)
-        if tokenizer.vocab_size > vocab_size:
-            raise ValueError(f"the tokenizer in data.tokenizer_path={cfg.tokenizer_path!r} has {tokenizer.vocab_size} "
-                             f"ids but model.vocab_size={vocab_size}; use the model that came with it.")
-        if tokenizer.num_sentinels != cfg.num_sentinels:
-            raise ValueError(f"data.num_sentinels={cfg.num_sentinels} but the tokenizer in {cfg.tokenizer_path!r} "
-                             f"has {tokenizer.num_sentinels}; set data.num_sentinels={tokenizer.num_sentinels}.")
-        return tokenizer
-    if cfg.tokenizer_path:
-        return Tokenizer.from_file(cfg.tokenizer_path, vocab_size, cfg.num_sentinels)
-    from t5like import storage
-
-    final = storage.join(workdir, "tokenizer")
-    path = storage.join(final, "spm.model")
-    import jax  # only here: everything else in t5like.data works without initialising a backend
-
-    missing = not storage.exists(path)
-    if jax.process_count() > 1:  # host 0's view decides, so every host takes the same branch
-        from jax.experimental import multihost_utils
-        import numpy as np
-        missing = bool(multihost_utils.broadcast_one_to_all(np.array(missing)))
-    if missing:
-        # One host trains, the others wait for it: hosts training separately could differ.
-        if jax.process_index() == 0:
-            _train_into(cfg, final, vocab_size)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("t5like: tokenizer trained")
-    tokenizer = Tokenizer.from_file(path, vocab_size, cfg.num_sentinels)
-    if tokenizer.piece_size != vocab_size - cfg.num_sentinels:
-        raise ValueError(f"{path} was trained for vocab_size={tokenizer.piece_size + cfg.num_sentinels}, not "
-                         f"vocab_size={vocab_size}; delete {final} to retrain, or use a new workdir")
-    return tokenizer

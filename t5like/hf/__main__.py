@@ -69,7 +69,7 @@ def import_checkpoint(hf_dir: str, workdir: str, *, tokenizer_dir: Optional[str]
 
 
 def export_checkpoint(workdir: str, out_dir: str) -> str:
-    from t5like.checkpoint import load_for_inference
+    from t5like.inference import load_for_inference
     from t5like.data.hf_tokenizer import FILES, HFTokenizer
     from t5like.hf import save_pretrained
     from t5like.hf.common import special_ids
