@@ -144,7 +144,7 @@ class Stack(nnx.Module):
         unroll = min(self.scan_unroll or (1 if platform == "tpu" else self.num_layers), self.num_layers)
         # XLA CPU fuses the residual stream's gradient, a chain of adds through every layer above, into each of
         # its consumers instead of writing it once; unrolled on CPU, each layer's input gradient is written out
-        # first (benchmarks/PROFILE.md). The values agree to float rounding.
+        # first (docs/profile.md). The values agree to float rounding.
         write_gradients = unroll > 1 and platform == "cpu"
 
         def body(x, xs):

@@ -449,7 +449,7 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
             plugins.on_log(step, row)
 
     # A logged step's metrics are read one step late, once the next step is dispatched, so the host never
-    # waits for the device between steps (1.05x a gpt2-bench step on CPU, benchmarks/PROFILE.md). A step
+    # waits for the device between steps (1.05x a gpt2-bench step on CPU, docs/profile.md). A step
     # that saves is read at once: a non-finite state is never checkpointed.
     pending = None
     try:
