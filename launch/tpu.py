@@ -144,6 +144,19 @@ def compile_check(experiment: str, overrides: list[str], tpu: TpuType) -> dict:
     return out
 
 
+def check_name_free(s: Slice) -> None:
+    """A second run with a name in use must not take over (and at its end delete) the first run's slice."""
+    argv = gcloud.describe_state(s)
+    echo(argv)
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode == 0:   # it exists; NOT_FOUND (or no login: create fails then) exits non-zero
+        kind = "queued resource" if s.queued else "slice"
+        manage = f"--name {s.name} --zone {s.zone} --project {s.project}" + (" --queued" if s.queued else "")
+        raise UsageError(f"a {kind} named {s.name!r} already exists in {s.zone} (state {result.stdout.strip() or '?'}); "
+                         "another run may be using it, and this launcher deletes only what it made. Pick another "
+                         f"--name, or delete it first: python -m launch.tpu delete {manage}")
+
+
 # The plan -----------------------------------------------------------------------------------------
 
 def wheel_name() -> str:
@@ -244,6 +257,7 @@ def cmd_run(args) -> int:
             print(f"# {what}", file=sys.stderr, flush=True)
             print(shlex.join(argv), flush=True)
         return 0
+    check_name_free(s)
     call(wheel_command(dist))
     if not glob.glob(wheel):
         raise RuntimeError(f"the wheel build did not produce {wheel}")

@@ -158,3 +158,44 @@ def test_the_worker_scripts_are_valid_shell_and_the_run_script_keeps_logs_and_ex
     assert len(copies) == 1 and copies[0].read_text() == log        # kept in the workdir too, named by host
     assert (home / "t5like" / "train.pid").read_text().strip().isdigit()
     assert subprocess.run(["bash", "-c", gcloud.stop_script()], env=env).returncode == 0   # nothing left to stop
+
+
+# A slice this launcher did not make is never deleted ---------------------------------------------------
+
+STUB = """#!/bin/sh
+echo "$*" >> {log}
+case "$*" in
+  *" describe "*) if [ -n "$NAME_TAKEN" ]; then echo READY; exit 0; fi
+                  echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: t" >&2; exit 1;;
+  *" create "*) echo "ERROR: (gcloud.compute.tpus.tpu-vm.create) ALREADY_EXISTS: t already exists" >&2; exit 1;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("taken_when,queued", [("before the run", False), ("between the check and the create", True)])
+def test_a_name_in_use_is_refused_and_the_other_slice_is_not_deleted(taken_when, queued, tmp_path):
+    """ALREADY_EXISTS cannot come from the real gcloud offline: a stub plays the cloud, where slice `t` is
+    another run's. Seen before the run: refused up front (exit 2); taken in between: create fails (exit 1).
+    Either way no delete."""
+    log = tmp_path / "calls.log"
+    (tmp_path / "bin").mkdir()
+    stub = tmp_path / "bin" / "gcloud"
+    stub.write_text(STUB.format(log=shlex.quote(str(log))))
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": ROOT,
+           "NAME_TAKEN": "1" if taken_when == "before the run" else ""}
+    result = subprocess.run([sys.executable, "-m", "launch.tpu", "run", "experiments.quickstart", "--tpu", "v5e-8",
+                             "--zone", "us-west4-a", "--project", "p", "--workdir", "gs://bkt/run", "--name", "t",
+                             "--skip-compile-check", "--logs", str(tmp_path / "logs"), "--max-restarts", "0",
+                             *(["--queued"] if queued else [])],
+                            env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    calls = log.read_text().splitlines()
+    assert not any(" delete " in c for c in calls), calls
+    if taken_when == "before the run":
+        assert result.returncode == 2, result.stderr
+        assert "named 't' already exists" in result.stderr and "Pick another --name" in result.stderr
+        assert not any(" create " in c for c in calls), calls
+    else:
+        assert result.returncode == 1, result.stderr
+        assert any(" create " in c for c in calls) and "nothing was deleted" in result.stderr, result.stderr
