@@ -99,11 +99,57 @@ def load_run_config(args):
     return load_config(args.experiment, overrides), overrides
 
 
+BUCKET_RULES = ("bucket names are 3-63 characters (222 with dots, 63 between dots) of lowercase letters, digits, "
+                "'-', '_' and '.', start and end with a letter or digit, and neither start with 'goog' nor "
+                "contain 'google' (cloud.google.com/storage/docs/buckets#naming)")
+
+
+def bucket_problem(bucket: str) -> Optional[str]:
+    """What breaks Cloud Storage's bucket naming rules, or None."""
+    bad = sorted(set(re.sub(r"[a-z0-9_.-]", "", bucket)))
+    parts = bucket.split(".")
+    return ("is empty" if not bucket
+            else f"has capital letters (bucket names are lowercase: {bucket.lower()!r}?)" if bucket != bucket.lower()
+            else f"has the characters {bad!r}" if bad
+            else "is shorter than 3 characters" if len(bucket) < 3
+            else "is longer than 63 characters" if len(bucket) > (222 if len(parts) > 1 else 63)
+            else "has an empty or longer than 63 characters part between dots" if any(not 0 < len(p) <= 63 for p in parts)
+            else "does not start and end with a letter or digit" if not (bucket[0].isalnum() and bucket[-1].isalnum())
+            else "looks like an IP address" if re.fullmatch(r"[\d.]+", bucket)
+            else "starts with 'goog'" if bucket.startswith("goog")
+            else "contains 'google'" if "google" in bucket or "g00gle" in bucket else None)
+
+
+def check_workdir(workdir: str) -> None:
+    """A gs:// workdir must be a path Cloud Storage accepts, or the run fails on the slice, minutes and
+    money later. Local paths pass (a single-host slice keeps them on its disk)."""
+    if "://" not in workdir and not workdir.startswith("gs:"):
+        return
+    if not workdir.startswith("gs://"):
+        raise UsageError(f"--workdir={workdir!r}: a remote workdir is a Cloud Storage path, gs://BUCKET/RUN "
+                         "(two slashes after gs:).")
+    bucket, _, path = workdir[len("gs://"):].partition("/")
+    problem = bucket_problem(bucket)
+    if problem:
+        raise UsageError(f"--workdir={workdir!r}: the bucket name {bucket!r} {problem}; {BUCKET_RULES}. "
+                         "Use e.g. --workdir=gs://my-bucket/RUN.")
+    # cloud.google.com/storage/docs/objects#naming: no control characters (CR, LF), no '.' or '..'
+    # parts; and not the characters gcloud and gcsfs read as wildcards or URL fragments.
+    parts = path.rstrip("/").split("/") if path.rstrip("/") else []
+    bad = sorted({c for c in path if ord(c) < 32 or ord(c) == 127 or c in "#[]*?"})
+    if bad or any(p in ("", ".", "..") for p in parts) or len(path.encode()) > 900:
+        raise UsageError(f"--workdir={workdir!r}: the run's path {path!r} is not one Cloud Storage (and gcloud "
+                         f"storage) take as is: " + (f"characters {bad!r}; " if bad else "") +
+                         "no empty, '.' or '..' parts, no control characters or # [ ] * ?, at most 900 bytes "
+                         "(the run adds its files' names). Use e.g. --workdir=gs://my-bucket/my-run.")
+
+
 def check_slice(args) -> Optional[TpuType]:
     """The cheap checks: slice type, workdir, restarts (no config loaded yet)."""
     if args.local_pod is None and not args.tpu:
         raise UsageError("--tpu is required (e.g. --tpu v5p-32), unless --local-pod N.")
     tpu = parse_tpu_type(args.tpu) if args.tpu else None
+    check_workdir(args.workdir)
     hosts = args.local_pod if args.local_pod is not None else tpu.hosts
     if hosts > 1 and not args.workdir.startswith("gs://"):
         raise UsageError(f"--workdir={args.workdir!r} is a local path, but {args.tpu or 'the pod'} has {hosts} hosts, "

