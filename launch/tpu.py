@@ -146,6 +146,10 @@ def check_workdir(workdir: str) -> None:
 
 def check_slice(args) -> Optional[TpuType]:
     """The cheap checks: slice type, workdir, restarts (no config loaded yet)."""
+    for flag, n in (("--local-pod", args.local_pod), ("--local-devices", args.local_devices)):
+        if n is not None and n < 1:
+            what = "worker processes" if flag == "--local-pod" else "CPU devices per worker"
+            raise UsageError(f"{flag}={n}: it is the number of local {what}, 1 or more (e.g. {flag} 2).")
     if args.local_pod is None and not args.tpu:
         raise UsageError("--tpu is required (e.g. --tpu v5p-32), unless --local-pod N.")
     tpu = parse_tpu_type(args.tpu) if args.tpu else None
