@@ -31,7 +31,7 @@ from typing import Optional
 from launch import gcloud
 from launch.gcloud import Slice
 from launch.pods import CloudPod, LocalPod, call, echo
-from launch.tpu_types import TpuType, check_zone, parse_tpu_type
+from launch.tpu_types import TpuType, check_zone, check_zone_form, parse_tpu_type
 
 # The trainer's exit status after a SIGTERM and a save (t5like.train.PREEMPTED_EXIT_CODE; not imported,
 # to keep the launcher free of jax until a config is loaded).
@@ -79,10 +79,18 @@ def parser() -> argparse.ArgumentParser:
 
 # Checks, all before any command runs ---------------------------------------------------------------
 
-def gcloud_default(flag: str, key: str) -> str:
-    """The flag's value, or gcloud's configured default; a clear error when there is neither."""
+# A dry run shows its plan without a project: this stands in for it, visibly.
+PROJECT_PLACEHOLDER = "PROJECT_ID"
+
+
+def gcloud_default(flag: str, key: str, placeholder: Optional[str] = None) -> str:
+    """The flag's value, or gcloud's configured default; else the placeholder (dry runs) or a clear error."""
     result = subprocess.run(gcloud.config_value(key), capture_output=True, text=True)
     value = result.stdout.strip() if result.returncode == 0 else ""
+    if (not value or value == "(unset)") and placeholder:
+        print(f"# no {flag} given and gcloud has no default ({key}): the plan shows {flag}={placeholder}; a real run "
+              f"needs {flag}=... or `gcloud config set {key} VALUE`.", file=sys.stderr)
+        return placeholder
     if not value or value == "(unset)":
         raise UsageError(f"no {flag} given and gcloud has no default ({key} is unset); pass {flag}=..., "
                          f"or set one with `gcloud config set {key} VALUE`.")
@@ -180,6 +188,9 @@ def check_config(args, tpu: Optional[TpuType]) -> list[str]:
 def compile_check(experiment: str, overrides: list[str], tpu: TpuType) -> dict:
     """launch.compile in a child process (it loads libtpu; the launcher stays light)."""
     argv = [sys.executable, "-m", "launch.compile", experiment, *overrides, "--topology", tpu.name]
+    # The one long step before the plan (seconds for a small model, about ten minutes for llama_1b): say so.
+    print(f"compiling the train step for {tpu.name} ahead of time, to check it fits (libtpu, on this machine; "
+          "minutes for a large model; --skip-compile-check skips it)", file=sys.stderr, flush=True)
     echo(argv)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -191,6 +202,9 @@ def compile_check(experiment: str, overrides: list[str], tpu: TpuType) -> dict:
     if not out["fits"]:
         from launch.compile import advice
         raise UsageError(f"this plan does not fit: {advice(out)} (--skip-compile-check to launch anyway)")
+    gib = 1024 ** 3
+    print(f"compile check: it fits, {out['per_device_bytes'] / gib:.2f} GiB per device of "
+          f"{out['hbm_bytes_per_device'] / gib:.0f} GiB HBM (compiled in {out['compile_s']} s)", file=sys.stderr)
     return out
 
 
@@ -288,9 +302,11 @@ def cmd_run(args) -> int:
         pod = LocalPod(args.local_pod, args.local_devices, local_logs, log_dir)
         return run_loop(pod, worker_command(args.experiment, overrides, sys.executable), args.max_restarts, args.keep)
     zone = args.zone or gcloud_default("--zone", "compute/zone")
-    project = args.project or gcloud_default("--project", "project")
-    if not args.any_zone:
-        check_zone(tpu, zone)
+    project = args.project or gcloud_default("--project", "project", PROJECT_PLACEHOLDER if args.dry_run else None)
+    if args.any_zone:
+        check_zone_form(zone)
+    elif note := check_zone(tpu, zone):
+        print(f"note: {note}", file=sys.stderr)
     overrides = check_config(args, tpu)
     if not args.skip_compile_check:
         compile_check(args.experiment, overrides, tpu)
@@ -317,8 +333,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_manage(args) -> int:
-    s = Slice(args.name, args.zone or gcloud_default("--zone", "compute/zone"),
-              args.project or gcloud_default("--project", "project"), queued=args.queued)
+    zone = args.zone or gcloud_default("--zone", "compute/zone")
+    check_zone_form(zone)
+    s = Slice(args.name, zone, args.project or gcloud_default(
+        "--project", "project", PROJECT_PLACEHOLDER if args.dry_run else None), queued=args.queued)
     argv = {"status": lambda: gcloud.describe_state(s),
             "logs": lambda: gcloud.ssh(s, gcloud.logs_script()),
             "stop": lambda: gcloud.ssh(s, gcloud.stop_script()),

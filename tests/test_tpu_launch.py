@@ -102,6 +102,10 @@ BAD = {
     "workdir: capitals in the bucket": (V5E + ["--workdir", "gs://My_Bucket/run"], "has capital letters"),
     "workdir: gs:/ for gs://": (V5E + ["--workdir", "gs:/my-bucket/run"], "gs://BUCKET/RUN"),
     "workdir: a wildcard in the path": (V5E + ["--workdir", "gs://my-bucket/run*"], "characters ['*']"),
+    "a zone without '-' before its letter": (["--tpu", "v5e-8", "--zone", "us-east5a", "--project", "p",
+                                               "--workdir", "gs://bkt/r"], "the form is REGION-ZONE, e.g. us-east5-a"),
+    "a zone that is no Google Cloud zone": (["--tpu", "v5e-8", "--zone", "mars-1-a", "--project", "p",
+                                             "--workdir", "gs://bkt/r", "--any-zone"], "the form is REGION-ZONE"),
     "no local workers": (["--local-pod", "0", "--workdir", "/tmp/run"], "--local-pod=0: it is the number of local"),
     "no devices per local worker": (["--local-pod", "2", "--local-devices", "0", "--workdir", "/tmp/run"],
                                     "--local-devices=0"),
@@ -144,6 +148,25 @@ def test_bad_input_is_refused_before_any_command(case, gcloud_spy):
     calls = open(log).read().splitlines() if os.path.exists(log) else []
     assert all(c.startswith("config get-value") for c in calls), calls   # only reads of gcloud's defaults
     assert "+ " not in result.stderr  # the launcher echoes every command it runs
+
+
+@needs_gcloud
+def test_a_dry_run_needs_no_project_and_says_which_zones_it_did_not_check(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))   # a gcloud with no default project or zone
+    plan = dry_run(capsys, "run", "experiments.quickstart", "--name", "t5-test", "--tpu", "v5e-8", "--zone",
+                   "europe-west4-b", "--workdir", "gs://bkt/a", "--skip-compile-check", "--dry-run")
+    assert launcher.main(["status", "--name", "t5-test", "--zone", "europe-west4-b", "--dry-run"]) == 0
+    status, err = capsys.readouterr()   # (dry_run() has read the run's; status says the same)
+    gcloud_lines = [line for line in plan if line.startswith("gcloud compute")] + status.splitlines()
+    assert len(gcloud_lines) > 5 and all(line.endswith("--project=PROJECT_ID") for line in gcloud_lines), gcloud_lines
+    assert "the plan shows --project=PROJECT_ID; a real run needs --project=..." in err, err
+    # A well-formed zone outside the table is not judged, and the run says so; a malformed one is refused.
+    assert launcher.main(["run", "experiments.quickstart", "--name", "t5-test", "--tpu", "v5e-8", "--zone",
+                          "europe-west4-b", "--project", "p", "--workdir", "gs://bkt/a", "--skip-compile-check",
+                          "--dry-run"]) == 0
+    assert "note: --zone=europe-west4-b was not checked" in capsys.readouterr().err
+    assert launcher.main(["delete", "--name", "t5-test", "--zone", "us-east5a", "--project", "p", "--dry-run"]) == 2
+    assert "REGION-ZONE" in capsys.readouterr().err
 
 
 # The shell each worker runs ------------------------------------------------------------------------
