@@ -258,3 +258,13 @@ def test_the_workdir_in_the_worker_script_is_a_path_never_shell(where, tmp_path)
         assert result.stderr == ""
     else:
         assert f"could not copy worker.log to {log_dir}/" in result.stderr, result.stderr
+
+
+def test_launch_compile_takes_overrides_after_the_topology():
+    """As its docstring shows (`... size=tiny --topology v5e-4 train.batch_size=64`); an unknown type is
+    refused before any config is loaded, so this compiles nothing."""
+    result = subprocess.run([sys.executable, "-m", "launch.compile", "experiments.gpt2_small", "size=tiny",
+                             "--topology", "v7x-1", "train.batch_size=64"], env={**os.environ, "PYTHONPATH": ROOT},
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "error: TPU type 'v7x-1' is not one this launcher knows" in result.stderr, \
+        result.stderr
