@@ -318,6 +318,9 @@ def cmd_run(args) -> int:
     command = worker_command(args.experiment, overrides)
     if args.dry_run:
         print(f"# {tpu.describe()}", file=sys.stderr)
+        print("# is the name free? (it must not be found: a slice of that name is refused, never reused or deleted)",
+              file=sys.stderr)
+        print(shlex.join(gcloud.describe_state(s)))
         print(shlex.join(wheel_command(dist)))
         for what, argv in plan(s, wheel, command, log_dir, local_logs, args.keep):
             print(f"# {what}", file=sys.stderr, flush=True)

@@ -47,8 +47,9 @@ def test_every_gcloud_line_of_the_plans_parses(capsys, tmp_path):
     for name, flags in SLICES.items():
         plan = dry_run(capsys, "run", "experiments.quickstart", "train.steps=20", "--name", "t5-test",
                        "--project", "my-proj", "--skip-compile-check", "--dry-run", *flags)
-        assert plan[0].split()[1:4] == ["-m", "pip", "wheel"], plan[0]   # the local build step first
-        gcloud_lines = plan[1:]
+        assert " describe t5-test " in plan[0]                            # the name is free, first
+        assert plan[1].split()[1:4] == ["-m", "pip", "wheel"], plan[1]   # then the local build step
+        gcloud_lines = plan[2:]
         assert gcloud_lines and all(line.startswith("gcloud ") for line in gcloud_lines), plan
         tpu = parse_tpu_type(flags[1])
         create = gcloud_lines[0]
@@ -62,7 +63,7 @@ def test_every_gcloud_line_of_the_plans_parses(capsys, tmp_path):
             assert "delete" in gcloud_lines[-1]
         run = next(line for line in gcloud_lines if "python -m experiments.quickstart" in line)
         assert "--worker=all" in run and "workdir=gs://bkt/" in run and "train.steps=20" in run
-        lines += gcloud_lines
+        lines += [plan[0], *gcloud_lines]
     for action in ("status", "logs", "stop", "delete"):
         lines += dry_run(capsys, action, "--name", "t5-test", "--zone", "us-east5-a", "--project", "my-proj",
                          "--dry-run")
