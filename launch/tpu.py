@@ -5,15 +5,17 @@
     python -m launch.tpu status|logs|stop|delete --name llama1b --zone us-east5-a --project P [--dry-run]
 
 `run`: check the config (and that its train step fits the slice, by compiling it for that topology
-here: launch/compile.py), build a wheel of this checkout, create the slice (or a queued resource),
-wait until it is ready, copy the wheel to every worker and pip install it with its `tpu` extra in a
-venv, kill leftovers holding the TPU and remove libtpu's lockfile, then run
+here: launch/compile.py), check that no slice has the run's name (the launcher deletes only what it
+created), build a wheel of this checkout, create the slice (or a queued resource), wait until it is
+ready, copy the wheel to every worker and pip install it with its `tpu` extra in a venv, kill
+leftovers holding the TPU and remove libtpu's lockfile, then run
     python -m experiments.NAME key=value ... workdir=gs://BUCKET/RUN
 on every worker (each host joins through jax.distributed.initialize() in the trainer), streaming
 worker 0's log. Every worker's log goes to WORKDIR/logs/ and to --logs here. When the slice is
 preempted or a worker fails, it re-creates (or reuses) the slice and reruns the same command, which
 resumes from the checkpoint in the workdir, up to --max-restarts times. The slice is deleted at the
-end unless --keep. --dry-run prints the commands (stdout) and runs none.
+end unless --keep. --dry-run prints the commands (stdout) and runs none; without a project it shows
+--project=PROJECT_ID.
 `--local-pod N` runs the per-worker command as N local processes instead of on a slice (tests).
 """
 from __future__ import annotations
