@@ -8,8 +8,8 @@ device per chip); in a v5e/v6e type it counts chips (1 core each). Sources, chec
 - chips, HBM and bf16 peak per chip: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} ("System architecture").
 - runtime versions: cloud.google.com/tpu/docs/runtimes ("PyTorch and JAX" table).
 - zones: cloud.google.com/tpu/docs/regions-zones, the North America table (single-tenant zones included).
-  Zones change, so a zone in a region the table does not list (Europe, Asia) is not checked, and
-  launch.tpu's --any-zone skips the check.
+  Zones change, so a zone in a region the table does not list (Europe, Asia) is not checked (launch.tpu
+  says so), and launch.tpu's --any-zone skips the check. A zone not of the form REGION-ZONE is refused.
 """
 from __future__ import annotations
 
