@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("experiment", help="experiment module, e.g. experiments.llama_1b")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--topology", required=True, help="TPU slice type, e.g. v5p-8, v5e-16, v4-32, v6e-8")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)   # overrides before or after --topology, as the docstring shows
     try:
         tpu = parse_tpu_type(args.topology)
         cfg = load_config(args.experiment, args.overrides)

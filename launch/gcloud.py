@@ -105,11 +105,15 @@ def run_script(worker_command: list[str], log_dir: str) -> str:
     """Run the per-worker command from the venv, keep its log on the worker and copy it to `log_dir`
     (the workdir's logs/, named by host) when it ends; the pid file lets `stop` reach it."""
     cmd = shlex.join(worker_command)
-    save = (f"gcloud storage cp worker.log {log_dir}/$(hostname).log" if log_dir.startswith("gs://")
-            else f"mkdir -p {log_dir} && cp worker.log {log_dir}/$(hostname).log")
+    # The workdir is the user's text: quoted, so a space or a `;` in it is part of the path, never shell.
+    where = shlex.quote(log_dir)
+    save = (f"gcloud storage cp worker.log {where}/$(hostname).log" if log_dir.startswith("gs://")
+            else f"mkdir -p {where} && cp worker.log {where}/$(hostname).log")
+    lost = shlex.quote(f"could not copy worker.log to {log_dir}/; it stays on the worker as "
+                       "~/t5like/worker.log (`python -m launch.tpu logs` shows its end)")
     return (f"cd {REMOTE_DIR} && . {VENV}/bin/activate && "
             f"{{ {cmd} > worker.log 2>&1 & echo $! > train.pid; wait $!; rc=$?; "
-            f"{save} >/dev/null 2>&1 || true; exit $rc; }}")
+            f"{save} >/dev/null 2>&1 || echo {lost} >&2; exit $rc; }}")
 
 
 def tail_script() -> str:

@@ -63,8 +63,7 @@ class CloudPod:
         if fresh:
             if self.created:
                 self.down()
-            call(gcloud.create(self.s))
-            self.created = True
+            self.create()
             deadline = time.monotonic() + self.ready_timeout
             while (state := self.state()) != self.READY[self.s.queued]:
                 if state in ("FAILED", "SUSPENDED", "PREEMPTED", "TERMINATED") or time.monotonic() > deadline:
@@ -74,6 +73,19 @@ class CloudPod:
             call(gcloud.scp_to_all(self.s, self.wheel, "~/"))
             call(gcloud.ssh(self.s, gcloud.setup_script(os.path.basename(self.wheel))))
         call(gcloud.ssh(self.s, gcloud.CLEANUP_SCRIPT))
+
+    def create(self) -> None:
+        """Only a slice this launcher made is ever deleted: a create that fails (the name is taken, no
+        quota) leaves whatever holds the name alone. Interrupted mid-create, the slice may be half made;
+        the name was free when the run began (check_name_free), so it is ours to delete."""
+        self.created = True
+        try:
+            call(gcloud.create(self.s))
+        except RuntimeError as e:
+            self.created = False
+            raise RuntimeError(f"{e}\nCould not create slice {self.s.name!r} (gcloud says why, above); nothing "
+                               "was deleted. If the name is taken, that slice is not this run's: pick another "
+                               "--name, or delete it yourself with `python -m launch.tpu delete`.") from None
 
     def run(self, worker_command: list[str], attempt: int) -> list[int]:
         tail = subprocess.Popen(gcloud.ssh(self.s, gcloud.tail_script(), worker="0"), text=True,
@@ -92,6 +104,8 @@ class CloudPod:
         return self.state() == self.READY[self.s.queued]
 
     def down(self) -> None:
+        if not self.created:   # never one this launcher did not make
+            return
         call(gcloud.delete(self.s), check=False)
         self.created = False
 

@@ -5,15 +5,17 @@
     python -m launch.tpu status|logs|stop|delete --name llama1b --zone us-east5-a --project P [--dry-run]
 
 `run`: check the config (and that its train step fits the slice, by compiling it for that topology
-here: launch/compile.py), build a wheel of this checkout, create the slice (or a queued resource),
-wait until it is ready, copy the wheel to every worker and pip install it with its `tpu` extra in a
-venv, kill leftovers holding the TPU and remove libtpu's lockfile, then run
+here: launch/compile.py), check that no slice has the run's name (the launcher deletes only what it
+created), build a wheel of this checkout, create the slice (or a queued resource), wait until it is
+ready, copy the wheel to every worker and pip install it with its `tpu` extra in a venv, kill
+leftovers holding the TPU and remove libtpu's lockfile, then run
     python -m experiments.NAME key=value ... workdir=gs://BUCKET/RUN
 on every worker (each host joins through jax.distributed.initialize() in the trainer), streaming
 worker 0's log. Every worker's log goes to WORKDIR/logs/ and to --logs here. When the slice is
 preempted or a worker fails, it re-creates (or reuses) the slice and reruns the same command, which
 resumes from the checkpoint in the workdir, up to --max-restarts times. The slice is deleted at the
-end unless --keep. --dry-run prints the commands (stdout) and runs none.
+end unless --keep. --dry-run prints the commands (stdout) and runs none; without a project it shows
+--project=PROJECT_ID.
 `--local-pod N` runs the per-worker command as N local processes instead of on a slice (tests).
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Optional
 from launch import gcloud
 from launch.gcloud import Slice
 from launch.pods import CloudPod, LocalPod, call, echo
-from launch.tpu_types import TpuType, check_zone, parse_tpu_type
+from launch.tpu_types import TpuType, check_zone, check_zone_form, parse_tpu_type
 
 # The trainer's exit status after a SIGTERM and a save (t5like.train.PREEMPTED_EXIT_CODE; not imported,
 # to keep the launcher free of jax until a config is loaded).
@@ -79,10 +81,18 @@ def parser() -> argparse.ArgumentParser:
 
 # Checks, all before any command runs ---------------------------------------------------------------
 
-def gcloud_default(flag: str, key: str) -> str:
-    """The flag's value, or gcloud's configured default; a clear error when there is neither."""
+# A dry run shows its plan without a project: this stands in for it, visibly.
+PROJECT_PLACEHOLDER = "PROJECT_ID"
+
+
+def gcloud_default(flag: str, key: str, placeholder: Optional[str] = None) -> str:
+    """The flag's value, or gcloud's configured default; else the placeholder (dry runs) or a clear error."""
     result = subprocess.run(gcloud.config_value(key), capture_output=True, text=True)
     value = result.stdout.strip() if result.returncode == 0 else ""
+    if (not value or value == "(unset)") and placeholder:
+        print(f"# no {flag} given and gcloud has no default ({key}): the plan shows {flag}={placeholder}; a real run "
+              f"needs {flag}=... or `gcloud config set {key} VALUE`.", file=sys.stderr)
+        return placeholder
     if not value or value == "(unset)":
         raise UsageError(f"no {flag} given and gcloud has no default ({key} is unset); pass {flag}=..., "
                          f"or set one with `gcloud config set {key} VALUE`.")
@@ -99,11 +109,61 @@ def load_run_config(args):
     return load_config(args.experiment, overrides), overrides
 
 
+BUCKET_RULES = ("bucket names are 3-63 characters (222 with dots, 63 between dots) of lowercase letters, digits, "
+                "'-', '_' and '.', start and end with a letter or digit, and neither start with 'goog' nor "
+                "contain 'google' (cloud.google.com/storage/docs/buckets#naming)")
+
+
+def bucket_problem(bucket: str) -> Optional[str]:
+    """What breaks Cloud Storage's bucket naming rules, or None."""
+    bad = sorted(set(re.sub(r"[a-z0-9_.-]", "", bucket)))
+    parts = bucket.split(".")
+    return ("is empty" if not bucket
+            else f"has capital letters (bucket names are lowercase: {bucket.lower()!r}?)" if bucket != bucket.lower()
+            else f"has the characters {bad!r}" if bad
+            else "is shorter than 3 characters" if len(bucket) < 3
+            else "is longer than 63 characters" if len(bucket) > (222 if len(parts) > 1 else 63)
+            else "has an empty or longer than 63 characters part between dots" if any(not 0 < len(p) <= 63 for p in parts)
+            else "does not start and end with a letter or digit" if not (bucket[0].isalnum() and bucket[-1].isalnum())
+            else "looks like an IP address" if re.fullmatch(r"[\d.]+", bucket)
+            else "starts with 'goog'" if bucket.startswith("goog")
+            else "contains 'google'" if "google" in bucket or "g00gle" in bucket else None)
+
+
+def check_workdir(workdir: str) -> None:
+    """A gs:// workdir must be a path Cloud Storage accepts, or the run fails on the slice, minutes and
+    money later. Local paths pass (a single-host slice keeps them on its disk)."""
+    if "://" not in workdir and not workdir.startswith("gs:"):
+        return
+    if not workdir.startswith("gs://"):
+        raise UsageError(f"--workdir={workdir!r}: a remote workdir is a Cloud Storage path, gs://BUCKET/RUN "
+                         "(two slashes after gs:).")
+    bucket, _, path = workdir[len("gs://"):].partition("/")
+    problem = bucket_problem(bucket)
+    if problem:
+        raise UsageError(f"--workdir={workdir!r}: the bucket name {bucket!r} {problem}; {BUCKET_RULES}. "
+                         "Use e.g. --workdir=gs://my-bucket/RUN.")
+    # cloud.google.com/storage/docs/objects#naming: no control characters (CR, LF), no '.' or '..'
+    # parts; and not the characters gcloud and gcsfs read as wildcards or URL fragments.
+    parts = path.rstrip("/").split("/") if path.rstrip("/") else []
+    bad = sorted({c for c in path if ord(c) < 32 or ord(c) == 127 or c in "#[]*?"})
+    if bad or any(p in ("", ".", "..") for p in parts) or len(path.encode()) > 900:
+        raise UsageError(f"--workdir={workdir!r}: the run's path {path!r} is not one Cloud Storage (and gcloud "
+                         f"storage) take as is: " + (f"characters {bad!r}; " if bad else "") +
+                         "no empty, '.' or '..' parts, no control characters or # [ ] * ?, at most 900 bytes "
+                         "(the run adds its files' names). Use e.g. --workdir=gs://my-bucket/my-run.")
+
+
 def check_slice(args) -> Optional[TpuType]:
     """The cheap checks: slice type, workdir, restarts (no config loaded yet)."""
+    for flag, n in (("--local-pod", args.local_pod), ("--local-devices", args.local_devices)):
+        if n is not None and n < 1:
+            what = "worker processes" if flag == "--local-pod" else "CPU devices per worker"
+            raise UsageError(f"{flag}={n}: it is the number of local {what}, 1 or more (e.g. {flag} 2).")
     if args.local_pod is None and not args.tpu:
         raise UsageError("--tpu is required (e.g. --tpu v5p-32), unless --local-pod N.")
     tpu = parse_tpu_type(args.tpu) if args.tpu else None
+    check_workdir(args.workdir)
     hosts = args.local_pod if args.local_pod is not None else tpu.hosts
     if hosts > 1 and not args.workdir.startswith("gs://"):
         raise UsageError(f"--workdir={args.workdir!r} is a local path, but {args.tpu or 'the pod'} has {hosts} hosts, "
@@ -130,6 +190,9 @@ def check_config(args, tpu: Optional[TpuType]) -> list[str]:
 def compile_check(experiment: str, overrides: list[str], tpu: TpuType) -> dict:
     """launch.compile in a child process (it loads libtpu; the launcher stays light)."""
     argv = [sys.executable, "-m", "launch.compile", experiment, *overrides, "--topology", tpu.name]
+    # The one long step before the plan (seconds for a small model, about ten minutes for llama_1b): say so.
+    print(f"compiling the train step for {tpu.name} ahead of time, to check it fits (libtpu, on this machine; "
+          "minutes for a large model; --skip-compile-check skips it)", file=sys.stderr, flush=True)
     echo(argv)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -141,7 +204,23 @@ def compile_check(experiment: str, overrides: list[str], tpu: TpuType) -> dict:
     if not out["fits"]:
         from launch.compile import advice
         raise UsageError(f"this plan does not fit: {advice(out)} (--skip-compile-check to launch anyway)")
+    gib = 1024 ** 3
+    print(f"compile check: it fits, {out['per_device_bytes'] / gib:.2f} GiB per device of "
+          f"{out['hbm_bytes_per_device'] / gib:.0f} GiB HBM (compiled in {out['compile_s']} s)", file=sys.stderr)
     return out
+
+
+def check_name_free(s: Slice) -> None:
+    """A second run with a name in use must not take over (and at its end delete) the first run's slice."""
+    argv = gcloud.describe_state(s)
+    echo(argv)
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode == 0:   # it exists; NOT_FOUND (or no login: create fails then) exits non-zero
+        kind = "queued resource" if s.queued else "slice"
+        manage = f"--name {s.name} --zone {s.zone} --project {s.project}" + (" --queued" if s.queued else "")
+        raise UsageError(f"a {kind} named {s.name!r} already exists in {s.zone} (state {result.stdout.strip() or '?'}); "
+                         "another run may be using it, and this launcher deletes only what it made. Pick another "
+                         f"--name, or delete it first: python -m launch.tpu delete {manage}")
 
 
 # The plan -----------------------------------------------------------------------------------------
@@ -225,9 +304,11 @@ def cmd_run(args) -> int:
         pod = LocalPod(args.local_pod, args.local_devices, local_logs, log_dir)
         return run_loop(pod, worker_command(args.experiment, overrides, sys.executable), args.max_restarts, args.keep)
     zone = args.zone or gcloud_default("--zone", "compute/zone")
-    project = args.project or gcloud_default("--project", "project")
-    if not args.any_zone:
-        check_zone(tpu, zone)
+    project = args.project or gcloud_default("--project", "project", PROJECT_PLACEHOLDER if args.dry_run else None)
+    if args.any_zone:
+        check_zone_form(zone)
+    elif note := check_zone(tpu, zone):
+        print(f"note: {note}", file=sys.stderr)
     overrides = check_config(args, tpu)
     if not args.skip_compile_check:
         compile_check(args.experiment, overrides, tpu)
@@ -239,11 +320,15 @@ def cmd_run(args) -> int:
     command = worker_command(args.experiment, overrides)
     if args.dry_run:
         print(f"# {tpu.describe()}", file=sys.stderr)
+        print("# is the name free? (it must not be found: a slice of that name is refused, never reused or deleted)",
+              file=sys.stderr)
+        print(shlex.join(gcloud.describe_state(s)))
         print(shlex.join(wheel_command(dist)))
         for what, argv in plan(s, wheel, command, log_dir, local_logs, args.keep):
             print(f"# {what}", file=sys.stderr, flush=True)
             print(shlex.join(argv), flush=True)
         return 0
+    check_name_free(s)
     call(wheel_command(dist))
     if not glob.glob(wheel):
         raise RuntimeError(f"the wheel build did not produce {wheel}")
@@ -253,8 +338,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_manage(args) -> int:
-    s = Slice(args.name, args.zone or gcloud_default("--zone", "compute/zone"),
-              args.project or gcloud_default("--project", "project"), queued=args.queued)
+    zone = args.zone or gcloud_default("--zone", "compute/zone")
+    check_zone_form(zone)
+    s = Slice(args.name, zone, args.project or gcloud_default(
+        "--project", "project", PROJECT_PLACEHOLDER if args.dry_run else None), queued=args.queued)
     argv = {"status": lambda: gcloud.describe_state(s),
             "logs": lambda: gcloud.ssh(s, gcloud.logs_script()),
             "stop": lambda: gcloud.ssh(s, gcloud.stop_script()),

