@@ -360,3 +360,36 @@ def test_one_real_trial_matches_its_design(tmp_path, monkeypatch):
     assert math.isclose(float(row["flops"]), trial.flops, rel_tol=1e-9)
     assert abs(float(row["flops"]) / 2e10 - 1) < 0.01
     assert 0 < float(row["final_eval_loss"]) < math.log(512)
+
+
+def test_launch_and_scaling_modules_import_one_way():
+    """No import circle among launch/ and t5like/scaling/ (lazy imports inside functions included): each
+    module's dependencies run one way, so any of them can be imported first."""
+    import ast
+    import glob
+    graph = {}
+    for path in glob.glob(os.path.join(ROOT, "launch", "*.py")) + glob.glob(os.path.join(ROOT, "t5like", "scaling", "*.py")):
+        name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+        deps = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                pkg = node.module in ("launch", "t5like.scaling")  # `from launch import devices`
+                deps |= {f"{node.module}.{a.name}" for a in node.names} if pkg else {node.module}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[name] = deps
+    graph = {k: {d for d in v if d in graph and d != k} for k, v in graph.items()}
+    assert graph["launch.sweep"] and graph["launch.backends"], graph  # the walk found the imports
+
+    def cycle_from(start, node, seen):
+        for dep in sorted(graph[node]):
+            if dep == start:
+                return [node, dep]
+            if dep not in seen:
+                seen.add(dep)
+                rest = cycle_from(start, dep, seen)
+                if rest:
+                    return [node, *rest]
+        return None
+    cycles = [c for c in (cycle_from(m, m, set()) for m in sorted(graph)) if c]
+    assert not cycles, f"import circles: {cycles}"
