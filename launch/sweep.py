@@ -5,8 +5,9 @@
     python -m launch.sweep experiments.NAME --workdir DIR --set train.seed=1              # extra overrides
     python -m launch.sweep experiments.NAME --workdir DIR --backend ray --ray-address auto # on a Ray cluster
 
-The experiment module declares its sweep: `sweep() -> list[Trial]` (an IsoFLOP plan, `grid(...)` or
-`random_search(...)` from t5like.scaling.design) and, optionally, `prepare(workdir) -> list[str]`: run
+The experiment module declares its sweep: `sweep() -> list[Trial]` (an IsoFLOP plan, `grid(..., config=config())`
+or `random_search(..., config=config())` from t5like.scaling.design; every trial id hashes the config the
+trial runs, so editing config() makes new trials) and, optionally, `prepare(workdir) -> list[str]`: run
 once in this process before any trial (e.g. to train a shared tokenizer), returning overrides for every
 trial. Trial ID runs `python -m EXPERIMENT workdir=DIR/trials/ID *overrides`, output in DIR/trials/ID/train.log.
 

@@ -393,3 +393,46 @@ def test_launch_and_scaling_modules_import_one_way():
         return None
     cycles = [c for c in (cycle_from(m, m, set()) for m in sorted(graph)) if c]
     assert not cycles, f"import circles: {cycles}"
+
+
+GRID = '''
+"""A grid experiment whose config() reads GRID_STEPS; its trials write a summary without training (and
+without importing the config, so a trial takes a fraction of a second)."""
+import json, os, sys
+
+
+def config():
+    import dataclasses
+    from t5like.config import Config
+    c = Config()
+    return dataclasses.replace(c, train=dataclasses.replace(c.train, steps=int(os.environ.get("GRID_STEPS", "100"))))
+
+
+def sweep():
+    from t5like.scaling.design import grid
+    return grid({"optim.learning_rate": [1e-3, 3e-3]}, config=config())
+
+
+if __name__ == "__main__":
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    with open(os.path.join(args["workdir"], "summary.json"), "w") as f:
+        json.dump({"step": int(os.environ.get("GRID_STEPS", "100")), "final_loss": 2.0, "final_eval_loss": 2.0}, f)
+'''
+
+
+def test_editing_config_reruns_grid_trials_and_keeps_the_old_rows(fake, tmp_path, monkeypatch, capsys):
+    """train.steps 100 -> 1000 in config(): the rerun runs both trials again (not "all 2 trials already have
+    ok rows" with the old config's results), and the old rows stay in the append-only table."""
+    (tmp_path / "mods" / "grid_exp.py").write_text(GRID)
+    wd = str(tmp_path / "sweep")
+    assert run_sweep(load_sweep("grid_exp"), wd, LocalBackend(2), parallel=2, poll_s=0.05).ok == 2
+    before = rows(wd)
+    monkeypatch.setenv("GRID_STEPS", "1000")
+    edited = load_sweep("grid_exp")
+    outcome = run_sweep(edited, wd, LocalBackend(2), parallel=2, poll_s=0.05)
+    assert (outcome.ok, outcome.skipped) == (2, 0), capsys.readouterr().err
+    after = rows(wd)
+    assert after[:2] == before and len(after) == 4  # append-only: the old config's rows are kept
+    assert {r["trial_id"] for r in after[2:]} == {t.id for t in edited.trials}
+    assert {r["steps"] for r in after} == {"100", "1000"}
+    assert "not in this sweep (an earlier design or base config" in capsys.readouterr().err
