@@ -2,7 +2,8 @@
 
     python -m launch.sweep experiments.scaling_tiny --workdir /tmp/sweep_tiny --parallel 2
     python -m launch.sweep experiments.scaling_tiny --workdir /tmp/sweep_tiny --list      # trials and status
-    python -m launch.sweep experiments.NAME --workdir DIR --set train.seed=1              # extra overrides
+    python -m launch.sweep experiments.NAME --workdir DIR --set seed=1                    # extra overrides
+    python -m launch.sweep experiments.scaling_tiny --workdir /tmp/small --budgets 2e11 --sizes 3  # a smaller IsoFLOP sweep
     python -m launch.sweep experiments.NAME --workdir DIR --backend ray --ray-address auto # on a Ray cluster
 
 The experiment module declares its sweep: `sweep() -> list[Trial]` (an IsoFLOP plan, `grid(..., config=config())`
@@ -128,6 +129,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="environment variable for every trial (repeatable; not part of the trial id)")
     ap.add_argument("--fit", action=argparse.BooleanOptionalAction, default=None,
                     help="fit and plot after the sweep (default: on for IsoFLOP sweeps)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=None, metavar="C",
+                    help="IsoFLOP experiments: replace the design's budgets (FLOPs), as t5like.scaling.design "
+                         "--budgets does; a budget the design has keeps its trials and results")
+    ap.add_argument("--sizes", type=int, default=None, metavar="N",
+                    help="IsoFLOP experiments: model sizes per budget instead of the design's sizes_per_budget")
     ap.add_argument("--list", action="store_true", help="list the trials and their status; run nothing")
     ap.add_argument("--grace", type=float, default=600.0, help="seconds trials get to checkpoint after Ctrl-C")
     ray = ap.add_argument_group("where trials run")
@@ -141,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      help="each trial takes a whole TPU slice of this type, e.g. v5p-32 (Ray resource TPU-TYPE-head)")
     args = ap.parse_args(argv)
     try:
-        sweep = load_sweep(args.experiment, tuple(args.extra))
+        sweep = load_sweep(args.experiment, tuple(args.extra), budgets=args.budgets, sizes=args.sizes)
         if args.list:
             list_trials(sweep, args.workdir)
             return 0

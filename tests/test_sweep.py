@@ -436,3 +436,41 @@ def test_editing_config_reruns_grid_trials_and_keeps_the_old_rows(fake, tmp_path
     assert {r["trial_id"] for r in after[2:]} == {t.id for t in edited.trials}
     assert {r["steps"] for r in after} == {"100", "1000"}
     assert "not in this sweep (an earlier design or base config" in capsys.readouterr().err
+
+
+def test_budgets_and_sizes_make_an_isoflop_sweep_small(fake, tmp_path, capsys):
+    """launch.sweep --budgets/--sizes re-plan the experiment's design as t5like.scaling.design's flags do
+    (a budget it has keeps its trial ids, so its results are reused); bad values and sweeps that cannot
+    be re-planned are errors before anything runs."""
+    import experiments.scaling_tiny as tiny
+    from launch.sweep import main
+    from t5like.scaling.design import plan_isoflop, resize
+    full = load_sweep("experiments.scaling_tiny")
+    small = load_sweep("experiments.scaling_tiny", budgets=[2e11], sizes=3)
+    assert {t.budget for t in small.trials} == {2e11} and len(small.trials) == 3
+    assert [t.id for t in small.trials] == [t.id for t in plan_isoflop(tiny.config(),
+                                                                       resize(tiny.design(), [2e11], 3)).trials]
+    kept = load_sweep("experiments.scaling_tiny", budgets=[6e11])
+    assert {t.id for t in kept.trials} == {t.id for t in full.trials if t.budget == 6e11}
+    wd = str(tmp_path / "w")
+    assert main(["experiments.scaling_tiny", "--workdir", wd, "--list", "--budgets", "2e11", "--sizes", "3"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 3 and all(line.startswith("pending") and "C=2e+11" in line for line in listed), listed
+
+    (tmp_path / "mods" / "odd_exp.py").write_text(textwrap.dedent('''
+        import dataclasses
+        from experiments.scaling_tiny import config, design
+        from t5like.scaling.design import plan_isoflop
+        def sweep():
+            return [dataclasses.replace(t, id=t.id + "-odd") for t in plan_isoflop(config(), design()).trials]
+    '''))
+    tiny_exp = "experiments.scaling_tiny"
+    for exp, args, message in ((tiny_exp, ["--sizes", "0"], "--sizes 0: give the number of model sizes per budget"),
+                               (tiny_exp, ["--budgets", "-1"], "--budgets -1.0: every budget must be a positive number"),
+                               (tiny_exp, ["--budgets", "2e11", "2e11"], "repeats a budget"),
+                               (tiny_exp, ["--set", "train.seed=1"], "--set train.seed=1: unknown config key 'train.seed'"),
+                               ("fake_exp", ["--budgets", "1e18"], "fake_exp has no config() and design()"),
+                               ("odd_exp", ["--sizes", "3"], "odd_exp.sweep() is not plan_isoflop(config(), design())")):
+        assert main([exp, "--workdir", wd, *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not os.path.exists(wd)

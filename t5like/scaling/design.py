@@ -535,6 +535,28 @@ def load_design(module_name: str) -> tuple[Config, IsoFlopDesign]:
     return module.config(), module.design()
 
 
+def resize(design: IsoFlopDesign, budgets: Optional[Sequence[float]] = None,
+           sizes: Optional[int] = None) -> IsoFlopDesign:
+    """The design with other budgets and/or sizes per budget: the --budgets/--sizes flags of this CLI and
+    of launch.sweep, so that `design --budgets B --sizes S` shows what `launch.sweep --budgets B --sizes S`
+    runs. A budget the design has keeps its trials (and ids): their results are reused."""
+    if budgets is not None:
+        bad = [c for c in budgets if not (math.isfinite(c) and c > 0)]
+        if bad or not budgets:
+            raise ValueError(f"--budgets {' '.join(map(str, budgets))}: every budget must be a positive number of "
+                             f"FLOPs (got {bad[0] if bad else 'none'}), e.g. --budgets {' '.join(map(_fmt_budget, design.budgets))}.")
+        if len(set(budgets)) != len(budgets):
+            raise ValueError(f"--budgets {' '.join(map(str, budgets))} repeats a budget; list each once.")
+        design = dataclasses.replace(design, budgets=tuple(float(c) for c in budgets))
+    if sizes is not None:
+        if not isinstance(sizes, int) or sizes < 1:
+            raise ValueError(f"--sizes {sizes}: give the number of model sizes per budget, a positive integer "
+                             f"(the design has {design.sizes_per_budget}; an IsoFLOP parabola needs 3).")
+        design = dataclasses.replace(design, sizes_per_budget=sizes,
+                                     min_sizes_per_budget=min(design.min_sizes_per_budget, sizes))
+    return design
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m t5like.scaling.design",
                                  description="Write an experiment's IsoFLOP plan: every trial and its overrides.")
@@ -545,11 +567,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         base, design = load_design(args.experiment)
-        if args.budgets:
-            design = dataclasses.replace(design, budgets=tuple(args.budgets))
-        if args.sizes:
-            design = dataclasses.replace(design, sizes_per_budget=args.sizes,
-                                         min_sizes_per_budget=min(design.min_sizes_per_budget, args.sizes))
+        design = resize(design, args.budgets, args.sizes)
         if args.out:
             check_out_file(args.out, "plan.csv")
         plan = plan_isoflop(base, design)
