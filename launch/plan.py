@@ -1,8 +1,10 @@
 """Plan -> trials: import an experiment module, call its sweep() and check every trial before anything runs.
 
-The experiment declares `sweep() -> list[Trial]` (an IsoFLOP plan, `grid(...)` or `random_search(...)` from
-t5like.scaling.design) and, optionally, `prepare(workdir) -> list[str]` (run once by the driver before any
-trial, e.g. to train a shared tokenizer; returns overrides for every trial).
+The experiment declares `sweep() -> list[Trial]` (an IsoFLOP plan, `grid(..., config=config())` or
+`random_search(..., config=config())` from t5like.scaling.design) and, optionally, `prepare(workdir) ->
+list[str]` (run once by the driver before any trial, e.g. to train a shared tokenizer; returns overrides
+for every trial). An IsoFLOP experiment (config() and design(), sweep() their plan) can be re-planned
+with other budgets or sizes per budget (launch.sweep --budgets, --sizes).
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def load_sweep(module_name: str, extra: tuple[str, ...] = (), budgets: Optional[
                          "experiments.scaling_tiny, run from the repository root.") from None
     if not callable(getattr(module, "sweep", None)):
         raise ValueError(f"experiment {module_name} has no sweep() function; define sweep() -> list[Trial] "
-                         "(an IsoFLOP plan's trials, or grid(...) / random_search(...) from t5like.scaling.design).")
+                         "(an IsoFLOP plan's trials, or grid(..., config=config()) / random_search(..., config=config()) "
+                         "from t5like.scaling.design).")
     trials = module.sweep()
     trials = tuple(getattr(trials, "trials", trials))  # a Plan is fine too
     if not trials:

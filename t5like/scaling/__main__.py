@@ -5,13 +5,18 @@
     python -m t5like.scaling plot RESULTS.csv --fit fit.json --out plots/
 
 RESULTS.csv is a sweep runner's table or any CSV with params, tokens and loss columns (flops optional,
-else 6·params·tokens; budget optional, else runs whose flops agree within 10% form one budget).
+else 6·params·tokens; budget optional, else runs whose flops agree within 10% form one budget; a budget
+column empty in every row, as a grid or random-search sweep writes it, counts as absent). `--where
+COLUMN=VALUE` (repeatable; every one must hold) keeps only the matching rows, e.g. one setting of a table
+holding several. fit.json's meta records every option (columns, --where, grouping, bootstrap, grid), and
+`plot --fit fit.json` reads the table with them; a flag given to plot wins.
 
 One compute convention per table: every approach takes C from the table's own flops column when it has
 one, else C = 6·N·D; budgets only group runs. fit.json's meta.flops_convention states it, with k, the
 table's flops/(N·D); `predict --flops C` reads C in that convention. A table with one budget or one
 model size, duplicated rows, or a flops column orders of magnitude from 6·N·D gets warnings (stderr and
-meta.warnings); an approach that cannot be identified on it is refused.
+meta.warnings); an approach that cannot be identified on it is refused. A powerlaw or parametric fit
+whose exponent is <= 0 (loss not falling with C, N or D) gets a warning naming it (output and fit.json).
 
 fit.json is one JSON object. For one approach its fitted parameters are top-level keys; with
 `--approach all` each approach is a key ("powerlaw", "envelope", "isoflop", "parametric") holding that

@@ -1,5 +1,9 @@
 """Sweep design: IsoFLOP grids for compute-optimal scaling, plus plain grid and random search.
 
+Every trial's id is a readable ASCII prefix plus a hash of its overrides and of the whole config it runs
+(`config_trial_id`), so `grid(space, config=config())` and `random_search(..., config=config())` need the
+experiment's base config as `plan_isoflop(config(), design())` does: editing config() makes new trials.
+
     python -m t5like.scaling.design --experiment experiments.scaling_tiny --out plan.csv
 
 An IsoFLOP design trains, at each compute budget C, models of several sizes N, each for exactly the
