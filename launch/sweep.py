@@ -23,7 +23,9 @@ Backends: `local` (default) runs trials as child processes and splits this host'
 CPU cores and simulated devices between the --parallel trials (launch/devices.py); `ray` runs each trial
 as a Ray actor on a local or running Ray cluster (launch/ray_backend.py), --parallel defaulting to what fits.
 
-If the trials have IsoFLOP budgets, the fit and plots follow (`--no-fit` to skip): DIR/fit.json and DIR/plots/.
+If the trials have 2 or more IsoFLOP budgets, the fit and plots follow (`--no-fit` to skip): DIR/fit.json and
+DIR/plots/. `--budgets C ... --sizes N` re-plan an IsoFLOP experiment smaller (or larger), as the same flags
+of `python -m t5like.scaling.design` show it.
 Parts: launch/plan.py, table.py, trial.py, devices.py, backends.py, ray_backend.py, runner.py, progress.py.
 """
 from __future__ import annotations
@@ -128,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment variable for every trial (repeatable; not part of the trial id)")
     ap.add_argument("--fit", action=argparse.BooleanOptionalAction, default=None,
-                    help="fit and plot after the sweep (default: on for IsoFLOP sweeps)")
+                    help="fit and plot after the sweep (default: on for IsoFLOP sweeps of 2 or more budgets)")
     ap.add_argument("--budgets", type=float, nargs="+", default=None, metavar="C",
                     help="IsoFLOP experiments: replace the design's budgets (FLOPs), as t5like.scaling.design "
                          "--budgets does; a budget the design has keeps its trials and results")
@@ -184,7 +186,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"done: {outcome.ok + outcome.skipped} ok ({outcome.skipped} from earlier runs), {outcome.failed} failed; "
           f"table {os.path.join(args.workdir, 'results.csv')}", file=sys.stderr)
     code = 0 if outcome.failed == 0 else 1
-    if (args.fit if args.fit is not None else sweep.isoflop) and outcome.ok + outcome.skipped > 0:
+    budgets = {t.budget for t in sweep.trials if t.budget is not None}
+    fit = args.fit if args.fit is not None else len(budgets) > 1
+    if args.fit is None and len(budgets) == 1:  # e.g. --budgets C: no law to fit, and no failure either
+        print("one IsoFLOP budget: no scaling law to fit, so no fit or plots (--fit to try anyway).", file=sys.stderr)
+    if fit and outcome.ok + outcome.skipped > 0:
         if not fit_and_plot(args.workdir, sweep):
             code = 1
     os.close(lock)

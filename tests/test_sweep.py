@@ -474,3 +474,16 @@ def test_budgets_and_sizes_make_an_isoflop_sweep_small(fake, tmp_path, capsys):
         assert main([exp, "--workdir", wd, *args]) == 2, args
         assert message in capsys.readouterr().err, args
     assert not os.path.exists(wd)
+
+
+def test_a_one_budget_sweep_finishes_without_a_fit(fake, tmp_path, monkeypatch, capsys):
+    """A sweep made small to one budget (--budgets C) has no law to fit: it ends ok, saying so, rather than
+    failing in the fit; --fit still asks for it."""
+    from launch.sweep import main
+    monkeypatch.setenv("FAKE_TRIALS", "2")
+    monkeypatch.setenv("FAKE_STEP_S", "0")
+    (tmp_path / "mods" / "one_budget_exp.py").write_text(FAKE.replace("[1e18, 1e19, 1e20][i % 3]", "1e18"))
+    wd = tmp_path / "sweep"
+    assert main(["one_budget_exp", "--workdir", str(wd)]) == 0
+    assert "one IsoFLOP budget: no scaling law to fit" in capsys.readouterr().err
+    assert len(rows(wd)) == 2 and not (wd / "fit.json").exists()
