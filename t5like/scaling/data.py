@@ -257,8 +257,8 @@ def load_csv(path: str, *, loss_column: str | None = None, params_column: str = 
             notes.append(f"column '{budget_column}' is empty in every row used (a grid or random-search sweep's "
                          "table), so runs are grouped into budgets by their flops, as without the column.")
     values = {k: column(c) for k, c in cols.items()}
-    empty = np.flatnonzero(np.isnan(values["budget"])) if "budget" in values else []
-    if len(empty):  # some rows of an IsoFLOP sweep, some of a grid or random search: two tables in one
+    empty = [i for i, r in enumerate(records) if "budget" in cols and not (r.get(budget_column) or "").strip()]
+    if empty:  # some rows of an IsoFLOP sweep, some of a grid or random search: two tables in one
         raise ValueError(f"{path}: column '{budget_column}' is empty in {len(empty)} row(s) (lines "
                          f"{_lines(lines, empty)}: trials without an IsoFLOP budget, as a grid or random search "
                          f"writes them) but set in {len(lines) - len(empty)}; fit them apart with --where, e.g. "
