@@ -13,7 +13,7 @@ import sys
 from typing import Optional, Protocol
 
 from launch import devices
-from launch.trial import TrialProcess, start_trial
+from launch.trial import TrialProcess, child_env, start_trial
 
 BACKENDS = ("local", "ray")
 
@@ -28,15 +28,6 @@ class Backend(Protocol):
     def terminate(self, handle) -> None: ...              # SIGTERM: checkpoint and exit (143)
     def kill(self, handle) -> None: ...
     def close(self) -> None: ...
-
-
-def child_env(extra: dict, base: Optional[dict] = None) -> dict:
-    """The trial's environment: `python -m launch.sweep` found the experiment on sys.path via the cwd, so
-    the trial gets the cwd on PYTHONPATH too; `--env` values on top."""
-    env = dict(os.environ if base is None else base)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
-    env.update(extra)
-    return env
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ import signal
 import socket
 from typing import Optional
 
-from launch.backends import child_env
+from launch.trial import child_env
 
 
 @dataclasses.dataclass(frozen=True)

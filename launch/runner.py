@@ -48,8 +48,9 @@ def run_sweep(sweep: Sweep, workdir: str, backend: Backend, parallel: int = 1, g
     done = table.ok_ids()
     stale = done - {t.id for t in sweep.trials}
     if stale:
-        print(f"warning: results.csv has ok rows for {len(stale)} trial(s) not in this sweep (an earlier design?): "
-              f"{sorted(stale)[:3]}...; the fit uses only this sweep's trials.", file=sys.stderr)
+        print(f"warning: results.csv has ok rows for {len(stale)} trial(s) not in this sweep (an earlier design or "
+              f"base config; they stay in the table): {sorted(stale)[:3]}...; the fit uses only this sweep's trials.",
+              file=sys.stderr)
     outcome = Outcome(skipped=sum(t.id in done for t in sweep.trials))
     todo = [t for t in sweep.trials if t.id not in done]
     if not todo:

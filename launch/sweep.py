@@ -2,11 +2,13 @@
 
     python -m launch.sweep experiments.scaling_tiny --workdir /tmp/sweep_tiny --parallel 2
     python -m launch.sweep experiments.scaling_tiny --workdir /tmp/sweep_tiny --list      # trials and status
-    python -m launch.sweep experiments.NAME --workdir DIR --set train.seed=1              # extra overrides
+    python -m launch.sweep experiments.NAME --workdir DIR --set seed=1                    # extra overrides
+    python -m launch.sweep experiments.scaling_tiny --workdir /tmp/small --budgets 2e11 --sizes 3  # a smaller IsoFLOP sweep
     python -m launch.sweep experiments.NAME --workdir DIR --backend ray --ray-address auto # on a Ray cluster
 
-The experiment module declares its sweep: `sweep() -> list[Trial]` (an IsoFLOP plan, `grid(...)` or
-`random_search(...)` from t5like.scaling.design) and, optionally, `prepare(workdir) -> list[str]`: run
+The experiment module declares its sweep: `sweep() -> list[Trial]` (an IsoFLOP plan, `grid(..., config=config())`
+or `random_search(..., config=config())` from t5like.scaling.design; every trial id hashes the config the
+trial runs, so editing config() makes new trials) and, optionally, `prepare(workdir) -> list[str]`: run
 once in this process before any trial (e.g. to train a shared tokenizer), returning overrides for every
 trial. Trial ID runs `python -m EXPERIMENT workdir=DIR/trials/ID *overrides`, output in DIR/trials/ID/train.log.
 
@@ -21,7 +23,9 @@ Backends: `local` (default) runs trials as child processes and splits this host'
 CPU cores and simulated devices between the --parallel trials (launch/devices.py); `ray` runs each trial
 as a Ray actor on a local or running Ray cluster (launch/ray_backend.py), --parallel defaulting to what fits.
 
-If the trials have IsoFLOP budgets, the fit and plots follow (`--no-fit` to skip): DIR/fit.json and DIR/plots/.
+If the trials have 2 or more IsoFLOP budgets, the fit and plots follow (`--no-fit` to skip): DIR/fit.json and
+DIR/plots/. `--budgets C ... --sizes N` re-plan an IsoFLOP experiment smaller (or larger), as the same flags
+of `python -m t5like.scaling.design` show it.
 Parts: launch/plan.py, table.py, trial.py, devices.py, backends.py, ray_backend.py, runner.py, progress.py.
 """
 from __future__ import annotations
@@ -126,7 +130,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment variable for every trial (repeatable; not part of the trial id)")
     ap.add_argument("--fit", action=argparse.BooleanOptionalAction, default=None,
-                    help="fit and plot after the sweep (default: on for IsoFLOP sweeps)")
+                    help="fit and plot after the sweep (default: on for IsoFLOP sweeps of 2 or more budgets)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=None, metavar="C",
+                    help="IsoFLOP experiments: replace the design's budgets (FLOPs), as t5like.scaling.design "
+                         "--budgets does; a budget the design has keeps its trials and results")
+    ap.add_argument("--sizes", type=int, default=None, metavar="N",
+                    help="IsoFLOP experiments: model sizes per budget instead of the design's sizes_per_budget")
     ap.add_argument("--list", action="store_true", help="list the trials and their status; run nothing")
     ap.add_argument("--grace", type=float, default=600.0, help="seconds trials get to checkpoint after Ctrl-C")
     ray = ap.add_argument_group("where trials run")
@@ -140,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      help="each trial takes a whole TPU slice of this type, e.g. v5p-32 (Ray resource TPU-TYPE-head)")
     args = ap.parse_args(argv)
     try:
-        sweep = load_sweep(args.experiment, tuple(args.extra))
+        sweep = load_sweep(args.experiment, tuple(args.extra), budgets=args.budgets, sizes=args.sizes)
         if args.list:
             list_trials(sweep, args.workdir)
             return 0
@@ -177,7 +186,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"done: {outcome.ok + outcome.skipped} ok ({outcome.skipped} from earlier runs), {outcome.failed} failed; "
           f"table {os.path.join(args.workdir, 'results.csv')}", file=sys.stderr)
     code = 0 if outcome.failed == 0 else 1
-    if (args.fit if args.fit is not None else sweep.isoflop) and outcome.ok + outcome.skipped > 0:
+    budgets = {t.budget for t in sweep.trials if t.budget is not None}
+    fit = args.fit if args.fit is not None else len(budgets) > 1
+    if args.fit is None and len(budgets) == 1:  # e.g. --budgets C: no law to fit, and no failure either
+        print("one IsoFLOP budget: no scaling law to fit, so no fit or plots (--fit to try anyway).", file=sys.stderr)
+    if fit and outcome.ok + outcome.skipped > 0:
         if not fit_and_plot(args.workdir, sweep):
             code = 1
     os.close(lock)

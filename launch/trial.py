@@ -44,6 +44,16 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
+def child_env(extra: dict, base: Optional[dict] = None) -> dict:
+    """The trial's environment (every backend's; here, below them, so backends.py and ray_backend.py
+    both import it one way): `python -m launch.sweep` found the experiment on sys.path via the cwd, so
+    the trial gets the cwd on PYTHONPATH too; `--env` values on top."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
 @dataclasses.dataclass
 class TrialProcess:
     proc: subprocess.Popen

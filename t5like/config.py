@@ -6,6 +6,7 @@ compiled, and each error names the field, the value and a fix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -425,6 +426,7 @@ class Config:
 
 # key=value overrides ------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)  # resolving the hints is slow and flat_keys asks per field: a plan took seconds
 def _field_types(cls) -> dict[str, object]:
     import typing
     return typing.get_type_hints(cls, localns={"DataConfig": type(_data_config())})

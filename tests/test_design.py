@@ -132,26 +132,62 @@ def test_plan_files_and_cli(tmp_path, capsys):
 
 
 def test_grid_and_random_search():
-    trials = grid({"optim.learning_rate": [1e-3, 3e-3], "train.batch_size": [8, 16, 32]}, base=("train.steps=10",))
+    trials = grid({"optim.learning_rate": [1e-3, 3e-3], "train.batch_size": [8, 16, 32]}, base=("train.steps=10",),
+                  config=tiny.config())
     assert len(trials) == 6 and len({t.id for t in trials}) == 6
     assert trials[0].overrides == ("train.steps=10", "optim.learning_rate=0.001", "train.batch_size=8")
     assert trials[-1].overrides[1:] == ("optim.learning_rate=0.003", "train.batch_size=32")
     space = {"optim.learning_rate": Uniform(1e-4, 1e-2, log=True), "model.num_layers": Uniform(1, 4, integer=True),
              "train.batch_size": Choice((8, 16))}
-    a, b = random_search(space, 5, seed=3), random_search(space, 5, seed=3)
+    a, b = random_search(space, 5, seed=3, config=tiny.config()), random_search(space, 5, seed=3, config=tiny.config())
     assert [t.overrides for t in a] == [t.overrides for t in b] and [t.id for t in a] == [t.id for t in b]
-    assert [t.overrides for t in random_search(space, 5, seed=4)] != [t.overrides for t in a]
+    assert [t.overrides for t in random_search(space, 5, seed=4, config=tiny.config())] != [t.overrides for t in a]
     for t in a:
         values = dict(o.split("=") for o in t.overrides)
         assert 1e-4 <= float(values["optim.learning_rate"]) <= 1e-2
         assert values["model.num_layers"] in {"1", "2", "3", "4"} and values["train.batch_size"] in {"8", "16"}
         apply_overrides(tiny.config(), list(t.overrides)).validate()  # they are real config keys and values
     with pytest.raises(ValueError, match="non-empty list"):
-        grid({"optim.learning_rate": []})
+        grid({"optim.learning_rate": []}, config=tiny.config())
     with pytest.raises(ValueError, match="low < high"):
-        random_search({"optim.learning_rate": Uniform(0.0, 1.0, log=True)}, 3)
+        random_search({"optim.learning_rate": Uniform(0.0, 1.0, log=True)}, 3, config=tiny.config())
     with pytest.raises(ValueError, match="n=0"):
-        random_search(space, 0)
+        random_search(space, 0, config=tiny.config())
+    with pytest.raises(ValueError, match="grid: the trial .* unknown config key 'optim.lr'"):
+        grid({"optim.lr": [1e-3]}, config=tiny.config())
+
+
+def test_grid_and_random_search_ids_hash_the_base_config():
+    """Editing the experiment's config() (train.steps 100 -> 1000) gives every grid and random-search trial a
+    new id, as an IsoFLOP plan's trials get: a rerun must not take the old config's results for them."""
+    base = tiny.config()
+    edited = dataclasses.replace(base, train=dataclasses.replace(base.train, steps=base.train.steps * 10))
+    space = {"optim.learning_rate": [1e-3, 3e-3]}
+    rand = {"optim.learning_rate": Uniform(1e-4, 1e-2, log=True)}
+    for make in (lambda cfg: grid(space, config=cfg), lambda cfg: random_search(rand, 3, seed=1, config=cfg)):
+        old, again, new = make(base), make(base), make(edited)
+        assert [t.id for t in old] == [t.id for t in again]  # deterministic: a rerun finds its trials
+        assert [t.overrides for t in old] == [t.overrides for t in new]
+        assert not {t.id for t in old} & {t.id for t in new}, [t.id for t in old]
+    for call in (lambda: grid(space), lambda: random_search(rand, 2)):
+        with pytest.raises(ValueError, match="pass config=config\(\)"):
+            call()
+
+
+def test_grid_ids_are_ascii_directory_names():
+    """A value with non-ASCII letters gives a deterministic ASCII id that the runner accepts; a list value
+    becomes the comma-separated override a tuple field parses (not the text "['a.txt']")."""
+    from launch.plan import _ID
+    paths = ["corpus/données.txt", "corpus/日本語.txt", "Ærø/naïve.txt"]
+    trials = grid({"data.paths": paths}, config=tiny.config())
+    assert [t.id for t in trials] == [t.id for t in grid({"data.paths": paths}, config=tiny.config())]
+    assert len({t.id for t in trials}) == 3
+    for t in trials:
+        assert t.id.isascii() and _ID.match(t.id), t.id
+    assert trials[0].id.startswith("pathscorpus-donnees.txt-")
+    (listed,) = grid({"data.paths": [["a.txt", "b.txt"]]}, config=tiny.config())
+    assert listed.overrides == ("data.paths=a.txt,b.txt",)
+    assert apply_overrides(tiny.config(), list(listed.overrides)).data.paths == ("a.txt", "b.txt")
 
 
 @pytest.mark.parametrize("experiment", ["gpt2_small", "bert_base", "t5_base"])

@@ -425,3 +425,109 @@ def test_cli_warns_on_bad_flops_and_duplicates_and_plots_without_powerlaw(tmp_pa
     assert any("orders of magnitude" in w for w in d["meta"]["warnings"])
     assert any("duplicated" in w for w in d["meta"]["warnings"])
     assert "powerlaw fit needs at least 4 runs on the compute frontier" in d["powerlaw"]["error"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables as our own runner writes them; row filters; plot reading fit.json; a rising loss
+
+
+def cli(capsys, *args):
+    """`python -m t5like.scaling ARGS` in this process (no JAX start-up per call): (exit code, stderr)."""
+    from t5like.scaling.__main__ import main
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_fit_reads_a_grid_sweeps_own_table(tmp_path, capsys):
+    """launch.sweep writes an empty budget for grid (and random-search) trials; `fit --approach all` on that
+    table runs the approaches the runs allow and refuses the others with the reason, as without the column.
+    A grid over model size at fixed steps: the envelope runs, the others say what they lack."""
+    import experiments.scaling_tiny as tiny
+    from launch.table import OK, ResultsTable
+    from launch.trial import row
+    from t5like.scaling.design import grid
+    trials = grid({"model.d_model": [64, 128, 256]}, config=tiny.config())
+    table = ResultsTable(tmp_path / "results.csv")
+    for t, n in zip(trials, [1e7, 3e7, 1e8]):
+        loss = float(LAW.loss(n, 1e9))
+        table.append(row(t, OK, summary={"params": n, "tokens": 1e9, "flops": 6e9 * n, "step": 100,
+                                         "final_eval_loss": loss, "final_loss": loss}))
+    table.append(row(trials[0], "failed", error="exit 1"))
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert [line.split(",")[1] for line in lines[1:]] == [""] * 4  # the runner's own grid rows: no budget
+
+    code, err = cli(capsys, "fit", tmp_path / "results.csv", "--approach", "all", "--out", tmp_path / "fit.json")
+    assert code == 0, err
+    d = json.loads((tmp_path / "fit.json").read_text())
+    assert d["meta"]["n_points"] == 3 and not d["meta"]["has_budget"]
+    assert any("column 'budget' is empty in every row" in w for w in d["meta"]["warnings"])
+    assert "error" not in d["envelope"] and d["envelope"]["n_groups"] == 3, d["envelope"]
+    assert "parametric fit needs at least 6 runs" in d["parametric"]["error"]
+    assert "powerlaw fit needs at least 4 runs on the compute frontier" in d["powerlaw"]["error"]
+    assert "isoflop fit needs at least 3 budgets" in d["isoflop"]["error"]
+    assert "isoflop: skipped: isoflop fit needs" in err
+
+
+def test_fit_where_filters_rows_and_records_them(tmp_path, capsys):
+    data = synthetic_isoflop(LAW, budgets=[1e18, 1e19, 1e20], sizes_per_budget=5, seed=3)
+    rows = [[n, d, c, repr(float(c)), l * f, s, "ok"] for s, f in (("a", 1.0), ("b", 1.1))
+            for n, d, c, l in zip(data.params, data.tokens, data.flops, data.loss)]
+    path = write_csv(tmp_path / "r.csv", ["params", "tokens", "flops", "budget", "loss", "setting", "status"], rows)
+    code, err = cli(capsys, "fit", path, "--approach", "isoflop", "--where", "setting=b", "--out", tmp_path / "b.json")
+    assert code == 0, err
+    d = json.loads((tmp_path / "b.json").read_text())
+    assert d["meta"]["where"] == ["setting=b"] and d["meta"]["n_points"] == 15 and d["meta"]["n_skipped_where"] == 15
+    assert [o["loss_opt"] for o in d["optima"]] == pytest.approx([1.1 * o["loss_opt"] for o in
+                                                                 fit_isoflop(data).details["optima"]])
+    # several filters all hold; a number matches as a number (the runner writes budgets as 1e+18)
+    assert len(load_csv(path, where=["setting=a", "budget=1e18"])) == 5
+    with pytest.raises(ValueError, match=r"--where lr=1: .* has no column 'lr' \(columns are: params, .*setting"):
+        load_csv(path, where=["lr=1"])
+    with pytest.raises(ValueError, match=r"--where setting=c: no row .* its values there are: 'a', 'b'"):
+        load_csv(path, where=["setting=c"])
+    # A table holding an IsoFLOP sweep's rows and a grid's (empty budget): fit one part, as the error says.
+    rows += [[1e8, 1e9, 6e17, "", 3.0, "grid", "ok"]]
+    mixed = write_csv(tmp_path / "m.csv", ["params", "tokens", "flops", "budget", "loss", "setting", "status"], rows)
+    with pytest.raises(ValueError, match=r"'budget' is empty in 1 row\(s\) \(lines 32: .* --where budget= "):
+        load_csv(mixed)
+    assert len(load_csv(mixed, where=["budget="])) == 1 and len(load_csv(mixed, where=["setting=b"])) == 15
+    code, err = cli(capsys, "fit", path, "--where", "setting", "--out", tmp_path / "x.json")
+    assert code == 2 and "--where 'setting': give COLUMN=VALUE" in err and not (tmp_path / "x.json").exists()
+
+
+def test_plot_reads_columns_and_filters_from_fit_json(tmp_path, capsys):
+    """`plot --fit fit.json` reads the table as the fit did (columns, --where, grouping) without the flags
+    again; a flag given to plot still wins. (Sizes at one token count: only the envelope fits, no L-BFGS.)"""
+    rows = [[n, 1e9, float(LAW.loss(n, 1e9)) * f, s] for s, f in (("a", 1.0), ("b", 1.2)) for n in (1e7, 3e7, 1e8)]
+    path = write_csv(tmp_path / "r.csv", ["n", "d", "xent", "setting"], rows)
+    fit_path = tmp_path / "fit.json"
+    code, err = cli(capsys, "fit", path, "--params-column", "n", "--tokens-column", "d", "--loss-column", "xent",
+                    "--where", "setting=a", "--approach", "envelope", "--out", fit_path)
+    assert code == 0, err
+    meta = json.loads(fit_path.read_text())["meta"]
+    assert (meta["params_column"], meta["tokens_column"], meta["loss_column"], meta["where"]) == \
+        ("n", "d", "xent", ["setting=a"])
+    code, err = cli(capsys, "plot", path, "--fit", fit_path, "--out", tmp_path / "plots")
+    assert code == 0, err
+    assert "params_column=n" in err and "where=['setting=a']" in err and len(os.listdir(tmp_path / "plots")) == 6
+    code, err = cli(capsys, "plot", path, "--fit", fit_path, "--loss-column", "nll", "--out", tmp_path / "p2")
+    assert code == 2 and "missing column 'nll'" in err
+
+
+def test_rising_loss_warns_that_the_law_is_not_decreasing(tmp_path, capsys):
+    """Loss that rises with N and D: the parametric fit takes a negative exponent; say so, naming it, in
+    the output and in fit.json, instead of reporting it as a scaling law."""
+    N, D = (a.ravel() for a in np.meshgrid(np.logspace(7, 9, 4), np.logspace(9, 11, 4)))
+    path = write_csv(tmp_path / "r.csv", ["params", "tokens", "loss"],
+                     zip(N, D, 2.0 + 0.05 * np.log(N) + 0.05 * np.log(D)))
+    code, err = cli(capsys, "fit", path, "--approach", "parametric", "--grid", "coarse", "--out", tmp_path / "f.json")
+    assert code == 0, err
+    d = json.loads((tmp_path / "f.json").read_text())
+    bad = [k for k in ("alpha", "beta") if d[k] <= 0]
+    assert bad and d["a"] is None, d
+    assert any(w.startswith(f"{bad[0]} = ") and "not a decreasing one" in w for w in d["warnings"]), d["warnings"]
+    assert f"warning: parametric: {bad[0]} = " in err and "not a decreasing one" in err
+    healthy = fit_parametric(synthetic_isoflop(LAW, budgets=[1e18, 1e19, 1e20], sizes_per_budget=5, seed=0),
+                             starts=FEW_STARTS)
+    assert not any("decreasing" in w for w in healthy.details.get("warnings", []))

@@ -360,3 +360,130 @@ def test_one_real_trial_matches_its_design(tmp_path, monkeypatch):
     assert math.isclose(float(row["flops"]), trial.flops, rel_tol=1e-9)
     assert abs(float(row["flops"]) / 2e10 - 1) < 0.01
     assert 0 < float(row["final_eval_loss"]) < math.log(512)
+
+
+def test_launch_and_scaling_modules_import_one_way():
+    """No import circle among launch/ and t5like/scaling/ (lazy imports inside functions included): each
+    module's dependencies run one way, so any of them can be imported first."""
+    import ast
+    import glob
+    graph = {}
+    for path in glob.glob(os.path.join(ROOT, "launch", "*.py")) + glob.glob(os.path.join(ROOT, "t5like", "scaling", "*.py")):
+        name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+        deps = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                pkg = node.module in ("launch", "t5like.scaling")  # `from launch import devices`
+                deps |= {f"{node.module}.{a.name}" for a in node.names} if pkg else {node.module}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[name] = deps
+    graph = {k: {d for d in v if d in graph and d != k} for k, v in graph.items()}
+    assert graph["launch.sweep"] and graph["launch.backends"], graph  # the walk found the imports
+
+    def cycle_from(start, node, seen):
+        for dep in sorted(graph[node]):
+            if dep == start:
+                return [node, dep]
+            if dep not in seen:
+                seen.add(dep)
+                rest = cycle_from(start, dep, seen)
+                if rest:
+                    return [node, *rest]
+        return None
+    cycles = [c for c in (cycle_from(m, m, set()) for m in sorted(graph)) if c]
+    assert not cycles, f"import circles: {cycles}"
+
+
+GRID = '''
+"""A grid experiment whose config() reads GRID_STEPS; its trials write a summary without training (and
+without importing the config, so a trial takes a fraction of a second)."""
+import json, os, sys
+
+
+def config():
+    import dataclasses
+    from t5like.config import Config
+    c = Config()
+    return dataclasses.replace(c, train=dataclasses.replace(c.train, steps=int(os.environ.get("GRID_STEPS", "100"))))
+
+
+def sweep():
+    from t5like.scaling.design import grid
+    return grid({"optim.learning_rate": [1e-3, 3e-3]}, config=config())
+
+
+if __name__ == "__main__":
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    with open(os.path.join(args["workdir"], "summary.json"), "w") as f:
+        json.dump({"step": int(os.environ.get("GRID_STEPS", "100")), "final_loss": 2.0, "final_eval_loss": 2.0}, f)
+'''
+
+
+def test_editing_config_reruns_grid_trials_and_keeps_the_old_rows(fake, tmp_path, monkeypatch, capsys):
+    """train.steps 100 -> 1000 in config(): the rerun runs both trials again (not "all 2 trials already have
+    ok rows" with the old config's results), and the old rows stay in the append-only table."""
+    (tmp_path / "mods" / "grid_exp.py").write_text(GRID)
+    wd = str(tmp_path / "sweep")
+    assert run_sweep(load_sweep("grid_exp"), wd, LocalBackend(2), parallel=2, poll_s=0.05).ok == 2
+    before = rows(wd)
+    monkeypatch.setenv("GRID_STEPS", "1000")
+    edited = load_sweep("grid_exp")
+    outcome = run_sweep(edited, wd, LocalBackend(2), parallel=2, poll_s=0.05)
+    assert (outcome.ok, outcome.skipped) == (2, 0), capsys.readouterr().err
+    after = rows(wd)
+    assert after[:2] == before and len(after) == 4  # append-only: the old config's rows are kept
+    assert {r["trial_id"] for r in after[2:]} == {t.id for t in edited.trials}
+    assert {r["steps"] for r in after} == {"100", "1000"}
+    assert "not in this sweep (an earlier design or base config" in capsys.readouterr().err
+
+
+def test_budgets_and_sizes_make_an_isoflop_sweep_small(fake, tmp_path, capsys):
+    """launch.sweep --budgets/--sizes re-plan the experiment's design as t5like.scaling.design's flags do
+    (a budget it has keeps its trial ids, so its results are reused); bad values and sweeps that cannot
+    be re-planned are errors before anything runs."""
+    import experiments.scaling_tiny as tiny
+    from launch.sweep import main
+    from t5like.scaling.design import plan_isoflop, resize
+    full = load_sweep("experiments.scaling_tiny")
+    small = load_sweep("experiments.scaling_tiny", budgets=[2e11], sizes=3)
+    assert {t.budget for t in small.trials} == {2e11} and len(small.trials) == 3
+    assert [t.id for t in small.trials] == [t.id for t in plan_isoflop(tiny.config(),
+                                                                       resize(tiny.design(), [2e11], 3)).trials]
+    kept = load_sweep("experiments.scaling_tiny", budgets=[6e11])
+    assert {t.id for t in kept.trials} == {t.id for t in full.trials if t.budget == 6e11}
+    wd = str(tmp_path / "w")
+    assert main(["experiments.scaling_tiny", "--workdir", wd, "--list", "--budgets", "2e11", "--sizes", "3"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 3 and all(line.startswith("pending") and "C=2e+11" in line for line in listed), listed
+
+    (tmp_path / "mods" / "odd_exp.py").write_text(textwrap.dedent('''
+        import dataclasses
+        from experiments.scaling_tiny import config, design
+        from t5like.scaling.design import plan_isoflop
+        def sweep():
+            return [dataclasses.replace(t, id=t.id + "-odd") for t in plan_isoflop(config(), design()).trials]
+    '''))
+    tiny_exp = "experiments.scaling_tiny"
+    for exp, args, message in ((tiny_exp, ["--sizes", "0"], "--sizes 0: give the number of model sizes per budget"),
+                               (tiny_exp, ["--budgets", "-1"], "--budgets -1.0: every budget must be a positive number"),
+                               (tiny_exp, ["--budgets", "2e11", "2e11"], "repeats a budget"),
+                               (tiny_exp, ["--set", "train.seed=1"], "--set train.seed=1: unknown config key 'train.seed'"),
+                               ("fake_exp", ["--budgets", "1e18"], "fake_exp has no config() and design()"),
+                               ("odd_exp", ["--sizes", "3"], "odd_exp.sweep() is not plan_isoflop(config(), design())")):
+        assert main([exp, "--workdir", wd, *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not os.path.exists(wd)
+
+
+def test_a_one_budget_sweep_finishes_without_a_fit(fake, tmp_path, monkeypatch, capsys):
+    """A sweep made small to one budget (--budgets C) has no law to fit: it ends ok, saying so, rather than
+    failing in the fit; --fit still asks for it."""
+    from launch.sweep import main
+    monkeypatch.setenv("FAKE_TRIALS", "2")
+    monkeypatch.setenv("FAKE_STEP_S", "0")
+    (tmp_path / "mods" / "one_budget_exp.py").write_text(FAKE.replace("[1e18, 1e19, 1e20][i % 3]", "1e18"))
+    wd = tmp_path / "sweep"
+    assert main(["one_budget_exp", "--workdir", str(wd)]) == 0
+    assert "one IsoFLOP budget: no scaling law to fit" in capsys.readouterr().err
+    assert len(rows(wd)) == 2 and not (wd / "fit.json").exists()

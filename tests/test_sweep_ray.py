@@ -251,7 +251,7 @@ def config():
         train=dataclasses.replace(c.train, steps=6, batch_size=4, eval_steps=2, log_every=1, progress=False))
 
 def sweep():
-    return grid({"optim.learning_rate": [3e-3], "seed": [0, 1]})
+    return grid({"optim.learning_rate": [3e-3], "seed": [0, 1]}, config=config())
 
 def prepare(workdir):
     from t5like.data import get_tokenizer

@@ -5,13 +5,18 @@
     python -m t5like.scaling plot RESULTS.csv --fit fit.json --out plots/
 
 RESULTS.csv is a sweep runner's table or any CSV with params, tokens and loss columns (flops optional,
-else 6·params·tokens; budget optional, else runs whose flops agree within 10% form one budget).
+else 6·params·tokens; budget optional, else runs whose flops agree within 10% form one budget; a budget
+column empty in every row, as a grid or random-search sweep writes it, counts as absent). `--where
+COLUMN=VALUE` (repeatable; every one must hold) keeps only the matching rows, e.g. one setting of a table
+holding several. fit.json's meta records every option (columns, --where, grouping, bootstrap, grid), and
+`plot --fit fit.json` reads the table with them; a flag given to plot wins.
 
 One compute convention per table: every approach takes C from the table's own flops column when it has
 one, else C = 6·N·D; budgets only group runs. fit.json's meta.flops_convention states it, with k, the
 table's flops/(N·D); `predict --flops C` reads C in that convention. A table with one budget or one
 model size, duplicated rows, or a flops column orders of magnitude from 6·N·D gets warnings (stderr and
-meta.warnings); an approach that cannot be identified on it is refused.
+meta.warnings); an approach that cannot be identified on it is refused. A powerlaw or parametric fit
+whose exponent is <= 0 (loss not falling with C, N or D) gets a warning naming it (output and fit.json).
 
 fit.json is one JSON object. For one approach its fitted parameters are top-level keys; with
 `--approach all` each approach is a key ("powerlaw", "envelope", "isoflop", "parametric") holding that
@@ -34,35 +39,71 @@ import sys
 import numpy as np
 
 from t5like import storage
-from t5like.scaling.data import check_out_file, load_csv
+from t5like.scaling.data import check_out_file, load_csv, parse_where
 from t5like.scaling.fit import APPROACHES, Fit, fit_all, hoffmann_grid, load_fits, run_fit, save_fits
+
+
+# The data and fit options fit.json records (meta) and `plot --fit` reads back, with their defaults. The
+# flags default to None so that plot can tell a flag given (it wins) from one left out (fit.json's value).
+SETTINGS = {"loss_column": None, "params_column": "params", "tokens_column": "tokens", "flops_column": "flops",
+            "budget_column": "budget", "bins_per_decade": None, "where": [], "bootstrap": 0, "level": 0.95,
+            "seed": 0, "grid": "hoffmann", "isoflop_window": None}
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", help="CSV of runs: params, tokens, loss (or final_eval_loss) [, flops, budget, status]")
     p.add_argument("--loss-column", default=None, help="loss column (default: loss, else final_eval_loss, eval_loss)")
-    p.add_argument("--params-column", default="params")
-    p.add_argument("--tokens-column", default="tokens")
-    p.add_argument("--flops-column", default="flops", help="used if present; else flops = 6·params·tokens")
-    p.add_argument("--budget-column", default="budget", help="nominal IsoFLOP budget, used to group runs if present")
+    p.add_argument("--params-column", default=None, help="default params")
+    p.add_argument("--tokens-column", default=None, help="default tokens")
+    p.add_argument("--flops-column", default=None, help="default flops; used if present, else flops = 6·params·tokens")
+    p.add_argument("--budget-column", default=None,
+                   help="default budget: nominal IsoFLOP budget, used to group runs if present (and not all empty)")
     p.add_argument("--bins-per-decade", type=float, default=None,
                    help="group runs into log-spaced flops bins (default: runs whose flops agree within 10%%)")
+    p.add_argument("--where", action="append", default=None, metavar="COLUMN=VALUE",
+                   help="use only rows whose COLUMN equals VALUE (as text or as a number; repeatable: all must "
+                        "hold), e.g. to fit one setting of a table that holds several")
 
 
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap", type=int, default=0, help="resample runs N times for intervals (default 0: none)")
-    p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", choices=("hoffmann", "coarse"), default="hoffmann",
-                   help="parametric starts: Hoffmann et al.'s 4500, or a coarse 162 for a quick look")
+    p.add_argument("--bootstrap", type=int, default=None, help="resample runs N times for intervals (default 0: none)")
+    p.add_argument("--level", type=float, default=None, help="interval level (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--grid", choices=("hoffmann", "coarse"), default=None,
+                   help="parametric starts: Hoffmann et al.'s 4500 (default), or a coarse 162 for a quick look")
     p.add_argument("--isoflop-window", type=int, default=None, metavar="K",
                    help="fit each IsoFLOP parabola to the lowest-loss size and K sizes each side (default: all)")
+
+
+def _settle(args, recorded: dict | None = None) -> list[str]:
+    """Fill every option left out on the command line from `recorded` (a fit.json's meta), else its
+    default; returns the names taken from `recorded`."""
+    taken = []
+    for name, default in SETTINGS.items():
+        if getattr(args, name) is not None:
+            continue
+        value = (recorded or {}).get(name)
+        setattr(args, name, default if value is None else value)
+        if value is not None and value != default:
+            taken.append(name)
+    return taken
+
+
+def _recorded(meta: dict) -> dict:
+    """The options a fit.json's meta records. One written before the options were recorded has only the
+    columns it used (and the grouping/window options), which is what the plots need."""
+    got = {k: meta[k] for k in SETTINGS if k in meta}
+    columns = meta.get("columns") or {}
+    for name in ("params", "tokens", "flops", "budget"):
+        if f"{name}_column" not in got and name in columns:
+            got[f"{name}_column"] = columns[name]
+    return got
 
 
 def _load(args) -> "ScalingData":  # noqa: F821
     return load_csv(args.results, loss_column=args.loss_column, params_column=args.params_column,
                     tokens_column=args.tokens_column, flops_column=args.flops_column,
-                    budget_column=args.budget_column)
+                    budget_column=args.budget_column, where=parse_where(args.where))
 
 
 def _fit(data, approach: str, args) -> dict[str, Fit | str]:
@@ -77,13 +118,14 @@ def _fit(data, approach: str, args) -> dict[str, Fit | str]:
 
 
 def cmd_fit(args) -> int:
+    _settle(args)
     if args.out:
         check_out_file(args.out, "fit.json")
     data = _load(args)
     fits = _fit(data, args.approach, args)
-    meta = {**data.meta(), "approach": args.approach, "bootstrap": args.bootstrap, "level": args.level,
-            "seed": args.seed, "grid": args.grid, "bins_per_decade": args.bins_per_decade,
-            "isoflop_window": args.isoflop_window}
+    # Every option, so that `plot --fit fit.json` (and a reader) knows what was fitted to what.
+    meta = {**data.meta(), "approach": args.approach, **{k: getattr(args, k) for k in SETTINGS},
+            "loss_column": data.loss_column, "where": list(data.where)}
     if not any(isinstance(f, Fit) for f in fits.values()):
         raise ValueError("no approach could be fitted:\n  " + "\n  ".join(f"{k}: {v}" for k, v in fits.items()))
     print(f"compute: {meta['flops_convention']['text']}", file=sys.stderr)
@@ -155,10 +197,14 @@ def cmd_plot(args) -> int:
     from t5like.scaling.plot import plot_all  # matplotlib only when plotting
 
     storage.check_workdir(args.out, "--out")
-    data = _load(args)
     fits: dict[str, Fit] = {}
+    meta = {}
     if args.fit:
-        fits, _ = load_fits(args.fit)
+        fits, meta = load_fits(args.fit)
+    taken = _settle(args, _recorded(meta))
+    if taken:  # the table is read as the fit read it (columns, row filters); flags given here win
+        print(f"plot: from {args.fit}: " + ", ".join(f"{k}={getattr(args, k)}" for k in taken), file=sys.stderr)
+    data = _load(args)
     missing = [a for a in ("powerlaw", "isoflop", "envelope", "parametric") if a not in fits]
     for name in missing:  # fit what the plots need; approaches that cannot run on this data are left out
         try:

@@ -42,6 +42,9 @@ class ScalingData:
     source: str = "<arrays>"
     n_skipped_status: int = 0
     rows_are_lines: bool = False
+    where: tuple[str, ...] = ()        # the COLUMN=VALUE row filters the rows passed (fit --where)
+    n_skipped_where: int = 0
+    notes: tuple[str, ...] = ()        # what loading decided about the table, e.g. an empty budget column
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -71,7 +74,8 @@ class ScalingData:
         return {"source": self.source, "n_points": len(self), "loss_column": self.loss_column,
                 "columns": dict(self.columns), "flops_from_6nd": self.flops_from_6nd,
                 "has_budget": self.budget is not None, "n_skipped_status": self.n_skipped_status,
-                "flops_convention": self.convention(), "warnings": table_warnings(self)}
+                "where": list(self.where), "n_skipped_where": self.n_skipped_where,
+                "flops_convention": self.convention(), "warnings": [*self.notes, *table_warnings(self)]}
 
 
 def _check_values(name: str, values: np.ndarray, rows: np.ndarray, column: str | None = None) -> None:
@@ -142,14 +146,40 @@ def check_out_file(out: str, example: str) -> None:
     storage.check_workdir(str(storage.path(out).parent), "--out's directory")
 
 
+def parse_where(items) -> tuple[tuple[str, str], ...]:
+    """`--where COLUMN=VALUE` filters as (column, value) pairs; a malformed one is an error naming it."""
+    out = []
+    for item in items or ():
+        column, eq, value = str(item).partition("=")
+        if not eq or not column.strip():
+            raise ValueError(f"--where {item!r}: give COLUMN=VALUE, e.g. --where status=ok (rows whose COLUMN "
+                             "equals VALUE; repeat --where to require several).")
+        out.append((column.strip(), value.strip()))
+    return tuple(out)
+
+
+def _matches(cell: str, value: str) -> bool:
+    """A cell equals a filter value as text, or as numbers (so budget=1e18 matches the runner's 1e+18)."""
+    cell = (cell or "").strip()
+    if cell == value:
+        return True
+    try:
+        return float(cell) == float(value)
+    except ValueError:
+        return False
+
+
 def load_csv(path: str, *, loss_column: str | None = None, params_column: str = "params",
              tokens_column: str = "tokens", flops_column: str = "flops", budget_column: str = "budget",
-             status_column: str = "status") -> ScalingData:
+             status_column: str = "status", where=()) -> ScalingData:
     """Read a sweep table (or any CSV with params, tokens, loss columns) and validate it.
 
-    Optional columns: `flops` (else 6·N·D), `budget` (nominal IsoFLOP budget, used to group runs) and
-    `status` (if present, only rows with status ok/finished are used). `path` may be local or gs://.
+    Optional columns: `flops` (else 6·N·D), `budget` (nominal IsoFLOP budget, used to group runs; a column
+    empty in every row, as a grid or random-search sweep's table has it, counts as absent) and `status`
+    (if present, only rows with status ok/finished are used). `where`: COLUMN=VALUE filters (strings or
+    (column, value) pairs) that every row used must pass. `path` may be local or gs://.
     """
+    where = tuple(w if isinstance(w, tuple) else parse_where([w])[0] for w in where)
     try:
         text = read_input(path, "results table").decode("utf-8-sig")  # -sig: tolerate a spreadsheet's BOM
     except UnicodeDecodeError as e:
@@ -178,6 +208,20 @@ def load_csv(path: str, *, loss_column: str | None = None, params_column: str = 
 
     # Line numbers as a spreadsheet shows them: the header is line 1.
     lines = np.arange(2, len(records) + 2)
+    n_where = 0
+    for column, value in where:
+        if column not in header:
+            raise ValueError(f"--where {column}={value}: {path} has no column '{column}' (columns are: {have}).")
+        keep = [_matches(r.get(column), value) for r in records]
+        if not any(keep):
+            seen = sorted({(r.get(column) or "").strip() for r in records})
+            shown = ", ".join(repr(v) for v in seen[:10]) + (f" (and {len(seen) - 10} more)" if len(seen) > 10 else "")
+            raise ValueError(f"--where {column}={value}: no row of {path} left (after the filters before it) has "
+                             f"'{column}' = {value!r}; its values there are: {shown or 'none'}. Fix the value or "
+                             "drop the filter.")
+        n_where += len(records) - sum(keep)
+        records = [r for r, k in zip(records, keep) if k]
+        lines = lines[np.asarray(keep, bool)]
     n_skipped = 0
     if status_column in header:
         keep = [str(r[status_column]).strip().lower() in OK_STATUSES for r in records]
@@ -205,16 +249,28 @@ def load_csv(path: str, *, loss_column: str | None = None, params_column: str = 
     cols = {"params": params_column, "tokens": tokens_column, "loss": loss_column}
     if flops_column in header:
         cols["flops"] = flops_column
+    notes = []
     if budget_column in header:
-        cols["budget"] = budget_column
+        if any((r.get(budget_column) or "").strip() for r in records):
+            cols["budget"] = budget_column
+        else:  # the runner leaves it empty for grid and random-search trials: they have no IsoFLOP budget
+            notes.append(f"column '{budget_column}' is empty in every row used (a grid or random-search sweep's "
+                         "table), so runs are grouped into budgets by their flops, as without the column.")
     values = {k: column(c) for k, c in cols.items()}
+    empty = [i for i, r in enumerate(records) if "budget" in cols and not (r.get(budget_column) or "").strip()]
+    if empty:  # some rows of an IsoFLOP sweep, some of a grid or random search: two tables in one
+        raise ValueError(f"{path}: column '{budget_column}' is empty in {len(empty)} row(s) (lines "
+                         f"{_lines(lines, empty)}: trials without an IsoFLOP budget, as a grid or random search "
+                         f"writes them) but set in {len(lines) - len(empty)}; fit them apart with --where, e.g. "
+                         f"--where {budget_column}= for the rows without a budget, or drop those rows.")
     try:
         data = from_arrays(**values, rows=lines, loss_column=loss_column, columns=cols, source=str(path),
                            n_skipped_status=n_skipped)
     except ValueError as e:
         # from_arrays says "row <n>"; in a file that is the line number.
         raise ValueError(f"{path}: {str(e).replace('row ', 'line ', 1)}") from None
-    return replace(data, rows_are_lines=True)
+    return replace(data, rows_are_lines=True, where=tuple(f"{c}={v}" for c, v in where), n_skipped_where=n_where,
+                   notes=tuple(notes))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """Sweep design: IsoFLOP grids for compute-optimal scaling, plus plain grid and random search.
 
+Every trial's id is a readable ASCII prefix plus a hash of its overrides and of the whole config it runs
+(`config_trial_id`), so `grid(space, config=config())` and `random_search(..., config=config())` need the
+experiment's base config as `plan_isoflop(config(), design())` does: editing config() makes new trials.
+
     python -m t5like.scaling.design --experiment experiments.scaling_tiny --out plan.csv
 
 An IsoFLOP design trains, at each compute budget C, models of several sizes N, each for exactly the
@@ -43,6 +47,7 @@ import itertools
 import json
 import math
 import sys
+import unicodedata
 from typing import Optional, Sequence
 
 import numpy as np
@@ -84,14 +89,43 @@ def trial_id(prefix: str, overrides: Sequence[str], salt: str = "") -> str:
     return f"{prefix}-{digest}" if prefix else digest
 
 
+def config_trial_id(prefix: str, base: Config, overrides: Sequence[str], where: str = "") -> tuple[str, Config]:
+    """The id of the trial that runs `base` with `overrides`, and that config. Every sweep (IsoFLOP, grid,
+    random search) names its trials here: the id hashes the whole resolved config (less workdir), so
+    editing the experiment's config() makes new trials rather than reusing results of the old config."""
+    try:
+        cfg = apply_overrides(base, list(overrides)).validate()
+    except ValueError as e:
+        if not where:
+            raise
+        raise ValueError(f"{where}: the trial {list(overrides)} is not a valid config: {e}") from None
+    salt = json.dumps(to_dict(dataclasses.replace(cfg, workdir="")), sort_keys=True, default=str)
+    return trial_id(prefix, overrides, salt), cfg
+
+
+def _value(v) -> str:
+    """A grid or random-search value as an override's text: a list or tuple comma-separated, as
+    apply_overrides parses tuple fields (str() would give "['a.txt']", one path with brackets in it)."""
+    return ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+
+
 def _slug(overrides: Sequence[str], limit: int = 48) -> str:
+    """A readable, deterministic ASCII id prefix: accents dropped (données -> donnees), any other
+    character outside [A-Za-z0-9._-] made '-', so the id is a safe directory name on every filesystem."""
     parts = []
     for item in overrides:
         key, value = item.split("=", 1)
         parts.append(f"{key.rsplit('.', 1)[-1]}{value}")
-    text = "_".join(parts)
-    text = "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
-    return text[:limit]
+    text = "".join(c for c in unicodedata.normalize("NFKD", "_".join(parts)) if not unicodedata.combining(c))
+    text = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in text)
+    return text[:limit].lstrip("._-")
+
+
+def _check_config(config, where: str) -> None:
+    if not isinstance(config, Config):
+        raise ValueError(f"{where}: pass config=config(), the experiment's base Config (got {config!r}): the trial "
+                         "ids hash the config each trial runs, so editing config() makes new trials instead of "
+                         "reusing the results of the old one.")
 
 
 def _check_keys(space: dict, where: str) -> None:
@@ -103,17 +137,19 @@ def _check_keys(space: dict, where: str) -> None:
             raise ValueError(f"{where}: key {key!r} must be a dotted config key such as 'optim.learning_rate'.")
 
 
-def grid(space: dict[str, Sequence], base: Sequence[str] = ()) -> list[Trial]:
-    """Every combination (itertools.product, in key order) of the given values; `base` overrides go first."""
+def grid(space: dict[str, Sequence], base: Sequence[str] = (), *, config: Optional[Config] = None) -> list[Trial]:
+    """Every combination (itertools.product, in key order) of the given values, each run on `config` (the
+    experiment's base Config, required: the ids hash it); `base` overrides go first."""
+    _check_config(config, "grid")
     _check_keys(space, "grid")
     for key, values in space.items():
         if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or not len(values):
             raise ValueError(f"grid: {key} must be a non-empty list of values, got {values!r}.")
     trials = []
     for combo in itertools.product(*space.values()):
-        varied = [f"{k}={v}" for k, v in zip(space, combo)]
+        varied = [f"{k}={_value(v)}" for k, v in zip(space, combo)]
         overrides = (*base, *varied)
-        trials.append(Trial(trial_id(_slug(varied), overrides), tuple(overrides)))
+        trials.append(Trial(config_trial_id(_slug(varied), config, overrides, "grid")[0], tuple(overrides)))
     return trials
 
 
@@ -142,9 +178,11 @@ class Choice:
 
 
 def random_search(space: dict[str, "Uniform | Choice"], n: int, seed: int = 0,
-                  base: Sequence[str] = ()) -> list[Trial]:
+                  base: Sequence[str] = (), *, config: Optional[Config] = None) -> list[Trial]:
     """`n` trials drawn independently from `space` with numpy's generator seeded by `seed` (so the same
-    call gives the same trials, which is what lets a rerun skip the finished ones)."""
+    call gives the same trials, which is what lets a rerun skip the finished ones), each run on `config`
+    (the experiment's base Config, required: the ids hash it)."""
+    _check_config(config, "random_search")
     _check_keys(space, "random_search")
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"random_search: n={n!r} must be a positive integer (the number of trials).")
@@ -158,9 +196,9 @@ def random_search(space: dict[str, "Uniform | Choice"], n: int, seed: int = 0,
     rng = np.random.default_rng(seed)
     trials, seen = [], set()
     for _ in range(n):
-        varied = [f"{k}={d.sample(rng)}" for k, d in space.items()]
+        varied = [f"{k}={_value(d.sample(rng))}" for k, d in space.items()]
         overrides = (*base, *varied)
-        tid = trial_id(_slug(varied), overrides)
+        tid = config_trial_id(_slug(varied), config, overrides, "random_search")[0]
         if tid not in seen:  # a repeated draw (small Choice spaces) would be the same run twice
             seen.add(tid)
             trials.append(Trial(tid, tuple(overrides)))
@@ -472,17 +510,15 @@ def _make_trial(base: Config, design: IsoFlopDesign, budget: float, shape: Shape
     overrides += [f"train.steps={steps}", f"train.batch_size={batch}", f"train.eval_steps={eval_steps}",
                   f"optim.learning_rate={_fmt_float(lr)}", f"optim.warmup_steps={warmup}",
                   f"checkpoint.every={max(1, math.ceil(steps / design.checkpoints_per_trial))}"]
+    prefix = f"c{_fmt_budget(budget)}-n{_fmt_count(_size(shape, design))}-l{shape.num_layers}d{shape.d_model}"
     # The numbers come from the config the trial will actually run, not from the shape search.
-    cfg = apply_overrides(base, overrides).validate()
+    tid, cfg = config_trial_id(prefix, base, overrides)
     counts = param_counts(cfg.model)
     seq, target = sequence_lengths(cfg)
     flops = training_flops(cfg.model, seq, target).per_sequence * batch * steps
     tokens = (seq + target) * batch * steps
     n = counts["non_embedding"]
-    prefix = f"c{_fmt_budget(budget)}-n{_fmt_count(_size(shape, design))}-l{shape.num_layers}d{shape.d_model}"
-    # The id also hashes the whole resolved config: editing the experiment's base config makes new trials.
-    salt = json.dumps(to_dict(dataclasses.replace(cfg, workdir="")), sort_keys=True, default=str)
-    return Trial(id=trial_id(prefix, overrides, salt), overrides=tuple(overrides), budget=float(budget),
+    return Trial(id=tid, overrides=tuple(overrides), budget=float(budget),
                  params=counts["total"], non_embedding_params=n, tokens=tokens, steps=steps, batch_size=batch,
                  flops=flops, flops_6n=6.0 * n * tokens, tokens_6n=budget / (6.0 * n))
 
@@ -503,6 +539,28 @@ def load_design(module_name: str) -> tuple[Config, IsoFlopDesign]:
     return module.config(), module.design()
 
 
+def resize(design: IsoFlopDesign, budgets: Optional[Sequence[float]] = None,
+           sizes: Optional[int] = None) -> IsoFlopDesign:
+    """The design with other budgets and/or sizes per budget: the --budgets/--sizes flags of this CLI and
+    of launch.sweep, so that `design --budgets B --sizes S` shows what `launch.sweep --budgets B --sizes S`
+    runs. A budget the design has keeps its trials (and ids): their results are reused."""
+    if budgets is not None:
+        bad = [c for c in budgets if not (math.isfinite(c) and c > 0)]
+        if bad or not budgets:
+            raise ValueError(f"--budgets {' '.join(map(str, budgets))}: every budget must be a positive number of "
+                             f"FLOPs (got {bad[0] if bad else 'none'}), e.g. --budgets {' '.join(map(_fmt_budget, design.budgets))}.")
+        if len(set(budgets)) != len(budgets):
+            raise ValueError(f"--budgets {' '.join(map(str, budgets))} repeats a budget; list each once.")
+        design = dataclasses.replace(design, budgets=tuple(float(c) for c in budgets))
+    if sizes is not None:
+        if not isinstance(sizes, int) or sizes < 1:
+            raise ValueError(f"--sizes {sizes}: give the number of model sizes per budget, a positive integer "
+                             f"(the design has {design.sizes_per_budget}; an IsoFLOP parabola needs 3).")
+        design = dataclasses.replace(design, sizes_per_budget=sizes,
+                                     min_sizes_per_budget=min(design.min_sizes_per_budget, sizes))
+    return design
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m t5like.scaling.design",
                                  description="Write an experiment's IsoFLOP plan: every trial and its overrides.")
@@ -513,11 +571,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         base, design = load_design(args.experiment)
-        if args.budgets:
-            design = dataclasses.replace(design, budgets=tuple(args.budgets))
-        if args.sizes:
-            design = dataclasses.replace(design, sizes_per_budget=args.sizes,
-                                         min_sizes_per_budget=min(design.min_sizes_per_budget, args.sizes))
+        design = resize(design, args.budgets, args.sizes)
         if args.out:
             check_out_file(args.out, "plan.csv")
         plan = plan_isoflop(base, design)

@@ -186,6 +186,19 @@ def _convention(data: ScalingData) -> dict:
     return {"flops_convention": data.convention()["text"]}
 
 
+def _rising(params: dict, exponents: tuple[str, ...], of: dict[str, str]) -> list[str]:
+    """A warning per exponent <= 0: such a law's loss does not fall (it rises, or stays) with what that
+    exponent scales, so it is no scaling law and its extrapolations and allocations mean nothing."""
+    out = []
+    for name in exponents:
+        if not params[name] > 0:
+            out.append(f"{name} = {params[name]:.3g} <= 0: the fitted law is not a decreasing one (loss does not "
+                       f"fall with {of[name]}), so it is no scaling law and its predictions mean nothing. Does the "
+                       "table's loss rise with compute (diverged runs, a wrong loss column, mixed settings: see "
+                       "--where)?")
+    return out
+
+
 def _need(approach: str, what: str, needed: int, got: int, hint: str = "") -> None:
     if got < needed:
         raise ValueError(f"{approach} fit needs at least {needed} {what}; got {got}." + (f" {hint}" if hint else ""))
@@ -259,9 +272,12 @@ def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, 
     details = {"frontier": [{"flops": data.flops[i], "loss": data.loss[i], "params": data.params[i],
                              "tokens": data.tokens[i]} for i in idx],
                "n_frontier": len(idx), "objective": float(f.min()), **_convention(data)}
+    warnings = _rising(params, ("alpha",), {"alpha": "compute C"})
     if len(np.unique(data.params)) < 2:
-        details["warnings"] = ["every run has one model size, so this frontier is that model's learning curve "
-                               "(it flattens at the model's capacity), not the compute-optimal frontier."]
+        warnings.append("every run has one model size, so this frontier is that model's learning curve "
+                        "(it flattens at the model's capacity), not the compute-optimal frontier.")
+    if warnings:
+        details["warnings"] = warnings
     fit = Fit("powerlaw", params, details)
     if bootstrap:
         rng = np.random.default_rng(seed)
@@ -513,11 +529,15 @@ def fit_parametric(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95
                # how many starts reached the best objective: a sanity check that it is not a fluke
                "n_starts_at_best": int(np.sum(f <= f[i] + 1e-9 * abs(f[i]) + 1e-15)),
                "flops_per_param_token": k, **_convention(data)}
+    # alpha or beta <= 0: no compute-optimal allocation either (a, b, G are NaN: null in fit.json)
+    warnings = _rising(params, ("alpha", "beta"), {"alpha": "model size N", "beta": "training tokens D"})
     k_lo, k_hi = conv["flops_per_param_token_range"]
-    if k_hi / k_lo > 1.25:
-        details["warnings"] = [f"flops/(N·D) ranges from {k_lo:.3g} to {k_hi:.3g} across runs; the allocation uses "
-                               f"C = {k:.3g}·N·D (their geometric mean), so N_opt is uncertain by up to "
-                               f"{(k_hi / k_lo) ** params['a']:.2g}× beyond the bootstrap interval."]
+    if k_hi / k_lo > 1.25 and not warnings:
+        warnings.append(f"flops/(N·D) ranges from {k_lo:.3g} to {k_hi:.3g} across runs; the allocation uses "
+                        f"C = {k:.3g}·N·D (their geometric mean), so N_opt is uncertain by up to "
+                        f"{(k_hi / k_lo) ** params['a']:.2g}× beyond the bootstrap interval.")
+    if warnings:
+        details["warnings"] = warnings
     fit = Fit("parametric", params, details)
     if bootstrap:
         if bootstrap_starts is None:
