@@ -376,6 +376,9 @@ def _data_config():
     return DataConfig()
 
 
+SEED_MAX = 2 ** 32 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -389,8 +392,10 @@ class Config:
     seed: int = 0
 
     def validate(self) -> "Config":
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed={self.seed!r} must be an integer, e.g. seed=0.")
+        # JAX's PRNG keys take up to 2**63 - 1, but numpy's seeds (the hub stream's shuffle) stop at 2**32 - 1.
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, {SEED_MAX}] (2**32 - 1, what numpy's "
+                             "and JAX's random generators both accept), e.g. seed=0.")
         self.model.validate()
         self.data.validate()
         self.optim.validate()
@@ -473,7 +478,8 @@ def parse_value(key: str, text: str, typ) -> object:
     else:
         raise ValueError(f"{key} has type {typ}, which cannot be set from the command line.")
     name = getattr(typ, "__name__", str(typ))
-    raise ValueError(f"{key}={text!r} is not a valid {name}; give a {name}, e.g. {key}="
+    noun = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(name, f"a {name}")
+    raise ValueError(f"{key}={text!r} is not {noun}; give {noun}, e.g. {key}="
                      f"{ {'int': '100', 'float': '0.001', 'bool': 'true'}.get(name, 'VALUE') }.")
 
 

@@ -342,6 +342,7 @@ def _data_position(saved: list[dict], cfg: Config, step: int) -> dict:
 
 def train(cfg: Config) -> Result:
     cfg = cfg.validate()
+    make_mesh(cfg.mesh)  # a mesh the devices cannot fill fails here, not after the tokenizer and data are built
     storage.check_workdir(cfg.workdir)
     lock = WorkdirLock(cfg.workdir)
     try:
@@ -352,8 +353,7 @@ def train(cfg: Config) -> Result:
 
 def _train(cfg: Config) -> Result:
     check_workdir(cfg)
-    if cfg.checkpoint.init_from:
-        finetune.init_from_plan(cfg)  # the other run exists and its params fit this model (adapters aside)
+    finetune.check_init_from(cfg)  # a fresh start's source exists and fits this model; a resume needs no source
     processes = jax.process_count()
     if cfg.train.batch_size % processes:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {processes} hosts.")
@@ -548,7 +548,9 @@ def parse_args(config_fn: Callable[..., Config], argv: list[str]) -> Config:
             near = difflib.get_close_matches(key, known, n=5, cutoff=0.5)
             hint = f"did you mean: {', '.join(near)}?" if near else "run with --help to list the keys."
             raise ValueError(f"unknown config key {key!r}; {hint}")
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    # A fine-tune takes the model and tokenizer of the run it starts from, except the keys given here.
+    return finetune.with_source_settings(cfg, {arg.split("=", 1)[0].strip() for arg in overrides})
 
 
 def _module_name(config_fn: Callable) -> str:
