@@ -347,8 +347,8 @@ def init_from_plan(cfg: Config) -> dict:
         raise ValueError(f"checkpoint.init_from={src!r} holds a {other.model.family} model but model.family="
                          f"{cfg.model.family!r}; start from a run of the same family.")
     theirs_fn, ours_fn = function_settings(other.model), function_settings(cfg.model)
-    differ = [f"{k}={ours_fn.get(k)!r} here but {theirs_fn.get(k)!r} there" for k in sorted(set(theirs_fn) | set(ours_fn))
-              if theirs_fn.get(k) != ours_fn.get(k)]
+    differ = [f"{k}={ours_fn.get(k)!r} here but {theirs_fn.get(k)!r} there"
+              for k in sorted(set(theirs_fn) | set(ours_fn)) if theirs_fn.get(k) != ours_fn.get(k)]
     theirs, ours = _abstract_params(other), _abstract_params(cfg)
     if any(is_adapter(k) for k in theirs):
         raise ValueError(f"checkpoint.init_from={src!r} is a finetune.method={other.finetune.method!r} run with "
@@ -358,7 +358,7 @@ def init_from_plan(cfg: Config) -> dict:
     for k, v in ours.items():
         if k not in theirs:
             if not new_ok(k):
-                params.append(f"{'/'.join(k)} is missing there")
+                params.append(f"parameter {'/'.join(k)} is missing there")
         elif theirs[k].shape != v.shape:
             params.append(f"parameter {'/'.join(k)} has shape {theirs[k].shape} there but {v.shape} here")
         else:
@@ -366,8 +366,8 @@ def init_from_plan(cfg: Config) -> dict:
     if differ or params:
         # A model that computes another function from the same parameters would train from a silently wrong start.
         raise ValueError(f"checkpoint.init_from={src!r} holds a model that differs from this one: "
-                         f"{'; '.join(differ + params)}. Leave those model.* keys unset to take the source's "
-                         "values (fine-tuning may change only model." + ", model.".join(FINETUNE_FREE_FIELDS) + ").")
+                         f"{'; '.join(differ + params)}. Leave those keys off the command line to take the source's "
+                         "values; a fine-tune may change only model." + ", model.".join(FINETUNE_FREE_FIELDS) + ".")
     return plan
 
 

@@ -607,8 +607,7 @@ def _print_keys(config_fn: Callable[..., Config], argv: list[str]) -> None:
           f"{' '.join(f'{k}={v}' for k, v in given.items()) or 'the default arguments'}):")
     values = flat_values(cfg)
     for key, text in key_help(cfg).items():
-        item = f"{key}={values[key]}"
-        print(f"  {item:<40} {text}" if len(item) < 40 else f"  {item}\n  {'':<40} {text}")
+        print(f"  {f'{key}={values[key]}':<40} {text}")
 
 
 def main(config_fn: Callable[..., Config], argv: Optional[list[str]] = None) -> Result:
