@@ -13,8 +13,6 @@ from t5like import finetune, train
 from t5like.checkpoint import load_for_inference, read_config
 from t5like.data import DataConfig, get_tokenizer
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +41,8 @@ def flat_params(workdir) -> dict:
 def imported_gpt2(tmp_path_factory):
     """A random transformers GPT-2 (odd shapes: 3 heads, a 1001-id vocabulary, 64 positions) with a byte-level
     BPE tokenizer, imported by `python -m t5like.hf import`'s function."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
     from t5like.hf.__main__ import import_checkpoint
     from test_hf import byte_bpe
     root = tmp_path_factory.mktemp("gpt2")
