@@ -539,7 +539,7 @@ def parse_value(key: str, text: str, typ) -> object:
         raise ValueError(f"{key} has type {typ}, which cannot be set from the command line.")
     name = getattr(typ, "__name__", str(typ))
     noun = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(name, f"a {name}")
-    raise ValueError(f"{key}={text!r} is not {noun}; give {noun}, e.g. {key}="
+    raise ValueError(f"{key}={text!r} is not a valid {name}; give {noun}, e.g. {key}="
                      f"{ {'int': '100', 'float': '0.001', 'bool': 'true'}.get(name, 'VALUE') }.")
 
 

@@ -43,9 +43,9 @@ def test_help_lists_the_experiment_arguments_and_describes_every_key(capsys):
 
 
 def test_a_bad_integer_says_an_integer():
-    with pytest.raises(ValueError, match=r"train.steps='ten' is not an integer; give an integer, e.g. train.steps=100"):
+    with pytest.raises(ValueError, match=r"train.steps='ten' is not a valid int; give an integer, e.g. train.steps=100"):
         train.parse_args(EXPERIMENT.config, ["train.steps=ten"])
-    with pytest.raises(ValueError, match=r"optim.b1='x' is not a number; give a number"):
+    with pytest.raises(ValueError, match=r"optim.b1='x' is not a valid float; give a number"):
         train.parse_args(EXPERIMENT.config, ["optim.b1=x"])
 
 
