@@ -1,6 +1,7 @@
 """checkpoint.init_from (issue 22): a fine-tune takes the source's model and tokenizer unless the command line
 sets them, refuses every model difference that changes the function (all of them named), and resumes without
 its source. Training runs are in-process, tiny (the gpt2_small experiment at size=tiny) and 1-2 steps long."""
+import dataclasses
 import math
 import os
 import shutil
@@ -57,10 +58,10 @@ def imported_gpt2(tmp_path_factory):
 
 def test_imported_checkpoint_fine_tunes_with_no_model_keys(imported_gpt2, tmp_path):
     cfg = parse(tmp_path / "ft", f"checkpoint.init_from={imported_gpt2}", "train.steps=1")
-    src = read_config(imported_gpt2)
-    assert finetune.function_settings(cfg.model) == finetune.function_settings(src.model)
-    assert cfg.data.tokenizer_path == src.data.tokenizer_path and cfg.model.dropout == 0.1  # the experiment's
     result = train.train(cfg)
+    src = read_config(imported_gpt2)
+    assert cfg.model == dataclasses.replace(src.model, dropout=cfg.model.dropout)  # dropout is the experiment's
+    assert cfg.data.tokenizer_path == src.data.tokenizer_path
     assert result.step == 1 and math.isfinite(result.loss) and math.isfinite(result.eval_loss)
     # Every parameter came from the import, then took one step: close to the source, nowhere equal to a fresh init.
     before, after = flat_params(imported_gpt2), flat_params(tmp_path / "ft")
@@ -97,9 +98,32 @@ def test_shape_differences_are_all_listed_and_fine_tuning_settings_may_differ(im
     assert finetune.init_from_plan(free)
 
 
-def test_fine_tune_resumes_after_its_source_moved_and_a_fresh_start_without_it_fails(tok_path, tmp_path, capsys):
-    src, ft = tmp_path / "src", tmp_path / "ft"
+@pytest.fixture(scope="module")
+def source_run(tok_path, tmp_path_factory):
+    """A 1-step run of the tiny GPT-2 (learned positions, GELU, pre-norm LayerNorm, eps 1e-5)."""
+    src = tmp_path_factory.mktemp("source") / "run"
     train.train(parse(src, f"data.tokenizer_path={tok_path}", "train.steps=1"))
+    return src
+
+
+def test_same_shapes_computing_another_function_are_refused(source_run, tok_path, tmp_path):
+    """Each of these loads every parameter with its shape, and makes another model of them."""
+    cfg = parse(tmp_path / "ft", f"data.tokenizer_path={tok_path}", f"checkpoint.init_from={source_run}",
+                "model.activation=relu", "model.norm_placement=post", "model.scale_embeddings=true",
+                "model.norm_eps=1e-6", "model.scale_attention=false", "model.rope_theta=500")
+    with pytest.raises(ValueError) as e:
+        train.train(cfg)
+    message = str(e.value)
+    for key in ("activation", "norm_placement", "scale_embeddings", "norm_eps", "scale_attention"):
+        assert f"model.{key}=" in message, message
+    assert "rope_theta" not in message and "has shape" not in message  # unused with learned positions
+    assert not os.path.exists(tmp_path / "ft" / "checkpoints")
+
+
+def test_fine_tune_resumes_after_its_source_moved_and_a_fresh_start_without_it_fails(source_run, tok_path, tmp_path,
+                                                                                       capsys):
+    src, ft = tmp_path / "src", tmp_path / "ft"
+    shutil.copytree(source_run, src)
     train.train(parse(ft, f"data.tokenizer_path={tok_path}", f"checkpoint.init_from={src}", "train.steps=1"))
     shutil.move(src, tmp_path / "moved")
     capsys.readouterr()
