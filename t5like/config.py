@@ -439,6 +439,8 @@ def field_help(cls) -> dict[str, str]:
     out, above = {}, []
     for line in inspect.getsource(cls).splitlines():
         text = line.strip()
+        if text.startswith(("def ", "@")) and out:  # the fields are over
+            break
         if text.startswith("#"):
             above.append(text.lstrip("#").strip())
             continue
