@@ -63,11 +63,12 @@ def test_imported_checkpoint_fine_tunes_with_no_model_keys(imported_gpt2, tmp_pa
     assert cfg.model == dataclasses.replace(src.model, dropout=cfg.model.dropout)  # dropout is the experiment's
     assert cfg.data.tokenizer_path == src.data.tokenizer_path
     assert result.step == 1 and math.isfinite(result.loss) and math.isfinite(result.eval_loss)
-    # Every parameter came from the import, then took one step: close to the source, nowhere equal to a fresh init.
+    # Every parameter came from the import and took one Adam step (each entry moves about lr = 2e-3): a fresh
+    # init would be ~0.1 away.
     before, after = flat_params(imported_gpt2), flat_params(tmp_path / "ft")
     assert before.keys() == after.keys()
     for k in before:
-        assert np.abs(np.asarray(after[k]) - np.asarray(before[k])).max() < 0.05, k
+        assert np.abs(np.asarray(after[k]) - np.asarray(before[k])).max() < 0.01, k
 
 
 def test_function_changing_overrides_are_refused_naming_every_one(imported_gpt2, tmp_path):
