@@ -3,12 +3,14 @@
     python -m experiments.bert_base                        # base: C4 from the hub, for a TPU VM
     python -m experiments.bert_base size=tiny              # CPU: tiny model on the stdlib corpus
 """
+from typing import Literal
+
 from t5like import train
 from t5like.config import CheckpointConfig, Config, MeshConfig, OptimConfig, TrainConfig, model_preset
 from t5like.data import DataConfig
 
 
-def config(size: str = "base") -> Config:
+def config(size: Literal["base", "tiny"] = "base") -> Config:
     model = model_preset("bert_base", size)  # checks size is "base" or "tiny"
     if size == "tiny":
         return Config(

@@ -8,13 +8,14 @@
 bf16 compute with fp32 parameters and AdamW state, FSDP over every chip, full remat per layer.
 """
 import dataclasses
+from typing import Literal
 
 from t5like import train
 from t5like.config import CheckpointConfig, Config, MeshConfig, OptimConfig, TrainConfig, model_preset
 from t5like.data import DataConfig
 
 
-def config(size: str = "base") -> Config:
+def config(size: Literal["base", "tiny"] = "base") -> Config:
     model = model_preset("llama_style", size)  # checks size is "base" or "tiny"
     if size == "tiny":
         return Config(

@@ -36,6 +36,6 @@ def sample(result: train.Result) -> str:
 
 if __name__ == "__main__":
     result = train.main(config)
-    print(f"\nfinal train loss {result.loss:.3f}, eval loss {result.eval_loss:.3f} (workdir {result.config.workdir})")
+    print("\n" + result.closing_line())
     print("--- sample: def ... ---")
     print("def " + sample(result))

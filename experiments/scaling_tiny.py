@@ -64,4 +64,4 @@ def prepare(workdir: str) -> list[str]:
 
 if __name__ == "__main__":
     result = train.main(config)
-    print(f"final train loss {result.loss:.3f}, eval loss {result.eval_loss:.3f} (workdir {result.config.workdir})")
+    print(result.closing_line())

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from t5like.config import Config
-from t5like.finetune import FineTuning, InitFrom
+from t5like.finetune import FineTuning, InitFrom, with_source_settings
 from t5like.plugins import Plugin, Plugins
 
 
@@ -18,3 +18,9 @@ def plugins_for(cfg: Config, extra: Sequence[Plugin] = ()) -> Plugins:
     if cfg.checkpoint.init_from:
         plugins.append(InitFrom(cfg))
     return Plugins([*plugins, *extra])
+
+
+def with_inherited_settings(cfg: Config, explicit: set[str]) -> Config:
+    """`cfg` with the settings its capabilities take from elsewhere, except the keys in `explicit` (those
+    the command line gave): checkpoint.init_from's model settings and tokenizer."""
+    return with_source_settings(cfg, explicit)

@@ -55,33 +55,33 @@ def _real(field: str, value, low: float | None = None, high: float | None = None
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """One config for all three families. Defaults are a tiny decoder-only model."""
-    family: str = "decoder"
-    vocab_size: int = 2048
-    d_model: int = 128
-    num_heads: int = 4
+    family: str = "decoder"                 # encoder (BERT), decoder (GPT) or encoder_decoder (T5)
+    vocab_size: int = 2048                  # token ids, sentinels included
+    d_model: int = 128                      # width of the residual stream
+    num_heads: int = 4                      # query heads per attention
     num_kv_heads: Optional[int] = None      # None = num_heads (MHA); 1 = MQA; in between = GQA
     head_dim: Optional[int] = None          # None = d_model // num_heads
-    d_ff: int = 512
+    d_ff: int = 512                         # hidden width of each MLP
     num_layers: int = 2                     # encoder layers, or decoder layers for decoder-only
     num_decoder_layers: Optional[int] = None  # encoder-decoder only; None = num_layers
     max_len: int = 512                      # for learned positions and the decode cache
-    position: str = "rope"
-    activation: str = "swiglu"
-    norm: str = "rmsnorm"
+    position: str = "rope"                  # how attention sees token positions
+    activation: str = "swiglu"              # the MLP's; gated_gelu and swiglu add a gate projection
+    norm: str = "rmsnorm"                   # the normalisation layers' kind
     norm_placement: str = "pre"             # "post" is the original Transformer
-    norm_eps: float = 1e-6
-    use_bias: bool = False
-    tie_embeddings: bool = True
+    norm_eps: float = 1e-6                  # added to the variance in every norm
+    use_bias: bool = False                  # biases in the dense projections (GPT-2, BERT)
+    tie_embeddings: bool = True             # the output projection is the token embedding's transpose
     scale_embeddings: bool = False          # multiply token embeddings by sqrt(d_model) (Vaswani et al.)
     embedding_norm: bool = False            # norm the summed embeddings (BERT); post-norm stacks need one of these two
-    dropout: float = 0.0
-    relative_buckets: int = 32
-    relative_max_distance: int = 128
-    rope_theta: float = 10000.0
+    dropout: float = 0.0                    # training only; 0 = none
+    relative_buckets: int = 32              # position=relative: T5's distance buckets
+    relative_max_distance: int = 128        # position=relative: distances beyond share the last bucket
+    rope_theta: float = 10000.0             # position=rope: base of the rotary wavelengths
     num_classes: int = 0                    # encoder-only: >0 adds a pooled classification head
     dtype: str = "float32"                  # compute dtype
-    param_dtype: str = "float32"
-    remat: str = "none"
+    param_dtype: str = "float32"            # stored parameters (and optimizer moments)
+    remat: str = "none"                     # recompute activations in the backward pass to save memory
     # Layers per scan iteration. None: all of them on CPU and GPU (no loop: its stacked residual buffers,
     # zero-filled and copied every step, cost more than the longer compile; on an H100 the 1.1B Llama step
     # ran 1.2x faster unrolled, see README), 1 on TPU (a program that stays small at any depth).
@@ -89,7 +89,7 @@ class ModelConfig:
     # Attention kernel: None lets JAX pick; "xla"; "cudnn" (GPU flash attention, bf16/fp16); "splash"
     # (TPU Pallas kernel, self-attention; cross-attention and decoding steps stay on XLA). See
     # layers.attention_kernel.
-    attention_impl: Optional[str] = None
+    attention_impl: Optional[str] = None    # None = JAX picks
     # Variants that pretrained checkpoints need (t5like.hf); the defaults are t5like's own models.
     scale_attention: bool = True            # divide attention logits by sqrt(head_dim); T5 folds it into its init
     type_vocab_size: int = 0                # >0 adds token-type embeddings (BERT segments A/B), batch key "token_types"
@@ -179,9 +179,9 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh shape. -1 on one axis means all remaining devices."""
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1                          # batch rows split over it, parameters replicated
+    fsdp: int = 1                           # batch rows, parameters and optimizer state split over it
+    tensor: int = 1                         # heads, MLP width and vocabulary split over it
     # Logical axis -> mesh axis (or tuple of axes, or None). None uses sharding.DEFAULT_RULES.
     rules: Optional[tuple] = None
 
@@ -250,21 +250,21 @@ DECAY_EXCLUDABLE = ("norm", "bias", "embedding")
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"
-    learning_rate: float = 3e-4             # peak
-    schedule: str = "cosine"
-    warmup_steps: int = 100
+    name: str = "adamw"                     # the optimizer
+    learning_rate: float = 3e-4             # the peak, reached after warmup
+    schedule: str = "cosine"                # learning-rate shape after warmup
+    warmup_steps: int = 100                 # linear warmup from 0 to the peak
     end_lr_fraction: float = 0.1            # cosine / linear / wsd end at this fraction of the peak
     wsd_decay_fraction: float = 0.2         # wsd: the last 20% of steps decay linearly
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    b1: float = 0.9                         # decay of the first-moment average
+    b2: float = 0.95                        # decay of the second-moment average
+    eps: float = 1e-8                       # AdamW's denominator floor
     weight_decay: float = 0.1               # decoupled (AdamW); for Adafactor, its weight_decay_rate
     no_decay: tuple[str, ...] = ("norm", "bias", "embedding")  # parameter kinds exempt from weight decay
     grad_clip: float = 1.0                  # global-norm clipping; 0 = off
     grad_accum_steps: int = 1               # microbatches per optimizer step
     z_loss: float = 0.0                     # coefficient of log(Z)^2 (PaLM uses 1e-4)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0            # mass moved from the target to the uniform distribution
 
     def validate(self) -> "OptimConfig":
         _choice("optim.name", self.name, OPTIMIZERS)
@@ -289,11 +289,11 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000                       # optimizer steps in the whole run
     batch_size: int = 32                    # global, across all hosts and microbatches
-    eval_every: int = 200                   # 0 = only at the end
+    eval_every: int = 200                   # steps between evals; 0 = only at the end
     eval_steps: int = 20                    # validation batches per eval
-    log_every: int = 1
+    log_every: int = 1                      # steps between rows of metrics.jsonl
     progress: bool = True                   # a progress bar on stderr
     # Peak FLOP/s per device for MFU (per host on CPU, whose simulated devices share its cores). 0 = the
     # data-sheet table, or on CPU one matmul measured at start. Set it where the table is wrong for your part
@@ -316,8 +316,8 @@ class CheckpointConfig:
     every: int = 500                        # save every N steps (and always at the end)
     keep: int = 3                           # keep the last K
     keep_period: int = 0                    # also keep every M-th step forever; 0 = off
-    async_save: bool = True
-    init_from: str = ""                     # another run's workdir: start from its params only (fine-tuning)
+    async_save: bool = True                 # write checkpoints while training continues
+    init_from: str = ""                     # another run's workdir: start from its params, with its model and tokenizer
 
     def validate(self) -> "CheckpointConfig":
         _positive("checkpoint.every", self.every)
@@ -337,14 +337,14 @@ class FinetuneConfig:
     (Hu et al. 2021; scale lora_alpha / lora_rank, as PEFT). "prefix": learned key/value prefixes of
     `prefix_length` per self-attention layer (Li & Liang 2021), optionally through their MLP.
     Under lora/prefix the base is frozen; `train_modules` (and a classification head) also train."""
-    method: str = "full"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("q", "v")
-    prefix_length: int = 16
+    method: str = "full"                    # what trains: every parameter, or LoRA / prefix adapters
+    lora_rank: int = 8                      # rank of each LoRA update
+    lora_alpha: float = 16.0                # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0               # on the adapters' input
+    lora_targets: tuple[str, ...] = ("q", "v")  # projections that get adapters
+    prefix_length: int = 16                 # learned key/value positions per layer
     prefix_mlp: bool = False                # Li & Liang's reparametrisation: prefixes = MLP(embedding)
-    prefix_mlp_hidden: int = 512
+    prefix_mlp_hidden: int = 512            # width of the prefix MLP
     train_modules: tuple[str, ...] = ()     # top-level modules trained besides the adapters (PEFT modules_to_save)
 
     def validate(self) -> "FinetuneConfig":
@@ -377,6 +377,9 @@ def _data_config():
     return DataConfig()
 
 
+SEED_MAX = 2 ** 32 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -386,12 +389,14 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
-    workdir: str = "runs/default"
-    seed: int = 0
+    workdir: str = "runs/default"           # checkpoints, metrics, config.json (a local path or gs://)
+    seed: int = 0                           # parameters' init, data order, dropout
 
     def validate(self) -> "Config":
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed={self.seed!r} must be an integer, e.g. seed=0.")
+        # JAX's PRNG keys take up to 2**63 - 1, but numpy's seeds (the hub stream's shuffle) stop at 2**32 - 1.
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, {SEED_MAX}] (2**32 - 1, what numpy's "
+                             "and JAX's random generators both accept), e.g. seed=0.")
         self.model.validate()
         self.data.validate()
         self.optim.validate()
@@ -426,6 +431,55 @@ class Config:
 
 # key=value overrides ------------------------------------------------------------------------------
 
+def field_help(cls) -> dict[str, str]:
+    """{field: one line} from the comments in `cls`'s source: a field's trailing comment, else the first
+    sentence of the comment block above it. So a field documents itself, for --help, by its comment."""
+    import inspect
+    import re
+    names = {f.name for f in dataclasses.fields(cls)}
+    out, above = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith(("def ", "@")) and out:  # the fields are over
+            break
+        if text.startswith("#"):
+            above.append(text.lstrip("#").strip())
+            continue
+        field = re.match(r"(\w+)\s*:[^=]*=", text)
+        if field and field.group(1) in names:
+            trailing = text.split("  # ", 1)[1].strip() if "  # " in text else ""
+            block = " ".join(above)
+            out[field.group(1)] = trailing or (block.split(". ")[0].rstrip(".") + "." if block else "")
+        above = []
+    return out
+
+
+def key_choices() -> dict[str, tuple]:
+    """The allowed values of the keys that take one of a few."""
+    from t5like.data.config import FORMATS, OBJECTIVES, SOURCES
+    return {"model.family": FAMILIES, "model.position": POSITIONS, "model.activation": ACTIVATIONS,
+            "model.head_activation": HEAD_ACTIVATIONS, "model.norm": NORMS, "model.norm_placement": NORM_PLACEMENTS,
+            "model.remat": REMAT_POLICIES, "model.dtype": DTYPES, "model.param_dtype": DTYPES,
+            "model.attention_impl": ATTENTION_IMPLS, "optim.name": OPTIMIZERS, "optim.schedule": SCHEDULES,
+            "finetune.method": FINETUNE_METHODS, "data.source": SOURCES, "data.format": FORMATS,
+            "data.objective": OBJECTIVES}
+
+
+def key_help(cfg, prefix: str = "") -> dict[str, str]:
+    """{"train.steps": one line of help, ...} for every leaf key of `cfg` (see flat_keys), choices included."""
+    out, comments, choices = {}, field_help(type(cfg)), key_choices()
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            out.update(key_help(value, key + "."))
+            continue
+        text = comments.get(f.name, "")
+        if key in choices and not all(str(c) in text for c in choices[key]):
+            text += f" [{' | '.join('none' if c is None else str(c) for c in choices[key])}]"
+        out[key] = text.strip()
+    return out
+
+
 @functools.lru_cache(maxsize=None)  # resolving the hints is slow and flat_keys asks per field: a plan took seconds
 def _field_types(cls) -> dict[str, object]:
     import typing
@@ -442,6 +496,18 @@ def flat_keys(cfg, prefix: str = "") -> dict[str, object]:
             out.update(flat_keys(value, key + "."))
         else:
             out[key] = _field_types(type(cfg))[f.name]
+    return out
+
+
+def flat_values(cfg, prefix: str = "") -> dict[str, object]:
+    """{"train.steps": 1000, ...}: every leaf field's value."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_values(value, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = value
     return out
 
 
@@ -475,7 +541,8 @@ def parse_value(key: str, text: str, typ) -> object:
     else:
         raise ValueError(f"{key} has type {typ}, which cannot be set from the command line.")
     name = getattr(typ, "__name__", str(typ))
-    raise ValueError(f"{key}={text!r} is not a valid {name}; give a {name}, e.g. {key}="
+    noun = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(name, f"a {name}")
+    raise ValueError(f"{key}={text!r} is not a valid {name}; give {noun}, e.g. {key}="
                      f"{ {'int': '100', 'float': '0.001', 'bool': 'true'}.get(name, 'VALUE') }.")
 
 

@@ -17,6 +17,7 @@ no optimizer state, and only the trainable leaves are differentiated.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import jax
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
 
-from t5like import layers as L
+from t5like import layers as L, storage
 from t5like.checkpoint import latest_step_or_raise, load_params, read_config
 from t5like.config import LORA_TARGETS, Config, ModelConfig
 from t5like.losses import task_logits  # noqa: F401  (the classification forward, part of the fine-tuning API)
@@ -185,31 +186,107 @@ def _abstract_params(cfg: Config) -> dict:
     return traverse_util.flatten_dict(state.to_pure_dict())
 
 
+# ModelConfig fields a fine-tune may set apart from the run it starts from: how it trains and computes
+# (dropout, precision, rematerialisation, the scan, the attention kernel) and a new classification head.
+# Every other field is the source's: `with_source_settings` takes it from there unless the command line sets
+# it, and `init_from_plan` refuses a value that changes the function the source's parameters define.
+FINETUNE_FREE_FIELDS = ("dropout", "num_classes", "dtype", "param_dtype", "remat", "scan_unroll", "attention_impl")
+
+
+def function_settings(m: ModelConfig) -> dict:
+    """{"model.<field>": value} for the fields that change what a model with given parameters computes: None
+    defaults resolved (num_kv_heads=None is num_heads), and fields this architecture ignores left out."""
+    skip = set(FINETUNE_FREE_FIELDS)
+    if m.position != "learned":
+        skip.add("max_len")  # sizes only the decode cache; with learned positions, also the position table
+    if m.position != "relative":
+        skip |= {"relative_buckets", "relative_max_distance"}
+    if m.position != "rope":
+        skip.add("rope_theta")
+    if m.family != "encoder":
+        skip.add("head_activation")  # the MLM transform
+    if m.family != "encoder_decoder":
+        skip.add("num_decoder_layers")
+    if not m.tie_embeddings:
+        skip.add("tied_head_rescale")
+    effective = {"num_kv_heads": m.kv_heads, "head_dim": m.dim_per_head, "num_decoder_layers": m.decoder_layers}
+    return {f"model.{f.name}": effective.get(f.name, getattr(m, f.name))
+            for f in dataclasses.fields(m) if f.name not in skip}
+
+
+def _source_config(cfg: Config) -> tuple[Config, bool]:
+    """(the config whose settings a run with `checkpoint.init_from` inherits, whether it is the workdir's own):
+    the source run's on a fresh start; on a rerun, the workdir's own config.json, which holds the settings
+    inherited when it started (so a resume needs no source). Reads files only: no JAX backend starts here,
+    before a multi-host run's distributed set-up."""
+    if storage.exists(storage.join(cfg.workdir, "config.json")):
+        own = read_config(cfg.workdir)
+        if own.checkpoint.init_from == cfg.checkpoint.init_from:
+            return own, True
+    try:
+        return read_config(cfg.checkpoint.init_from), False
+    except FileNotFoundError as e:
+        raise ValueError(f"checkpoint.init_from={cfg.checkpoint.init_from!r}: {e}") from None
+
+
+def source_tokenizer(src: Config, src_workdir: str) -> str:
+    """The tokenizer a run used: its data.tokenizer_path, or the one it trained into WORKDIR/tokenizer/."""
+    return src.data.tokenizer_path or storage.join(src_workdir, "tokenizer", "spm.model")
+
+
+def with_source_settings(cfg: Config, explicit: set) -> Config:
+    """`cfg` with the model and tokenizer of `checkpoint.init_from` wherever `explicit` (the keys the command
+    line set) does not name them, so a fine-tune of an imported checkpoint needs no model.* keys. Fields in
+    FINETUNE_FREE_FIELDS stay this run's. Differences that remain are `init_from_plan`'s to refuse."""
+    if not cfg.checkpoint.init_from:
+        return cfg
+    src, own = _source_config(cfg)
+    model = {f.name: getattr(src.model, f.name) for f in dataclasses.fields(src.model)
+             if f.name not in FINETUNE_FREE_FIELDS and f"model.{f.name}" not in explicit}
+    data = {}  # the source's tokenizer: its ids are the rows of the source's embeddings
+    if "data.tokenizer_path" not in explicit:
+        data["tokenizer_path"] = src.data.tokenizer_path if own else source_tokenizer(src, cfg.checkpoint.init_from)
+    if "data.num_sentinels" not in explicit:
+        data["num_sentinels"] = src.data.num_sentinels
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model),
+                               data=dataclasses.replace(cfg.data, **data))
+
+
 def init_from_plan(cfg: Config) -> dict:
     """{path: shape} of the params to take from `checkpoint.init_from`: all of ours but the adapters and a new
-    classification head, which must exist there with the same shapes. Raises ValueError before any work."""
+    classification head, which must exist there with the same shapes, in a model that computes the same
+    function (`function_settings`). Raises ValueError, naming every difference, before any work."""
     src = cfg.checkpoint.init_from
-    other = read_config(src)
-    latest_step_or_raise(src)
+    try:
+        other = read_config(src)
+        latest_step_or_raise(src)
+    except FileNotFoundError as e:
+        raise ValueError(f"checkpoint.init_from={src!r}: {e}") from None
     if other.model.family != cfg.model.family:
         raise ValueError(f"checkpoint.init_from={src!r} holds a {other.model.family} model but model.family="
                          f"{cfg.model.family!r}; start from a run of the same family.")
+    theirs_fn, ours_fn = function_settings(other.model), function_settings(cfg.model)
+    differ = [f"{k}={ours_fn.get(k)!r} here but {theirs_fn.get(k)!r} there"
+              for k in sorted(set(theirs_fn) | set(ours_fn)) if theirs_fn.get(k) != ours_fn.get(k)]
     theirs, ours = _abstract_params(other), _abstract_params(cfg)
     if any(is_adapter(k) for k in theirs):
         raise ValueError(f"checkpoint.init_from={src!r} is a finetune.method={other.finetune.method!r} run with "
                          "adapters; merge them first (t5like.finetune.merge) or start from its base run.")
     new_ok = lambda k: is_adapter(k) or (cfg.data.objective == "classification" and k[0] in HEAD_MODULES)
-    plan = {}
+    plan, params = {}, []
     for k, v in ours.items():
         if k not in theirs:
-            if new_ok(k):
-                continue
-            raise ValueError(f"checkpoint.init_from={src!r} has no parameter {'/'.join(k)}; its model differs "
-                             f"from model={cfg.model}. Use that run's model settings.")
-        if theirs[k].shape != v.shape:
-            raise ValueError(f"checkpoint.init_from={src!r}: parameter {'/'.join(k)} has shape {theirs[k].shape} "
-                             f"there but {v.shape} here; use that run's model settings.")
-        plan[k] = v.shape
+            if not new_ok(k):
+                params.append(f"parameter {'/'.join(k)} is missing there")
+        elif theirs[k].shape != v.shape:
+            params.append(f"parameter {'/'.join(k)} has shape {theirs[k].shape} there but {v.shape} here")
+        else:
+            plan[k] = v.shape
+    if differ or params:
+        # A model that computes another function from the same parameters would train from a silently wrong start.
+        raise ValueError(f"checkpoint.init_from={src!r} holds a model that differs from this one: "
+                         f"{'; '.join(differ + params)}. Leave those keys off the command line to take the source's "
+                         "values; a fine-tune may change only model." + ", model.".join(FINETUNE_FREE_FIELDS) + ".")
     return plan
 
 
@@ -262,7 +339,10 @@ class InitFrom(Plugin):
         self.cfg = cfg
 
     def check_start(self, resuming: bool) -> None:
-        init_from_plan(self.cfg)  # the other run exists and its params fit this model
+        # A fresh start's source exists and fits this model; a resume needs only its own checkpoints, so the
+        # source may since have moved.
+        if not resuming:
+            init_from_plan(self.cfg)
 
     def init_params(self, params: dict) -> dict:
         params = load_init_params(self.cfg, params)

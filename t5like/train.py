@@ -28,9 +28,9 @@ from jax.experimental import multihost_utils
 
 from t5like import distributed, storage
 from t5like.accounting import param_counts, training_flops
-from t5like.capabilities import plugins_for
+from t5like.capabilities import plugins_for, with_inherited_settings
 from t5like.checkpoint import Checkpointer, UnreadableCheckpoint, checkpoint_dir, latest_step, read_config
-from t5like.config import Config, apply_overrides, flat_keys, to_dict
+from t5like.config import Config, apply_overrides, flat_keys, flat_values, key_help, to_dict
 from t5like.data import get_tokenizer, make_iterator
 from t5like.metrics import MetricsWriter, peak_flops_per_device, read_metrics
 from t5like.losses import loss_for
@@ -282,14 +282,24 @@ def global_batch(setup: Setup, local: dict) -> dict:
 
 # The loop -----------------------------------------------------------------------------------------
 
+def _held_out(batches: Optional[int]) -> str:
+    return "the held-out batches" if not batches else f"{batches} held-out batch" + ("es" if batches > 1 else "")
+
+
 @dataclasses.dataclass
 class Result:
     config: Config
     step: int
-    loss: float
-    eval_loss: float
+    loss: float                   # the last logged training batch's loss
+    eval_loss: float              # over the held-out batches of the last eval
     preempted: bool
     summary: dict
+
+    def closing_line(self) -> str:
+        """What the two losses are: one training batch's, and the held-out set's."""
+        held_out = _held_out(self.summary.get("eval_batches"))
+        return (f"last train batch loss {self.loss:.3f} (step {self.step}); eval loss {self.eval_loss:.3f} over "
+                f"{held_out} (workdir {self.config.workdir})")
 
 
 class NonFiniteLoss(Exception):
@@ -298,14 +308,15 @@ class NonFiniteLoss(Exception):
 
 def evaluate(setup: Setup, params, eval_iter) -> dict:
     eval_iter.reset()
-    totals = None
+    totals, batches = None, 0
     for local in eval_iter:
         out = setup.eval_step(params, global_batch(setup, local))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        batches += 1
     totals = jax.tree.map(float, totals)
     loss = totals["loss_sum"] / max(totals["weight"], 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-            "eval_accuracy": totals["correct_sum"] / max(totals["weight"], 1.0)}
+            "eval_accuracy": totals["correct_sum"] / max(totals["weight"], 1.0), "eval_batches": batches}
 
 
 class Preemption:
@@ -345,6 +356,7 @@ def _data_position(saved: list[dict], cfg: Config, step: int) -> dict:
 def train(cfg: Config, plugins: Sequence[Plugin] = ()) -> Result:
     """Train (or resume) `cfg`'s run. `plugins` are added after the config's own (t5like/plugins.py)."""
     cfg = cfg.validate()
+    make_mesh(cfg.mesh)  # a mesh the devices cannot fill fails here, not after the tokenizer and data are built
     storage.check_workdir(cfg.workdir)
     lock = WorkdirLock(cfg.workdir)
     try:
@@ -471,6 +483,7 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
                     pending = None
                 last_eval = {**evaluate(setup, state["params"], eval_iter), **plugins.on_eval(step, state["params"])}
                 writer.write(step, last_eval)
+                progress.eval(step, last_eval)
                 t_last = time.perf_counter()
             if save:
                 write_config(cfg)  # describes the checkpoints from now on
@@ -483,6 +496,7 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
             last_eval = {**evaluate(setup, state["params"], eval_iter),
                          **plugins.on_eval(cfg.train.steps, state["params"])}
             writer.write(cfg.train.steps, last_eval)
+            progress.eval(cfg.train.steps, last_eval)
     finally:
         progress.close()
         ckpt.close()
@@ -495,6 +509,7 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
     summary = {"step": step, "params": counts["total"], "non_embedding_params": counts["non_embedding"],
                "tokens": setup.tokens_per_step * step, "flops": setup.flops_per_step * step,
                "final_loss": final_loss, "final_eval_loss": last_eval.get("eval_loss", float("nan")),
+               "eval_batches": last_eval.get("eval_batches"),
                "wall_time_s": time.perf_counter() - started, "peak_flops_source": peak_source,
                "preempted": preempted, **plugins.summary(setup.abstract_state["params"])}
     if preempted:
@@ -506,7 +521,7 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
 
 
 class _progress:
-    """A tqdm bar with loss and tokens/s (stderr), or nothing."""
+    """A tqdm bar with loss, the last eval loss and tokens/s (stderr), or nothing; and a line per eval."""
 
     def __init__(self, cfg: Config, start: int):
         self.bar = None
@@ -514,13 +529,25 @@ class _progress:
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
         self.last = start
+        self.eval_loss = None
 
     def update(self, step: int, row: dict) -> None:
         if self.bar is not None:
             self.bar.update(step - self.last)
             mfu = "?" if row["mfu"] is None else f"{row['mfu']:.2f}"
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=mfu)
+            evals = {} if self.eval_loss is None else {"eval_loss": f"{self.eval_loss:.3f}"}
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", **evals, tok_s=f"{row['tokens_per_s']:.0f}", mfu=mfu)
         self.last = step
+
+    def eval(self, step: int, row: dict) -> None:
+        """A line on stderr (above the bar, which shows it from now on): metrics.jsonl is not the only place."""
+        self.eval_loss = row["eval_loss"]
+        line = (f"step {step}: eval loss {row['eval_loss']:.3f} over {_held_out(row['eval_batches'])} "
+                f"(accuracy {row['eval_accuracy']:.3f})")
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        elif jax.process_index() == 0:
+            print(line, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -550,7 +577,9 @@ def parse_args(config_fn: Callable[..., Config], argv: list[str]) -> Config:
             near = difflib.get_close_matches(key, known, n=5, cutoff=0.5)
             hint = f"did you mean: {', '.join(near)}?" if near else "run with --help to list the keys."
             raise ValueError(f"unknown config key {key!r}; {hint}")
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    # Settings a capability takes from elsewhere (e.g. init_from's model and tokenizer), but not these keys.
+    return with_inherited_settings(cfg, {arg.split("=", 1)[0].strip() for arg in overrides})
 
 
 def _module_name(config_fn: Callable) -> str:
@@ -560,6 +589,28 @@ def _module_name(config_fn: Callable) -> str:
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         name = spec.name if spec is not None else "experiments.NAME"
     return name
+
+
+def _print_keys(config_fn: Callable[..., Config], argv: list[str]) -> None:
+    """--help: the experiment's own arguments, then every config key with its value (for the experiment
+    arguments given, e.g. size=tiny) and a line on what it does."""
+    import typing
+    params = inspect.signature(config_fn).parameters
+    print(f"\nexperiment arguments ({_module_name(config_fn)}.config's parameters):" if params else
+          "\nexperiment arguments: none")
+    for name, p in params.items():
+        choices = typing.get_args(p.annotation) if typing.get_origin(p.annotation) is typing.Literal else ()
+        required = p.default is inspect.Parameter.empty
+        item = f"{name}={'' if required else p.default}"
+        print(f"  {item:<40} {'required' if required else 'the default'}"
+              + (f"; one of {' | '.join(map(str, choices))}" if choices else ""))
+    given = dict(a.split("=", 1) for a in argv if "=" in a and a.split("=", 1)[0] in params)
+    cfg = config_fn(**given)
+    print(f"\nkeys, each settable as key=value (values for "
+          f"{' '.join(f'{k}={v}' for k, v in given.items()) or 'the default arguments'}):")
+    values = flat_values(cfg)
+    for key, text in key_help(cfg).items():
+        print(f"  {f'{key}={values[key]}':<40} {text}")
 
 
 def main(config_fn: Callable[..., Config], argv: Optional[list[str]] = None) -> Result:
@@ -575,13 +626,7 @@ def main(config_fn: Callable[..., Config], argv: Optional[list[str]] = None) -> 
     args, rest = parser.parse_known_args(argv)
     if args.help:
         parser.print_help()
-        cfg = config_fn()
-        print("\nkeys (current values):")
-        for key in flat_keys(cfg):
-            value = cfg
-            for part in key.split("."):
-                value = getattr(value, part)
-            print(f"  {key}={value}")
+        _print_keys(config_fn, rest)
         sys.exit(0)
     try:
         bad = [a for a in rest if a.startswith("-")]

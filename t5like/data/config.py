@@ -23,9 +23,9 @@ class DataConfig:
     format: str = "text"  # source="files": text (one file = one document) | json | jsonl | parquet | csv
     text_field: str = "text"  # column holding the document text (json/jsonl/parquet/csv and hub)
     hub_name: str = ""  # source="hub": anything datasets.load_dataset accepts ("allenai/c4", or "json" + paths)
-    hub_config: str = ""
-    hub_split: str = "train"
-    hub_validation_split: str = "validation"
+    hub_config: str = ""  # source="hub": the dataset's configuration, e.g. "en" for allenai/c4
+    hub_split: str = "train"  # source="hub": the split trained on
+    hub_validation_split: str = "validation"  # source="hub": the split evaluated on
     streaming: bool = True  # hub only: stream instead of downloading the whole dataset first
     shuffle_buffer: int = 10_000  # hub only: documents in the streaming shuffle buffer
     cache_dir: str = ""  # HF datasets cache for loaded/tokenised local data; "" = the HF default
@@ -43,11 +43,11 @@ class DataConfig:
     objective: str = "lm"
     seq_len: int = 128  # decoder length (lm, prefix_lm, completion) or encoder length (span_corruption, mlm, seq2seq)
     target_len: int = 0  # decoder length: span_corruption (0 = derive from noise_density as T5 does), seq2seq (0 = seq_len)
-    noise_density: float = 0.15
-    mean_noise_span_length: float = 3.0
-    mlm_probability: float = 0.15
+    noise_density: float = 0.15  # span_corruption: fraction of tokens masked
+    mean_noise_span_length: float = 3.0  # span_corruption: mean length of a masked span
+    mlm_probability: float = 0.15  # mlm: fraction of tokens predicted
 
-    shuffle: bool = True
+    shuffle: bool = True  # shuffle the training rows (each epoch in a new order)
     # Processes for datasets.map when tokenising local data. SentencePiece already encodes each batch on
     # all cores, and >1 forks a process that may have JAX running, so raise it only for big corpora.
     num_proc: int = 1

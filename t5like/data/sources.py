@@ -13,6 +13,7 @@ upstream if that matters; the stdlib has a few identical files).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import hashlib
 import json
@@ -225,9 +226,23 @@ def _whole_file_json(path: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """datasets' progress bars off, then back as they were. Its load of local files shows a "Downloading data"
+    bar (its data-files step, which only checks the paths): misleading for files already on this machine."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def _load(cfg: DataConfig, builder: str, files: list[str], cache_dir: str | None, **kwargs) -> datasets.Dataset:
     try:
-        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
+        with _no_progress_bars():  # local files only: nothing is downloaded
+            return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
     except Exception as e:  # the builders' own errors do not say which config field to change
         if builder == "json":  # say which line of which file; only on failure, so good files are read once
             for f in files:
