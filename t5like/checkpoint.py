@@ -72,11 +72,11 @@ class Checkpointer:
         self.directory = directory
         # One process holds every replica of every array: orbax's replica-parallel saving would only cut each
         # replicated array into per-replica slices (an eager op each) for this same process to write.
-        state = (ocp.PyTreeCheckpointHandler() if jax.process_count() > 1 else
-                 ocp.PyTreeCheckpointHandler(type_handler_registry=_OneProcessTypeHandlers()))
+        self.state_handler = (ocp.PyTreeCheckpointHandler() if jax.process_count() > 1 else
+                              ocp.PyTreeCheckpointHandler(type_handler_registry=_OneProcessTypeHandlers()))
         self.manager = ocp.CheckpointManager(
             _absolute(directory), options=options,
-            item_handlers={"state": state, "config": ocp.JsonCheckpointHandler()})
+            item_handlers={"state": self.state_handler, "config": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -99,10 +99,14 @@ class Checkpointer:
         self._check_tree(step, meta, abstract_state)
         replicated = NamedSharding(_host_mesh(), P())
         item = {**abstract_state, "data": jax.ShapeDtypeStruct(saved, np.uint8, sharding=replicated)}
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        state = dict(self._read_state(step, ocp.args.PyTreeRestore(
             item, restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
-        state = dict(restored.state)
         return state, decode_host_states(np.asarray(state.pop("data")))
+
+    def _read_state(self, step: int, args: ocp.args.PyTreeRestore) -> Any:
+        """This host's read of a step's state item. Through the handler, not the manager: orbax's restore ends
+        in a barrier of all hosts, where the others would wait forever for a host whose read failed."""
+        return self.state_handler.restore(storage.path(_absolute(self.directory)) / str(step) / "state", args=args)
 
     def _check_tree(self, step: int, meta: Any, abstract_state: Any) -> None:
         """CheckpointMismatch, before any array is read, when the saved state's leaves are not this config's."""
@@ -189,9 +193,8 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the params, e.g. to fine-tune from another run or to generate."""
         item = {"params": abstract_params}
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-        return restored.state["params"]
+        return self._read_state(step, ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))["params"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -142,3 +142,133 @@ def test_read_only_uses_fall_back_from_a_damaged_step_and_move_nothing(tok, fini
     # A read-only use of another run's workdir moves nothing.
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
     assert not (workdir / "unreadable_checkpoints").exists()
+
+
+# Hosts as processes, and a gs:// workdir ------------------------------------------------------------------
+
+MH_STEPS = 9
+MH_ARGS = ("mesh.data=1", "mesh.fsdp=-1", "checkpoint.every=3")  # fsdp: each host writes its own shards
+
+
+def start(tok, workdir, steps, *, processes=1, devices=4, env=None):
+    """`processes` copies of the experiment, wired as hosts of one run; returns the Popen objects."""
+    port = free_port()
+    procs = []
+    for i in range(processes):
+        flags = ["--coordinator", f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(i)]
+        cmd = [sys.executable, "-m", "experiments.gpt2_small", *run_args(tok, workdir, *MH_ARGS, f"train.steps={steps}"),
+               *(flags if processes > 1 else [])]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONUNBUFFERED="1",
+                                               **(env or {}))))
+    return procs
+
+
+def wait_all(runs: dict, timeout=300) -> dict:
+    """{name: [(exit code, output) per host]}; a host still running at the deadline is killed (exit None), so a
+    run whose hosts wait for each other forever fails its own test instead of stalling the others."""
+    import time
+    deadline = time.monotonic() + timeout
+    results = {}
+    for name, procs in runs.items():
+        results[name] = []
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
+                results[name].append((p.returncode, out))
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGKILL)
+                out, _ = p.communicate()
+                results[name].append((None, out))
+    return results
+
+
+def check_ok(result):
+    for code, out in result:
+        assert code == 0, f"exit {code}:\n{out[-3000:]}"
+    return [out for _, out in result]
+
+
+def losses(workdir) -> dict[int, float]:
+    rows = [r for r in read_metrics(str(workdir)) if "loss" in r]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"duplicated or unordered metric rows: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def delete_object(gcs_server, name):
+    import urllib.parse
+    import urllib.request
+    req = urllib.request.Request(f"{gcs_server.url}/storage/v1/b/{gcs_server.bucket}/o/"
+                                 f"{urllib.parse.quote(name, safe='')}", method="DELETE")
+    urllib.request.urlopen(req, timeout=10).read()
+
+
+@pytest.fixture(scope="module")
+def hosts(tok, gcs_server):
+    """Runs, at most three processes at a time (the hosts of a run must not fall far apart on a loaded machine):
+      ref    one host, 4 devices, 9 steps, uninterrupted
+      dmg    two hosts (2 devices each), 6 steps; host 1's shards of step 6 are then cut short; rerun to 9
+      gs     one host on a gs:// workdir, 6 steps; the array objects of step 6 are then deleted; rerun to 9
+      more   ref's workdir as it stood at step 3 (a one-host run), resumed on two hosts to 9"""
+    root = tok["root"]
+    gs = f"gs://{gcs_server.bucket}/resume_dmg"
+    first = wait_all({"ref": start(tok, root / "ref", MH_STEPS),
+                      "dmg": start(tok, root / "dmg", 6, processes=2, devices=2)})
+    for name in first:
+        check_ok(first[name])
+    torn = root / "dmg" / "checkpoints" / "6" / "state" / "ocdbt.process_1" / "d"
+    assert os.listdir(torn)
+    for f in os.listdir(torn):
+        with open(torn / f, "r+b") as fh:
+            fh.truncate(os.path.getsize(torn / f) // 2)
+    second = wait_all({"dmg": start(tok, root / "dmg", MH_STEPS, processes=2, devices=2),
+                       "gs_first": start(tok, gs, 6, env=gcs_server.env)})
+    check_ok(second["gs_first"])
+    victims = gcs_server.list_objects("resume_dmg/checkpoints/6/state/ocdbt.process_0/d/")
+    assert victims
+    for name in victims:
+        delete_object(gcs_server, name)
+    more = root / "more"
+    shutil.copytree(root / "ref", more, ignore=shutil.ignore_patterns(".lock"))
+    for step in ("6", "9"):
+        shutil.rmtree(more / "checkpoints" / step)
+    (more / "summary.json").unlink()
+    third = wait_all({"gs": start(tok, gs, MH_STEPS, env=gcs_server.env),
+                      "more": start(tok, more, MH_STEPS, processes=2, devices=2)})
+    return {"ref": losses(root / "ref"), "root": root, "gs": gs, "second": {**second, **third}}
+
+
+def assert_matches_reference(got, ref):
+    assert sorted(got) == list(range(1, MH_STEPS + 1))
+    for step in ref:  # one host vs two: the same batches, summed in another order
+        assert got[step] == pytest.approx(ref[step], abs=1e-5), step
+
+
+def test_one_host_run_resumes_on_two_hosts_with_the_same_batches(hosts):
+    outs = check_ok(hosts["second"]["more"])
+    assert all("resumed from" in out and "at step 3" in out for out in outs), outs[0][-2000:]
+    got = losses(hosts["root"] / "more")
+    assert all(got[s] == hosts["ref"][s] for s in (1, 2, 3))  # the one-host part, kept
+    assert_matches_reference(got, hosts["ref"])
+
+
+def test_damage_on_one_host_makes_all_hosts_fall_back_to_the_same_step(hosts):
+    outs = check_ok(hosts["second"]["dmg"])  # before: host 0 resumed at 6, host 1 at 3, and both hung
+    for out in outs:
+        assert "checkpoint step 6" in out and "unreadable on host(s) [1]" in out, out[-3000:]
+        assert "resuming from step 3" in out, out[-3000:]
+    workdir = hosts["root"] / "dmg"
+    assert_matches_reference(losses(workdir), hosts["ref"])
+    assert [n.split("-")[0] for n in os.listdir(workdir / "unreadable_checkpoints")] == ["6"]
+
+
+def test_damaged_checkpoint_on_gs_is_set_aside_and_the_run_resumes(hosts, gcs_server):
+    [out] = check_ok(hosts["second"]["gs"])  # before: "folder .../unreadable_checkpoints does not exist", exit 2
+    assert "checkpoint step 6" in out and "resuming from step 3" in out, out[-3000:]
+    objects = gcs_server.list_objects("resume_dmg/")
+    aside = [n for n in objects if n.startswith("resume_dmg/unreadable_checkpoints/6-")]
+    assert any(n.endswith("/commit_success.txt") for n in aside) and any("/state/" in n for n in aside), aside
+    # Orbax no longer saw the damaged step 6: the rerun saved it afresh, and it reads back.
+    assert "resume_dmg/checkpoints/6/commit_success.txt" in objects
+    assert_matches_reference(losses(hosts["gs"]), hosts["ref"])
