@@ -142,6 +142,10 @@ def test_read_only_uses_fall_back_from_a_damaged_step_and_move_nothing(tok, fini
     # A read-only use of another run's workdir moves nothing.
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
     assert not (workdir / "unreadable_checkpoints").exists()
+    # With no step left that reads back: a ValueError (the command lines print `error: ...`), not a traceback.
+    truncate_state(workdir / "checkpoints" / "2")
+    with pytest.raises(ValueError, match=r"no checkpoint .* reads back \(steps \[4, 2\] are damaged\)"):
+        generate.main(["--workdir", str(workdir), "--prompt", "def", "--max-new-tokens", "2"])
 
 
 # Hosts as processes, and a gs:// workdir ------------------------------------------------------------------
