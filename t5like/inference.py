@@ -19,7 +19,7 @@ def load_for_inference(workdir: str, shard: Sharder = None):
     """(config, model, tokenizer) from a run's latest checkpoint, on the default device or `shard`'s mesh.
     The model has the run's plugins' modules (e.g. LoRA adapters), as in training."""
     cfg = read_config(workdir)
-    step = latest_step_or_raise(workdir)
+    latest_step_or_raise(workdir)
     shard = shard or Sharder()
     graphdef, abstract_state = abstract_model(cfg.model, shard, adapt=plugins_for(cfg).adapt)
     if shard.mesh is None:
@@ -29,7 +29,7 @@ def load_for_inference(workdir: str, shard: Sharder = None):
         shardings = state_shardings(abstract_state, shard).to_pure_dict()
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract_state.to_pure_dict(), shardings)
-    params = load_params(workdir, target, step)
+    params = load_params(workdir, target)  # the newest step that reads back, with a warning for newer ones
     nnx.replace_by_pure_dict(abstract_state, params)
     model = nnx.merge(graphdef, abstract_state)
     tokenizer = get_tokenizer(cfg.data, workdir, cfg.model.vocab_size)

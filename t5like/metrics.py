@@ -149,7 +149,21 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+    """The rows of WORKDIR/metrics.jsonl. A run killed mid-write leaves its last line cut short: that line is
+    dropped with a warning (a resumed run rewrites the file without it). A bad line before the last is an error."""
     path = storage.join(workdir, "metrics.jsonl")
     if not storage.exists(path):
         return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(storage.read_text(path).splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                print(f"warning: {path} line {n} is cut short ({line[:80]!r}), as a killed run leaves it; "
+                      "ignoring it.", file=sys.stderr)
+                break
+            raise ValueError(f"{path} line {n} is not valid JSON ({e}): {line[:80]!r}. Only a run's last line may "
+                             "be cut short; fix or delete that line.") from None
+    return rows

@@ -92,3 +92,23 @@ def check_workdir(workdir: str, field: str = "workdir") -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{field}={workdir!r}: {str(probe)!r} is not writable by this user; choose a writable "
                          "directory or fix its permissions.")
+
+
+def move_tree(src: PathLike, dst: PathLike) -> None:
+    """Move the directory `src` to `dst` (which must not exist), creating `dst`'s parents. Locally one rename.
+    Cloud Storage has no directories (a rename is a copy of every object, then a delete, and an empty "folder"
+    does not exist to rename into): there every object is copied, then the originals are deleted, so an
+    interrupted move leaves the data in `src`, or in both places, never in neither."""
+    source, target = epath.Path(src), epath.Path(dst)
+    if not is_remote(src):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        return
+    # walk() yields folders without their gs:// scheme: each file is named by its part below `src`.
+    root = os.fspath(source).rstrip("/")
+    below = [os.fspath(d / name).split(root[len("gs://"):] + "/", 1)[1]
+             for d, _, names in source.walk() for name in names]
+    for name in below:
+        epath.Path(f"{root}/{name}").copy(target / name)
+    for name in below:
+        epath.Path(f"{root}/{name}").unlink()

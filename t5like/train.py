@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from t5like import distributed, storage
 from t5like.accounting import param_counts, training_flops
 from t5like.capabilities import plugins_for, with_inherited_settings
-from t5like.checkpoint import Checkpointer, UnreadableCheckpoint, checkpoint_dir, latest_step, read_config
+from t5like.checkpoint import Checkpointer, checkpoint_dir, latest_step, read_config
 from t5like.config import Config, apply_overrides, flat_keys, flat_values, key_help, to_dict
 from t5like.data import get_tokenizer, make_iterator
 from t5like.metrics import MetricsWriter, peak_flops_per_device, read_metrics
@@ -129,6 +129,8 @@ def _resume_key(cfg: Config) -> dict:
     o = cfg.optim
     key = {"model": to_dict(cfg.model), "optim.name": o.name,
            "optim.grad_clip": "on" if o.grad_clip > 0 else "off",  # on/off changes the optimizer state's tree
+           # as does Adafactor's weight decay, a transformation of its own (AdamW's is always there)
+           **({"optim.weight_decay": "on" if o.weight_decay else "off"} if o.name == "adafactor" else {}),
            "train.batch_size": cfg.train.batch_size, "seed": cfg.seed, "finetune": to_dict(cfg.finetune),
            **{f"data.{k}": v for k, v in to_dict(cfg.data).items()
               if k in ("source", "paths", "format", "text_field", "hub_name", "objective",
@@ -345,9 +347,9 @@ def _data_position(saved: list[dict], cfg: Config, step: int) -> dict:
     if len(saved) == hosts:
         return saved[jax.process_index()]
     if cfg.data.source != "hub":
-        # Local sources walk one global order, and every host saved the same position (see make_iterator):
-        # it holds for any host count. Batch size per host changes; the global batch does not.
-        return {**saved[0], "batch_size": cfg.train.batch_size // hosts}
+        # Local sources walk one global order, and every host saved the same position (see make_iterator),
+        # including the GLOBAL batch size: it holds for any host count.
+        return saved[0]
     raise ValueError(f"checkpoint step {step} was saved by {len(saved)} hosts, and this run has {hosts}. A "
                      "data.source='hub' stream is split between hosts, so its position cannot be carried over: "
                      f"resume with {len(saved)} hosts, or start a new workdir with checkpoint.init_from.")
@@ -387,7 +389,7 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
     ckpt = Checkpointer(checkpoint_dir(cfg.workdir), cfg.checkpoint)
     try:
         start, state, saved_positions = ckpt.restore_latest_readable(setup.abstract_state)
-    except UnreadableCheckpoint as e:
+    except ValueError as e:  # UnreadableCheckpoint, CheckpointMismatch: before any step, nothing moved
         ckpt.close()
         raise ValueError(str(e)) from None
     summary_path = storage.join(cfg.workdir, "summary.json")
