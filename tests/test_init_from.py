@@ -11,7 +11,8 @@ import pytest
 from flax import nnx, traverse_util
 
 from t5like import finetune, train
-from t5like.checkpoint import load_for_inference, read_config
+from t5like.checkpoint import read_config
+from t5like.inference import load_for_inference
 from t5like.data import DataConfig, get_tokenizer
 
 

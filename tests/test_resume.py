@@ -114,7 +114,8 @@ def test_config_change_that_reshapes_optimizer_state_is_a_mismatch_not_damage(to
 def test_read_only_uses_fall_back_from_a_damaged_step_and_move_nothing(tok, finished, tmp_path, capsys):
     import jax
     from t5like import generate
-    from t5like.checkpoint import Checkpointer, checkpoint_dir, load_for_inference
+    from t5like.checkpoint import Checkpointer, checkpoint_dir
+    from t5like.inference import load_for_inference
     from t5like.config import CheckpointConfig
     from t5like.hf.__main__ import main as hf_main
 
