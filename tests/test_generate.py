@@ -389,13 +389,13 @@ def test_generate_text_matches_token_level_generate():
 
 
 def test_cli_prints_one_block_per_prompt(monkeypatch, capsys, tmp_path):
-    import t5like.checkpoint
+    import t5like.inference
 
     @dataclasses.dataclass
     class RunConfig:
         model: object
 
-    monkeypatch.setattr(t5like.checkpoint, "load_for_inference",
+    monkeypatch.setattr(t5like.inference, "load_for_inference",
                         lambda workdir: (RunConfig(DEC), model_for(DEC), CharTokenizer()))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"def f(x):\\n    return"\n{"prompt": "import os"}\n')
