@@ -9,6 +9,7 @@ DP, FSDP and TP are choices of mesh shape and rules, never of model code:
   DP:      mesh data=-1                  (batch over `data`)
   FSDP:    mesh fsdp=-1                  (batch and weights' `embed` over `fsdp`)
   TP:      mesh tensor=N                 (heads, mlp and vocab over `tensor`)
+  CP:      mesh context=N                (activations' `length` over `context`; attention all-gathers K/V)
 The mesh axes are Auto (GSPMD propagation). JAX >= 0.7 defaults `make_mesh` to Explicit axes,
 so we say which we want.
 """
@@ -25,13 +26,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from t5like.config import MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# `context` sits next to `tensor`, inside fsdp: its per-layer K/V all-gathers want fast links too.
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # activations
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -70,22 +72,22 @@ def validate_rules(rules: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], .
     return tuple(out)
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Resolve -1 and check that the mesh covers exactly the devices there are."""
-    shape = [cfg.data, cfg.fsdp, cfg.tensor]
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
+    """Resolve -1 and check that the mesh covers exactly the devices there are (in MESH_AXES order)."""
+    shape = [cfg.data, cfg.fsdp, cfg.context, cfg.tensor]
     for name, size in zip(MESH_AXES, shape):
         if size == 0 or size < -1:
             raise ValueError(f"mesh.{name}={size} must be a positive integer or -1 (all remaining devices).")
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh (data, fsdp, tensor)={tuple(shape)} has more than one -1; set all but one.")
+        raise ValueError(f"mesh (data, fsdp, context, tensor)={tuple(shape)} has more than one -1; set all but one.")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"mesh (data, fsdp, tensor)={tuple(shape)}: the fixed axes ({known}) do not divide "
+            raise ValueError(f"mesh (data, fsdp, context, tensor)={tuple(shape)}: the fixed axes ({known}) do not divide "
                              f"the {num_devices} devices; choose sizes whose product divides {num_devices}.")
         shape[shape.index(-1)] = num_devices // known
     if math.prod(shape) != num_devices:
-        raise ValueError(f"mesh (data, fsdp, tensor)={tuple(shape)} has {math.prod(shape)} devices but "
+        raise ValueError(f"mesh (data, fsdp, context, tensor)={tuple(shape)} has {math.prod(shape)} devices but "
                          f"{num_devices} are available; make the product {num_devices}, or use -1 on one axis.")
     return tuple(shape)
 
@@ -114,7 +116,7 @@ def logical_to_spec(names: Sequence[Optional[str]], shape: Optional[Sequence[int
         kept = []
         size = None if shape is None else shape[i]
         for axis in axes:
-            n = mesh.shape[axis]
+            n = mesh.shape.get(axis, 1)  # an axis this mesh lacks is an axis of size 1
             if axis in used or n == 1:
                 continue
             if size is not None and size % (n * math.prod(mesh.shape[a] for a in kept)):
