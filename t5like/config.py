@@ -194,6 +194,11 @@ class MeshConfig:
     tensor: int = 1
     # Context parallelism: activations' `length` is sharded over this axis; attention all-gathers K/V.
     context: int = 1
+    # Multislice: how many slices (TPU slices joined over the data-centre network; processes on CPU/GPU) the
+    # data and fsdp axes span. The axes above are per slice: mesh `data` is dcn_data x data in all. The
+    # product is the number of slices; only these axes' collectives cross DCN (docs/multihost.md).
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
     # Logical axis -> mesh axis (or tuple of axes, or None). None uses sharding.DEFAULT_RULES.
     rules: Optional[tuple] = None
 

@@ -92,11 +92,39 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
     return tuple(shape)
 
 
+DCN_AXES = ("dcn_data", "dcn_fsdp")  # MeshConfig fields: how many slices the data and fsdp axes span
+
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """TPU slices among `devices` (their slice_index); 1 on platforms without slices."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     devices = list(devices) if devices is not None else jax.devices()
-    shape = mesh_shape(cfg, len(devices))
     validate_rules(cfg.rules or DEFAULT_RULES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    dcn = [getattr(cfg, name) for name in DCN_AXES]
+    for name, size in zip(DCN_AXES, dcn):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"mesh.{name}={size!r} must be a positive integer (1 = within one slice).")
+    slices = math.prod(dcn)
+    tpu_slices = num_slices(devices)
+    # On TPU the slices are the devices' own; elsewhere processes play slices when DCN axes are asked for.
+    granules = tpu_slices if hasattr(devices[0], "slice_index") else (
+        len({d.process_index for d in devices}) if slices > 1 else 1)
+    if slices != granules:
+        what = "TPU slices" if hasattr(devices[0], "slice_index") else "processes (each one plays a slice)"
+        raise ValueError(f"mesh.dcn_data={dcn[0]} x mesh.dcn_fsdp={dcn[1]} = {slices} slices, but the devices "
+                         f"belong to {granules} {what}; make mesh.dcn_data x mesh.dcn_fsdp = {granules} "
+                         f"(e.g. mesh.dcn_data={granules}).")
+    shape = mesh_shape(cfg, len(devices) // slices)  # per slice
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_hybrid_device_mesh(shape, (*dcn, 1, 1), devices,
+                                               process_is_granule=not hasattr(devices[0], "slice_index"))
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(names: Sequence[Optional[str]], shape: Optional[Sequence[int]], mesh: Mesh,
