@@ -458,9 +458,12 @@ class Config:
                                  f"({field}); every sequence is split into mesh.context equal parts: set {field} "
                                  f"to a multiple of {n}, or another mesh.context.")
         if self.model.attention_impl == "splash":
-            raise ValueError(f"mesh.context={n} with model.attention_impl='splash': the splash kernel here takes "
-                             "whole sequences (its causal and window masks are static per shard); use "
-                             "model.attention_impl=xla with context parallelism, or mesh.context=1.")
+            for key, (shape, _) in batch_shapes(self.data, 1).items():
+                if len(shape) > 1 and shape[1] // n % 128:
+                    raise ValueError(f"mesh.context={n} with model.attention_impl='splash': each shard's queries "
+                                     f"(batch[{key!r}] length {shape[1]} / {n} = {shape[1] // n}) must be a multiple "
+                                     f"of 128; set data.seq_len (and data.target_len) to a multiple of {128 * n}, "
+                                     "or use model.attention_impl=xla.")
 
 
 # key=value overrides ------------------------------------------------------------------------------

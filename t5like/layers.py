@@ -316,7 +316,7 @@ def attention_kernel(impl: Optional[str], q_BTNH: Array, k_BSKH: Array, v_BSKH: 
     its causal `local_window_size`.
     Context parallelism (mesh.context > 1, queries' length sharded over it): the dense path all-gathers K/V
     over the length, so each device attends its query shard to every key (docs/sharding.md); the blockwise
-    path needs only the neighbouring blocks, which XLA exchanges itself.
+    path needs only the neighbouring blocks, which XLA exchanges itself; splash gathers them in its shard_map.
     """
     if not isinstance(mask, MaskSpec):
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask, scale=scale,
@@ -419,16 +419,30 @@ SPLASH_BLOCK = 512  # the largest query/key block; sequences must be a multiple 
 
 def splash_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask: MaskSpec, shard: Sharder,
                      scale: Optional[float] = None) -> Array:
+    """Splash under shard_map: batch and heads stay sharded, and with context parallelism the queries keep their
+    length shard while keys and values are whole (all-gathered). Each context shard then runs the kernel whose
+    static mask starts at its own first query (`offset`): one kernel per shard, picked by lax.switch."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    from t5like.sharding import logical_to_spec
 
     T, S, H = q_BTNH.shape[1], k_BSKH.shape[1], q_BTNH.shape[3]
     for name, n in (("query", T), ("key", S)):
         if n % 128:
             raise ValueError(f"model.attention_impl='splash' needs {name} lengths that are multiples of 128, "
                              f"got {n}; set data.seq_len (and data.target_len) to a multiple of 128.")
+    sharded = shard.mesh is not None and shard.mesh.size > 1
+    spec = lambda names, x: logical_to_spec(names, x.shape, shard.mesh, shard.rules)
+    context_axes = spec(("batch", "length"), mask.q_segment_ids_BT)[1] if sharded else None
+    context = 1 if context_axes is None else math.prod(shard.mesh.shape[a] for a in (
+        context_axes if isinstance(context_axes, tuple) else (context_axes,)))
+    Tq = T // context  # each shard's queries
+    if Tq % 128:
+        raise ValueError(f"model.attention_impl='splash' with mesh.context={context} needs each shard's queries "
+                         f"(length {T} / {context} = {Tq}) to be a multiple of 128; set data.seq_len to a multiple "
+                         f"of {128 * context}, or use model.attention_impl=xla.")
     interpret = platform(shard) != "tpu"
-    bq, bkv = min(SPLASH_BLOCK, T), min(SPLASH_BLOCK, S)
-    while T % bq:
+    bq, bkv = min(SPLASH_BLOCK, Tq), min(SPLASH_BLOCK, S)
+    while Tq % bq:
         bq //= 2
     while S % bkv:
         bkv //= 2
@@ -436,33 +450,41 @@ def splash_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask: MaskSpec
                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     groups = q_BTNH.shape[2] // k_BSKH.shape[2]
 
+    def kernel_at(offset: int, N: int):
+        if mask.window:  # LocalMask's window counts the keys beside the query: W - 1 of them, W with itself
+            base = sa.LocalMask((Tq, S), (mask.window - 1, 0 if mask.causal else mask.window - 1), offset=offset)
+        elif mask.causal:
+            base = sa.CausalMask((Tq, S), offset=offset)
+        else:
+            base = sa.FullMask((Tq, S))
+        return sa.make_splash_mha(sa.MultiHeadMask([base] * N), head_shards=1, q_seq_shards=1,
+                                  block_sizes=sizes, interpret=interpret)
+
     def local(q_BNTH, k_BKSH, v_BKSH, q_seg_BT, k_seg_BS):
         # Per shard: the kernel works on one sequence [heads, length, head_dim]; vmap over the local batch.
         N = q_BNTH.shape[1]
-        if mask.window:  # LocalMask's window counts the keys beside the query: W - 1 of them, W with itself
-            base = sa.LocalMask((T, S), (mask.window - 1, 0 if mask.causal else mask.window - 1), offset=0)
-        else:
-            base = sa.CausalMask((T, S)) if mask.causal else sa.FullMask((T, S))
-        kernel = sa.make_splash_mha(sa.MultiHeadMask([base] * N), head_shards=1, q_seq_shards=1,
-                                    block_sizes=sizes, interpret=interpret)
         k_BNSH, v_BNSH = (jnp.repeat(x, groups, axis=1) for x in (k_BKSH, v_BKSH))  # GQA: share kv heads
-        return jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sa.SegmentIds(qs, ks)))(
-            q_BNTH, k_BNSH, v_BNSH, q_seg_BT, k_seg_BS)
+
+        def run(kernel):
+            return jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sa.SegmentIds(qs, ks)))(
+                q_BNTH, k_BNSH, v_BNSH, q_seg_BT, k_seg_BS)
+        if context == 1:
+            return run(kernel_at(0, N))
+        kernels = [kernel_at(i * Tq, N) for i in range(context)]
+        return jax.lax.switch(jax.lax.axis_index(context_axes), [functools.partial(run, k) for k in kernels])
 
     # The kernel does not scale the logits.
     args = ((q_BTNH * (H ** -0.5 if scale is None else scale)).transpose(0, 2, 1, 3), k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3),
             mask.q_segment_ids_BT.astype(jnp.int32), mask.k_segment_ids_BS.astype(jnp.int32))
-    if shard.mesh is not None and shard.mesh.size > 1:
-        from t5like.sharding import logical_to_spec
-        spec = lambda names, x: logical_to_spec(names, x.shape, shard.mesh, shard.rules)
-        heads = ("batch", "act_heads", None, None)
+    if sharded:
+        heads = ("batch", "act_heads", "length", None)
         kv = ("batch", "act_kv_heads", None, None)
         q_spec = spec(heads, args[0])
         kv_spec = spec(kv, args[1])
         if groups > 1 and kv_spec[1] != q_spec[1]:
-            q_spec = spec(("batch", None, None, None), args[0])  # kv heads replicated: keep q heads whole too
-        seg_spec = spec(("batch", None), args[3])
-        local = jax.shard_map(local, mesh=shard.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+            q_spec = spec(("batch", None, "length", None), args[0])  # kv heads replicated: keep q heads whole too
+        q_seg_spec, k_seg_spec = spec(("batch", "length"), args[3]), spec(("batch", None), args[4])
+        local = jax.shard_map(local, mesh=shard.mesh, in_specs=(q_spec, kv_spec, kv_spec, q_seg_spec, k_seg_spec),
                               out_specs=q_spec, check_vma=False)
     return local(*args).transpose(0, 2, 1, 3).astype(q_BTNH.dtype)
 
