@@ -96,7 +96,9 @@ DCN_AXES = ("dcn_data", "dcn_fsdp")  # MeshConfig fields: how many slices the da
 
 
 def num_slices(devices: Sequence[jax.Device]) -> int:
-    """TPU slices among `devices` (their slice_index); 1 on platforms without slices."""
+    """TPU slices among `devices` (their slice_index); 1 on other platforms."""
+    if devices[0].platform != "tpu":
+        return 1
     return len({getattr(d, "slice_index", 0) for d in devices})
 
 
@@ -108,12 +110,11 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"mesh.{name}={size!r} must be a positive integer (1 = within one slice).")
     slices = math.prod(dcn)
-    tpu_slices = num_slices(devices)
     # On TPU the slices are the devices' own; elsewhere processes play slices when DCN axes are asked for.
-    granules = tpu_slices if hasattr(devices[0], "slice_index") else (
-        len({d.process_index for d in devices}) if slices > 1 else 1)
+    tpu = devices[0].platform == "tpu"
+    granules = num_slices(devices) if tpu else len({d.process_index for d in devices}) if slices > 1 else 1
     if slices != granules:
-        what = "TPU slices" if hasattr(devices[0], "slice_index") else "processes (each one plays a slice)"
+        what = "TPU slices" if tpu else "processes (each one plays a slice)"
         raise ValueError(f"mesh.dcn_data={dcn[0]} x mesh.dcn_fsdp={dcn[1]} = {slices} slices, but the devices "
                          f"belong to {granules} {what}; make mesh.dcn_data x mesh.dcn_fsdp = {granules} "
                          f"(e.g. mesh.dcn_data={granules}).")
@@ -122,8 +123,7 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
     if slices == 1:
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     from jax.experimental import mesh_utils
-    grid = mesh_utils.create_hybrid_device_mesh(shape, (*dcn, 1, 1), devices,
-                                               process_is_granule=not hasattr(devices[0], "slice_index"))
+    grid = mesh_utils.create_hybrid_device_mesh(shape, (*dcn, 1, 1), devices, process_is_granule=not tpu)
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
