@@ -5,7 +5,8 @@ at a fixed window W and growing T; one JSON line per (path, T).
 
 Both paths compute the same thing (layers.attention_kernel with model.attention_window=W, causal, packed rows):
 "blockwise" is layers.windowed_attention, whose cost grows with T*W; "dense" masks the full [T, T] logits, whose
-cost grows with T^2. Each figure is the median of --repeats calls of the jitted gradient (q, k, v) after one
+cost grows with T^2 (at T = 8192 its [4, 8192, 8192] fp32 logits are 1 GiB, and the backward
+keeps a few such arrays). Each figure is the median of --repeats calls of the jitted gradient (q, k, v) after one
 warm-up call. `ratio` is the time over the previous length's: ~2 per doubling is linear, ~4 quadratic.
 Run it on an idle machine: other processes on the cores skew the figures.
 """
@@ -39,8 +40,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=1)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--paths", nargs="+", default=["blockwise", "dense"], choices=["blockwise", "dense"])
