@@ -90,6 +90,10 @@ class ModelConfig:
     # (TPU Pallas kernel, self-attention; cross-attention and decoding steps stay on XLA). See
     # layers.attention_kernel.
     attention_impl: Optional[str] = None    # None = JAX picks
+    # Sliding-window (local) self-attention: a query sees the keys less than W positions away, itself
+    # included (causal: the W most recent tokens, as Mistral's sliding_window=W; bidirectional: W-1 on each
+    # side). 0 = off (full attention). Cross-attention is never windowed. See docs/attention.md.
+    attention_window: int = 0
     # Variants that pretrained checkpoints need (t5like.hf); the defaults are t5like's own models.
     scale_attention: bool = True            # divide attention logits by sqrt(head_dim); T5 folds it into its init
     type_vocab_size: int = 0                # >0 adds token-type embeddings (BERT segments A/B), batch key "token_types"
@@ -161,6 +165,13 @@ class ModelConfig:
 
     def _validate_attention_impl(self) -> None:
         _choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _non_negative("model.attention_window", self.attention_window, "0 = full attention, W > 0 = each query "
+                      "sees the W nearest keys (Mistral uses 4096).")
+        if self.attention_window and self.attention_impl == "cudnn" and self.family != "decoder":
+            raise ValueError(f"model.attention_window={self.attention_window} with model.attention_impl='cudnn': "
+                             f"cuDNN's sliding window is causal only, and model.family={self.family!r} has "
+                             "bidirectional self-attention (an encoder); use model.attention_impl=xla, or "
+                             "model.attention_window=0.")
         H = self.dim_per_head
         if self.attention_impl == "cudnn":
             if self.dtype not in ("bfloat16", "float16"):
@@ -182,6 +193,13 @@ class MeshConfig:
     data: int = -1                          # batch rows split over it, parameters replicated
     fsdp: int = 1                           # batch rows, parameters and optimizer state split over it
     tensor: int = 1                         # heads, MLP width and vocabulary split over it
+    # Context parallelism: activations' `length` is sharded over this axis; attention all-gathers K/V.
+    context: int = 1
+    # Multislice: how many slices (TPU slices joined over the data-centre network; processes on CPU/GPU) the
+    # data and fsdp axes span. The axes above are per slice: mesh `data` is dcn_data x data in all. The
+    # product is the number of slices; only these axes' collectives cross DCN (docs/multihost.md).
+    dcn_data: int = 1                       # slices the data axis spans (1 = one slice)
+    dcn_fsdp: int = 1                       # slices the fsdp axis spans (1 = one slice)
     # Logical axis -> mesh axis (or tuple of axes, or None). None uses sharding.DEFAULT_RULES.
     rules: Optional[tuple] = None
 
@@ -413,6 +431,7 @@ class Config:
         if self.data.seq_len > self.model.max_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}; "
                              "raise model.max_len or lower data.seq_len.")
+        self._validate_context()
         if self.train.batch_size % self.optim.grad_accum_steps:
             raise ValueError(f"train.batch_size={self.train.batch_size} is not divisible by "
                              f"optim.grad_accum_steps={self.optim.grad_accum_steps}.")
@@ -427,6 +446,29 @@ class Config:
         if not self.workdir:
             raise ValueError("workdir='' : set workdir=DIR, where the run's checkpoints and metrics go.")
         return self
+
+    def _validate_context(self) -> None:
+        """Context parallelism shards every sequence of the batch over mesh.context: each length must divide."""
+        n = self.mesh.context
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"mesh.context={n!r} must be a positive integer (1 = no context parallelism); "
+                             "-1 is not allowed on this axis.")
+        if n == 1:
+            return
+        from t5like.data import batch_shapes
+        for key, (shape, _) in batch_shapes(self.data, 1).items():
+            if len(shape) > 1 and shape[1] % n:
+                field = "data.target_len" if key.startswith("decoder_") else "data.seq_len"
+                raise ValueError(f"mesh.context={n} does not divide the length {shape[1]} of batch[{key!r}] "
+                                 f"({field}); every sequence is split into mesh.context equal parts: set {field} "
+                                 f"to a multiple of {n}, or another mesh.context.")
+        if self.model.attention_impl == "splash":
+            for key, (shape, _) in batch_shapes(self.data, 1).items():
+                if len(shape) > 1 and shape[1] // n % 128:
+                    raise ValueError(f"mesh.context={n} with model.attention_impl='splash': each shard's queries "
+                                     f"(batch[{key!r}] length {shape[1]} / {n} = {shape[1] // n}) must be a multiple "
+                                     f"of 128; set data.seq_len (and data.target_len) to a multiple of {128 * n}, "
+                                     "or use model.attention_impl=xla.")
 
 
 # key=value overrides ------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ Conventions (those the training batches use):
   The ids above are t5like's (BOS/decoder start = pad = 0, EOS = 1); DecodeConfig.start_id / eos_id set a
   checkpoint's own (t5like.generate takes them from the tokenizer): start_id=-1 reads no BOS (GPT-2).
 
+With a sliding window (model.attention_window=W) shorter than a decode, the KV cache keeps W slots per layer, a
+ring buffer (Attention.attend_ring): its memory and each step's attention stay O(W) however long the decode.
+
 Decoding runs under the model's Sharder: cache and activations carry the training names
 (batch over data/fsdp, kv heads over tensor). Bad settings raise ValueError before anything compiles.
 """

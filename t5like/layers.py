@@ -26,6 +26,7 @@ Array = jax.Array
 
 
 KV_NAMES = ("batch", "length", "act_kv_heads", None)     # keys/values [B, S, K, H]
+KV_GATHERED_NAMES = ("batch", None, "act_kv_heads", None)  # the same, whole along the length (context parallelism)
 CACHE_NAMES = ("batch", "act_kv_heads", "length", None)  # a decode cache's [B, K, S, H]
 
 
@@ -210,25 +211,29 @@ class MaskSpec:
     prefix_BT: Optional[Array] = None
     causal: bool = struct.field(pytree_node=False, default=False)
     self_attention: bool = struct.field(pytree_node=False, default=False)  # same ids on both sides: no empty rows
+    window: int = struct.field(pytree_node=False, default=0)  # model.attention_window: keys |t - s| < window; 0 = all
 
-    def dense(self, *, with_causal: bool = True) -> Array:
+    def dense(self, *, with_causal: bool = True, with_window: bool = True) -> Array:
         """Boolean [B, 1, T, S]: True where query t may attend to key s."""
         mask = self.q_segment_ids_BT[:, :, None] == self.k_segment_ids_BS[:, None, :]
+        t, s = self.q_segment_ids_BT.shape[1], self.k_segment_ids_BS.shape[1]
         if self.causal and with_causal:
-            t, s = self.q_segment_ids_BT.shape[1], self.k_segment_ids_BS.shape[1]
             allowed = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
             if self.prefix_BT is not None:
                 p = self.prefix_BT.astype(bool)
                 allowed = allowed[None] | (p[:, :, None] & p[:, None, :])
             mask = mask & allowed
+        if self.window and with_window:
+            mask = mask & (jnp.abs(jnp.arange(t)[:, None] - jnp.arange(s)[None, :]) < self.window)
         return mask[:, None, :, :]
 
 
 def attention_mask(q_segment_ids_BT: Array, k_segment_ids_BS: Array, *, causal: bool,
-                   prefix_BT: Optional[Array] = None) -> MaskSpec:
-    """The mask of (packed) self- or cross-attention; `.dense()` is the boolean [B, 1, T, S] form."""
+                   prefix_BT: Optional[Array] = None, window: int = 0) -> MaskSpec:
+    """The mask of (packed) self- or cross-attention; `.dense()` is the boolean [B, 1, T, S] form.
+    `window` (model.attention_window, self-attention only) keeps the keys less than `window` positions away."""
     return MaskSpec(q_segment_ids_BT, k_segment_ids_BS, prefix_BT, causal=causal,
-                    self_attention=q_segment_ids_BT is k_segment_ids_BS)
+                    self_attention=q_segment_ids_BT is k_segment_ids_BS, window=window)
 
 
 def decode_mask(start_B: Array, q_slots_T: Array, num_slots: int, prefix_end: Optional[Array] = None) -> Array:
@@ -248,6 +253,27 @@ def decode_mask(start_B: Array, q_slots_T: Array, num_slots: int, prefix_end: Op
     return (visible_TS[None] & (real_BS[:, None, :] | self_TS[None]))[:, None]
 
 
+def ring_slots(index: Array, num_slots: int) -> Array:
+    """The token number each slot of a ring buffer holds before writing at `index`: slot j holds the latest
+    i < index with i % num_slots == j; negative where the slot is still empty."""
+    j = jnp.arange(num_slots)
+    return index - 1 - jnp.mod(index - 1 - j, num_slots)
+
+
+def ring_mask(start_B: Array, q_slots_T: Array, k_slots_S: Array, window: int,
+              prefix_end: Optional[Array] = None) -> Array:
+    """Boolean [B, 1, T, S] of sliding-window decoding: queries at token numbers q_slots_T against keys at
+    k_slots_S (the ring's slots, then the new tokens; negative = empty). As `decode_mask`, with keys further
+    than `window` - 1 tokens away hidden as in training."""
+    q, k = q_slots_T[:, None], k_slots_S[None, :]
+    visible_TS = (k >= 0) & (k <= q)
+    if prefix_end is not None:
+        visible_TS = visible_TS | ((k >= 0) & (k < prefix_end) & (q < prefix_end))
+    visible_TS = visible_TS & (jnp.abs(q - k) < window)
+    real_BS = k_slots_S[None, :] >= start_B[:, None]
+    return (visible_TS[None] & (real_BS[:, None, :] | (k == q)[None]))[:, None]
+
+
 def cache_read_lengths(num_slots: int) -> tuple[int, ...]:
     """The lengths decoding reads a cache of `num_slots` slots at: attention reads the shortest that holds
     every filled slot, not the whole cache, so early steps of a long decode do not pay for its end. At most
@@ -264,6 +290,15 @@ def platform(shard: Sharder) -> str:
     return shard.mesh.devices.flat[0].platform if shard.mesh is not None else jax.default_backend()
 
 
+def context_size(shard: Sharder) -> int:
+    """How many shards the length of activations has (mesh.context): 1 without context parallelism."""
+    if shard.mesh is None:
+        return 1
+    axes = dict(shard.rules).get("length")
+    axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(shard.mesh.shape.get(a, 1) for a in axes)
+
+
 def attention_kernel(impl: Optional[str], q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask: "MaskSpec | Array",
                      bias_BNTS: Optional[Array], shard: Sharder, scale: Optional[float] = None) -> Array:
     """softmax(scale * q k^T + bias, masked) v through the kernel `impl` (model.attention_impl); scale None
@@ -276,10 +311,21 @@ def attention_kernel(impl: Optional[str], q_BTNH: Array, k_BSKH: Array, v_BSKH: 
         (batch and heads stay sharded). Interpreted on other platforms (tests).
     A dense mask (prefix tuning's widened keys) always goes to XLA, as does cross-attention under splash:
     a padding query there can see no key at all, a row splash leaves undefined.
+    A sliding window (mask.window): XLA computes it blockwise (`windowed_attention`, cost ~T*W) once the
+    sequence spans 4 windows, densely masked below that or with a bias; splash takes its LocalMask; cuDNN
+    its causal `local_window_size`.
+    Context parallelism (mesh.context > 1, queries' length sharded over it): the dense path all-gathers K/V
+    over the length, so each device attends its query shard to every key (docs/sharding.md); the blockwise
+    path needs only the neighbouring blocks, which XLA exchanges itself; splash gathers them in its shard_map.
     """
     if not isinstance(mask, MaskSpec):
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask, scale=scale,
                                             implementation="xla" if impl in ("splash", "cudnn") else impl)
+    if impl in (None, "xla") and mask.window and bias_BNTS is None and q_BTNH.shape[1] >= 4 * mask.window \
+            and q_BTNH.shape[1] == k_BSKH.shape[1]:
+        return windowed_attention(q_BTNH, k_BSKH, v_BSKH, mask, scale)
+    if impl != "splash" and context_size(shard) > 1:
+        k_BSKH, v_BSKH = shard(k_BSKH, KV_GATHERED_NAMES), shard(v_BSKH, KV_GATHERED_NAMES)
     if impl == "splash" and mask.self_attention:
         if bias_BNTS is not None:
             raise ValueError("model.attention_impl='splash' takes no attention bias (model.position='relative'); "
@@ -289,10 +335,65 @@ def attention_kernel(impl: Optional[str], q_BTNH: Array, k_BSKH: Array, v_BSKH: 
                              "use model.attention_impl=xla for data.objective=prefix_lm.")
         return splash_attention(q_BTNH, k_BSKH, v_BSKH, mask, shard, scale)
     if impl == "cudnn" and mask.prefix_BT is None:
-        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask.dense(with_causal=False),
-                                            scale=scale, is_causal=mask.causal, implementation="cudnn")
+        if mask.window and not mask.causal:
+            raise ValueError(f"model.attention_impl='cudnn' has a causal sliding window only; this attention is "
+                             f"bidirectional with model.attention_window={mask.window}: use model.attention_impl=xla.")
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS,
+                                            mask=mask.dense(with_causal=False, with_window=False), scale=scale,
+                                            is_causal=mask.causal, implementation="cudnn",
+                                            local_window_size=(mask.window - 1, 0) if mask.window else None)
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask.dense(), scale=scale,
                                         implementation="xla" if impl == "splash" else impl)
+
+
+def windowed_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, mask: MaskSpec,
+                       scale: Optional[float] = None) -> Array:
+    """Sliding-window self-attention computed blockwise, so that its cost grows with T*W, not T^2.
+
+    The sequence is cut into blocks of C = W positions. A query's keys lie less than W positions away, so in
+    its own block or the previous one (causal), or also the next one (bidirectional, prefix-LM): each query
+    block attends to 2 (or 3) key blocks, [B, T/C, C, 2C or 3C] logits in all, masked exactly as `dense()`
+    (segments, causality, prefix, |t - s| < W). T is padded up to a multiple of C with keys no query sees.
+    Logits and softmax in float32, as jax.nn.dot_product_attention's XLA path.
+    """
+    B, T, N, H = q_BTNH.shape
+    K, W = k_BTKH.shape[2], mask.window
+    C = W
+    n = -(-T // C)
+    two_sided = not mask.causal or mask.prefix_BT is not None
+
+    def blocks(x, fill):  # [B, T, ...] -> [B, n, C, ...], padded with `fill`
+        x = jnp.pad(x, [(0, 0), (0, n * C - T)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return x.reshape(B, n, C, *x.shape[2:])
+
+    def neighbours(x, fill):  # [B, n, C, ...] -> the key blocks of each query block, [B, n, 2C or 3C, ...]
+        edge = jnp.full_like(x[:, :1], fill)
+        parts = [jnp.concatenate([edge, x[:, :-1]], 1), x] + ([jnp.concatenate([x[:, 1:], edge], 1)] if two_sided else [])
+        return jnp.concatenate(parts, axis=2)
+
+    q_BnCKGH = blocks(q_BTNH, 0).reshape(B, n, C, K, N // K, H)
+    k_BnJKH, v_BnJKH = (neighbours(blocks(x, 0), 0) for x in (k_BTKH, v_BTKH))
+    # Padding keys carry segment -2 and padding queries -1: they match nothing, and nothing is lost.
+    q_seg_BnC = blocks(mask.q_segment_ids_BT.astype(jnp.int32), -1)
+    k_seg_BnJ = neighbours(blocks(mask.k_segment_ids_BS.astype(jnp.int32), -2), -2)
+    q_pos_nC = jnp.arange(n * C).reshape(n, C)
+    k_pos_nJ = jnp.concatenate([q_pos_nC - C, q_pos_nC] + ([q_pos_nC + C] if two_sided else []), axis=1)
+    d_nCJ = q_pos_nC[:, :, None] - k_pos_nJ[:, None, :]
+    visible_BnCJ = (q_seg_BnC[..., None] == k_seg_BnJ[:, :, None, :]) & (jnp.abs(d_nCJ) < W)[None]
+    if mask.causal:
+        allowed = (d_nCJ >= 0)[None]
+        if mask.prefix_BT is not None:
+            p_q = blocks(mask.prefix_BT.astype(bool), False)
+            p_k = neighbours(p_q, False)
+            allowed = allowed | (p_q[..., None] & p_k[:, :, None, :])
+        visible_BnCJ = visible_BnCJ & allowed
+
+    logits = jnp.einsum("bnckgh,bnjkh->bnkgcj", q_BnCKGH, k_BnJKH, preferred_element_type=jnp.float32)
+    logits = logits * (H ** -0.5 if scale is None else scale)
+    logits = jnp.where(visible_BnCJ[:, :, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BnJKH.dtype)
+    o_BnCKGH = jnp.einsum("bnkgcj,bnjkh->bnckgh", probs, v_BnJKH)
+    return o_BnCKGH.reshape(B, n * C, N, H)[:, :T].astype(q_BTNH.dtype)
 
 
 def cache_attention(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TS: Array, bias_BNTS: Optional[Array],
@@ -318,16 +419,30 @@ SPLASH_BLOCK = 512  # the largest query/key block; sequences must be a multiple 
 
 def splash_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask: MaskSpec, shard: Sharder,
                      scale: Optional[float] = None) -> Array:
+    """Splash under shard_map: batch and heads stay sharded, and with context parallelism the queries keep their
+    length shard while keys and values are whole (all-gathered). Each context shard then runs the kernel whose
+    static mask starts at its own first query (`offset`): one kernel per shard, picked by lax.switch."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    from t5like.sharding import logical_to_spec
 
     T, S, H = q_BTNH.shape[1], k_BSKH.shape[1], q_BTNH.shape[3]
     for name, n in (("query", T), ("key", S)):
         if n % 128:
             raise ValueError(f"model.attention_impl='splash' needs {name} lengths that are multiples of 128, "
                              f"got {n}; set data.seq_len (and data.target_len) to a multiple of 128.")
+    sharded = shard.mesh is not None and shard.mesh.size > 1
+    spec = lambda names, x: logical_to_spec(names, x.shape, shard.mesh, shard.rules)
+    context_axes = spec(("batch", "length"), mask.q_segment_ids_BT)[1] if sharded else None
+    context = 1 if context_axes is None else math.prod(shard.mesh.shape[a] for a in (
+        context_axes if isinstance(context_axes, tuple) else (context_axes,)))
+    Tq = T // context  # each shard's queries
+    if Tq % 128:
+        raise ValueError(f"model.attention_impl='splash' with mesh.context={context} needs each shard's queries "
+                         f"(length {T} / {context} = {Tq}) to be a multiple of 128; set data.seq_len to a multiple "
+                         f"of {128 * context}, or use model.attention_impl=xla.")
     interpret = platform(shard) != "tpu"
-    bq, bkv = min(SPLASH_BLOCK, T), min(SPLASH_BLOCK, S)
-    while T % bq:
+    bq, bkv = min(SPLASH_BLOCK, Tq), min(SPLASH_BLOCK, S)
+    while Tq % bq:
         bq //= 2
     while S % bkv:
         bkv //= 2
@@ -335,30 +450,41 @@ def splash_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask: MaskSpec
                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     groups = q_BTNH.shape[2] // k_BSKH.shape[2]
 
+    def kernel_at(offset: int, N: int):
+        if mask.window:  # LocalMask's window counts the keys beside the query: W - 1 of them, W with itself
+            base = sa.LocalMask((Tq, S), (mask.window - 1, 0 if mask.causal else mask.window - 1), offset=offset)
+        elif mask.causal:
+            base = sa.CausalMask((Tq, S), offset=offset)
+        else:
+            base = sa.FullMask((Tq, S))
+        return sa.make_splash_mha(sa.MultiHeadMask([base] * N), head_shards=1, q_seq_shards=1,
+                                  block_sizes=sizes, interpret=interpret)
+
     def local(q_BNTH, k_BKSH, v_BKSH, q_seg_BT, k_seg_BS):
         # Per shard: the kernel works on one sequence [heads, length, head_dim]; vmap over the local batch.
         N = q_BNTH.shape[1]
-        base = sa.CausalMask((T, S)) if mask.causal else sa.FullMask((T, S))
-        kernel = sa.make_splash_mha(sa.MultiHeadMask([base] * N), head_shards=1, q_seq_shards=1,
-                                    block_sizes=sizes, interpret=interpret)
         k_BNSH, v_BNSH = (jnp.repeat(x, groups, axis=1) for x in (k_BKSH, v_BKSH))  # GQA: share kv heads
-        return jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sa.SegmentIds(qs, ks)))(
-            q_BNTH, k_BNSH, v_BNSH, q_seg_BT, k_seg_BS)
+
+        def run(kernel):
+            return jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sa.SegmentIds(qs, ks)))(
+                q_BNTH, k_BNSH, v_BNSH, q_seg_BT, k_seg_BS)
+        if context == 1:
+            return run(kernel_at(0, N))
+        kernels = [kernel_at(i * Tq, N) for i in range(context)]
+        return jax.lax.switch(jax.lax.axis_index(context_axes), [functools.partial(run, k) for k in kernels])
 
     # The kernel does not scale the logits.
     args = ((q_BTNH * (H ** -0.5 if scale is None else scale)).transpose(0, 2, 1, 3), k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3),
             mask.q_segment_ids_BT.astype(jnp.int32), mask.k_segment_ids_BS.astype(jnp.int32))
-    if shard.mesh is not None and shard.mesh.size > 1:
-        from t5like.sharding import logical_to_spec
-        spec = lambda names, x: logical_to_spec(names, x.shape, shard.mesh, shard.rules)
-        heads = ("batch", "act_heads", None, None)
+    if sharded:
+        heads = ("batch", "act_heads", "length", None)
         kv = ("batch", "act_kv_heads", None, None)
         q_spec = spec(heads, args[0])
         kv_spec = spec(kv, args[1])
         if groups > 1 and kv_spec[1] != q_spec[1]:
-            q_spec = spec(("batch", None, None, None), args[0])  # kv heads replicated: keep q heads whole too
-        seg_spec = spec(("batch", None), args[3])
-        local = jax.shard_map(local, mesh=shard.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+            q_spec = spec(("batch", None, "length", None), args[0])  # kv heads replicated: keep q heads whole too
+        q_seg_spec, k_seg_spec = spec(("batch", "length"), args[3]), spec(("batch", None), args[4])
+        local = jax.shard_map(local, mesh=shard.mesh, in_specs=(q_spec, kv_spec, kv_spec, q_seg_spec, k_seg_spec),
                               out_specs=q_spec, check_vma=False)
     return local(*args).transpose(0, 2, 1, 3).astype(q_BTNH.dtype)
 
@@ -479,6 +605,32 @@ class Attention(nnx.Module):
         shortest = jnp.searchsorted(jnp.asarray(lengths), index + x_BTD.shape[1])
         y_BTD = jax.lax.switch(shortest, [functools.partial(read, n) for n in lengths])
         return y_BTD, k_LBKSH, v_LBKSH
+
+    def attend_ring(self, x_BTD: Array, positions_BT: Array, k_LBKRH: Array, v_LBKRH: Array, layer: Array,
+                    index: Array, *, mask_B1TS: Array, shard: Sharder, bias_BNTS: Optional[Array] = None,
+                    prefix_kv=None) -> tuple[Array, Array, Array]:
+        """Sliding-window decoding: self-attention of T new tokens against a ring buffer of R = W slots.
+
+        Token number i (counting from the cache's slot 0) lives in ring slot i % R until token i + R replaces
+        it, so the ring always holds the last R tokens: all a windowed query can see. The new tokens attend
+        to the ring's R slots followed by themselves (`mask_B1TS` is [B, 1, T, R + T], see `ring_mask`); then
+        the last min(T, R) of them are written into their slots. Returns the output and the updated ring.
+        """
+        q_BTNH = self.project_query(x_BTD, positions_BT, shard)
+        k_BTKH, v_BTKH = self.project_kv(x_BTD, positions_BT, shard)
+        T, R = x_BTD.shape[1], k_LBKRH.shape[3]
+        new_k, new_v = (jnp.swapaxes(x, 1, 2).astype(k_LBKRH.dtype) for x in (k_BTKH, v_BTKH))  # [B, K, T, H]
+        k_BKSH, v_BKSH = (shard(jnp.concatenate([c[layer], x], axis=2).astype(self.dtype), CACHE_NAMES)
+                          for c, x in ((k_LBKRH, new_k), (v_LBKRH, new_v)))
+        k, v, mask, bias = with_prefix(k_BKSH, v_BKSH, mask_B1TS, bias_BNTS, prefix_kv, shard, length_axis=2)
+        y_BTD = self.attend_stored(q_BTNH, k, v, mask, bias, shard)
+        keep = min(T, R)
+        slots = (index + jnp.arange(T - keep, T)) % R
+
+        def write(c, x):
+            ring_BKRH = c[layer].at[:, :, slots].set(x[:, :, T - keep:])
+            return jax.lax.dynamic_update_slice(c, ring_BKRH[None], (layer, 0, 0, 0, 0))
+        return y_BTD, write(k_LBKRH, new_k), write(v_LBKRH, new_v)
 
     def __call__(self, x_BTD: Array, context_BSD: Array, *, mask_B1TS: "MaskSpec | Array", shard: Sharder,
                  bias_BNTS: Optional[Array] = None, q_positions_BT: Optional[Array] = None,

@@ -74,11 +74,14 @@ class Block(nnx.Module):
         return norm(x + y) if self.post_norm else x + y
 
     def decode(self, x_BTD: Array, k_LBKSH: Array, v_LBKSH: Array, layer: Array, *, index, mask, bias, positions,
-               shard: Sharder, cross_k_BKSH=None, cross_v_BKSH=None, cross_mask=None, prefix_kv=None):
+               shard: Sharder, cross_k_BKSH=None, cross_v_BKSH=None, cross_mask=None, prefix_kv=None,
+               ring: bool = False):
         """One layer (number `layer` of the stack) over T new tokens: self-attention against, and into, the
-        stack's cache [layers, B, K, S, H]; cross-attention against the encoder's keys/values, computed once
-        before decoding. Returns (x, k, v): the cache with this layer's new slots written."""
-        y, k_LBKSH, v_LBKSH = self.attn.attend_cached(self._norm_in(x_BTD, self.attn_norm), positions, k_LBKSH,
+        stack's cache [layers, B, K, S, H] (a sliding window's ring buffer with `ring`); cross-attention against
+        the encoder's keys/values, computed once before decoding. Returns (x, k, v): the cache with this layer's
+        new slots written."""
+        attend = self.attn.attend_ring if ring else self.attn.attend_cached
+        y, k_LBKSH, v_LBKSH = attend(self._norm_in(x_BTD, self.attn_norm), positions, k_LBKSH,
                                                       v_LBKSH, layer, index, mask_B1TS=mask, bias_BNTS=bias,
                                                       shard=shard, prefix_kv=prefix_kv)
         x_BTD = self._add(x_BTD, y, self.attn_norm)
@@ -185,7 +188,8 @@ class Stack(nnx.Module):
         return KVCache(shard(k, KV_CACHE_AXES), shard(v, KV_CACHE_AXES))
 
     def decode(self, x_BTD: Array, cache: "KVCache", *, index, mask, q_positions_BT, k_positions_BS,
-               shard: Sharder, cross: Optional["KVCache"] = None, cross_mask=None) -> tuple[Array, "KVCache"]:
+               shard: Sharder, cross: Optional["KVCache"] = None, cross_mask=None,
+               ring: bool = False) -> tuple[Array, "KVCache"]:
         """T new tokens through every layer, writing their keys/values into `cache` at slot `index`."""
         # T5 bias of each query position against every cache slot (causal buckets in a decoder stack).
         bias = None if self.relative_bias is None else self.relative_bias(q_positions_BT, k_positions_BS)
@@ -200,7 +204,8 @@ class Stack(nnx.Module):
             layer = nnx.merge(graphdef, layer_params)
             x, k_LBKSH, v_LBKSH = layer.decode(x, k_LBKSH, v_LBKSH, i, index=index, mask=mask, bias=bias,
                                                positions=q_positions_BT, shard=shard, cross_k_BKSH=cross_k,
-                                               cross_v_BKSH=cross_v, cross_mask=cross_mask, prefix_kv=prefix_kv)
+                                               cross_v_BKSH=cross_v, cross_mask=cross_mask, prefix_kv=prefix_kv,
+                                               ring=ring)
             return (x, k_LBKSH, v_LBKSH), None
 
         xs = (params, jnp.arange(self.num_layers), None if cross is None else cross.k,
@@ -245,6 +250,9 @@ class DecodeCache:
     index: Array                           # int32 scalar: the next slot to write
     cross_kv: Optional[KVCache] = None     # encoder-decoder: [layers, B, K, S_enc, H]
     encoder_valid_BS: Optional[Array] = None  # encoder-decoder: bool [B, S_enc], False on encoder padding
+    # model.attention_window when self_kv is a ring buffer of that many slots (Attention.attend_ring); 0: a
+    # plain cache, slot i holding token i (also under a window, when the decode fits in the window).
+    window: int = struct.field(pytree_node=False, default=0)
 
     @property
     def length(self) -> int:
@@ -256,7 +264,7 @@ class DecodeCache:
             return None if x is None else jnp.take(x, rows_B, axis=axis)
         kv = lambda c: None if c is None else KVCache(rows(c.k, 1), rows(c.v, 1))
         return DecodeCache(kv(self.self_kv), rows(self.start_B, 0), self.index, kv(self.cross_kv),
-                           rows(self.encoder_valid_BS, 0))
+                           rows(self.encoder_valid_BS, 0), window=self.window)
 
 
 def _decode_step(model, ids_BT: Array, cache: DecodeCache, last_only: bool,
@@ -265,15 +273,21 @@ def _decode_step(model, ids_BT: Array, cache: DecodeCache, last_only: bool,
     `prefix`: all but the last of them attend to each other bidirectionally (a prefix-LM prompt)."""
     T, S = ids_BT.shape[1], cache.length
     slots_T = cache.index + jnp.arange(T, dtype=jnp.int32)
+    prefix_end = slots_T[-1] if prefix else None
+    if cache.window:  # keys: the ring's slots (the token each holds), then the new tokens
+        k_slots_S = jnp.concatenate([L.ring_slots(cache.index, S), slots_T])
+        mask = L.ring_mask(cache.start_B, slots_T, k_slots_S, cache.window, prefix_end)
+    else:
+        k_slots_S = jnp.arange(S, dtype=jnp.int32)
+        mask = L.decode_mask(cache.start_B, slots_T, S, prefix_end=prefix_end)
     # Clamped at 0 so padding slots never index outside a learned position table (NaN in a gather).
     q_positions_BT = jnp.maximum(slots_T[None, :] - cache.start_B[:, None], 0)
-    k_positions_BS = jnp.maximum(jnp.arange(S, dtype=jnp.int32)[None, :] - cache.start_B[:, None], 0)
-    mask = L.decode_mask(cache.start_B, slots_T, S, prefix_end=slots_T[-1] if prefix else None)
+    k_positions_BS = jnp.maximum(k_slots_S[None, :] - cache.start_B[:, None], 0)
     cross_mask = None if cache.encoder_valid_BS is None else cache.encoder_valid_BS[:, None, None, :]
     x = model.embed_tokens(ids_BT, q_positions_BT)
     x, self_kv = model.decoder.decode(x, cache.self_kv, index=cache.index, mask=mask, q_positions_BT=q_positions_BT,
                                       k_positions_BS=k_positions_BS, shard=model.shard, cross=cache.cross_kv,
-                                      cross_mask=cross_mask)
+                                      cross_mask=cross_mask, ring=bool(cache.window))
     logits = model.logits(x[:, -1:] if last_only else x)
     return logits, cache.replace(self_kv=self_kv, index=cache.index + T)
 
@@ -310,9 +324,15 @@ class _Base(nnx.Module):
         ids = batch[ids_key]
         seg, pos = _segments_and_positions(batch, prefix, ids)
         r = _split(rng, 2)
-        mask = L.attention_mask(seg, seg, causal=False)
+        mask = L.attention_mask(seg, seg, causal=False, window=self.cfg.attention_window)
         x = self.embed_tokens(ids, pos, r[0], token_types_BL=batch.get(f"{prefix}token_types"))
         return self.encoder(x, mask=mask, positions=pos, shard=self.shard, rng=r[1])
+
+    def _cache_slots(self, length: int) -> tuple[int, int]:
+        """(slots, ring window) of a decode cache for `length` tokens: a sliding window W shorter than the
+        decode keeps only W slots, a ring buffer; otherwise one slot per token (window 0)."""
+        W = self.cfg.attention_window
+        return (W, W) if 0 < W < length else (length, 0)
 
     def logits(self, x_BLD: Array) -> Array:
         if self.cfg.tied_head_rescale:  # T5: the tied head sees the hidden state scaled by d_model**-0.5
@@ -334,14 +354,16 @@ class DecoderOnly(_Base):
         ids = batch["inputs"]
         seg, pos = _segments_and_positions(batch, "", ids)
         r = _split(rng, 2)
-        mask = L.attention_mask(seg, seg, causal=True, prefix_BT=batch.get("prefix"))
+        mask = L.attention_mask(seg, seg, causal=True, prefix_BT=batch.get("prefix"), window=self.cfg.attention_window)
         x = self.decoder(self.embed_tokens(ids, pos, r[0]), mask=mask, positions=pos, shard=self.shard, rng=r[1])
         return self.logits(x)
 
     def init_cache(self, start_B: Array, length: int) -> DecodeCache:
-        """An empty cache of `length` slots for left-padded rows whose real tokens start at start_B."""
-        return DecodeCache(self.decoder.empty_cache(start_B.shape[0], length, self.shard),
-                           start_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
+        """An empty cache for `length` tokens of left-padded rows whose real tokens start at start_B: `length`
+        slots, or a ring of model.attention_window slots when the window is shorter."""
+        slots, window = self._cache_slots(length)
+        return DecodeCache(self.decoder.empty_cache(start_B.shape[0], slots, self.shard),
+                           start_B.astype(jnp.int32), jnp.zeros((), jnp.int32), window=window)
 
     def decode_step(self, ids_BT: Array, cache: DecodeCache, *, last_only: bool = False, prefix: bool = False):
         """Prefill (T = prompt length) or one decoding step (T = 1): (float32 logits [B, T, V], cache).
@@ -395,7 +417,7 @@ class EncoderDecoder(_Base):
         seg, pos = _segments_and_positions(batch, "decoder_", ids)
         enc_seg, _ = _segments_and_positions(batch, "encoder_", batch["encoder_inputs"])
         r = _split(rng, 2)
-        mask = L.attention_mask(seg, seg, causal=True)
+        mask = L.attention_mask(seg, seg, causal=True, window=self.cfg.attention_window)
         cross_mask = L.attention_mask(seg, enc_seg, causal=False)
         x = self.decoder(self.embed_tokens(ids, pos, r[0]), mask=mask, positions=pos, shard=self.shard,
                          rng=r[1], encoded_BSD=encoded_BSD, cross_mask=cross_mask)
@@ -410,9 +432,10 @@ class EncoderDecoder(_Base):
         self-attention cache of `length` slots. Encoder rows are right-padded (segment id 0)."""
         encoded = self.encode({"encoder_inputs": encoder_inputs_BS, "encoder_segment_ids": encoder_segment_ids_BS})
         B = encoder_inputs_BS.shape[0]
-        return DecodeCache(self.decoder.empty_cache(B, length, self.shard), jnp.zeros((B,), jnp.int32),
+        slots, window = self._cache_slots(length)
+        return DecodeCache(self.decoder.empty_cache(B, slots, self.shard), jnp.zeros((B,), jnp.int32),
                            jnp.zeros((), jnp.int32), self.decoder.cross_kv(encoded, self.shard),
-                           encoder_segment_ids_BS > 0)
+                           encoder_segment_ids_BS > 0, window=window)
 
     def decode_step(self, ids_BT: Array, cache: DecodeCache, *, last_only: bool = False):
         """Decoder tokens (the first is the start token 0) -> (float32 logits [B, T, V], cache)."""

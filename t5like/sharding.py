@@ -9,6 +9,7 @@ DP, FSDP and TP are choices of mesh shape and rules, never of model code:
   DP:      mesh data=-1                  (batch over `data`)
   FSDP:    mesh fsdp=-1                  (batch and weights' `embed` over `fsdp`)
   TP:      mesh tensor=N                 (heads, mlp and vocab over `tensor`)
+  CP:      mesh context=N                (activations' `length` over `context`; attention all-gathers K/V)
 The mesh axes are Auto (GSPMD propagation). JAX >= 0.7 defaults `make_mesh` to Explicit axes,
 so we say which we want.
 """
@@ -25,13 +26,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from t5like.config import MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# `context` sits next to `tensor`, inside fsdp: its per-layer K/V all-gathers want fast links too.
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # activations
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -70,31 +72,59 @@ def validate_rules(rules: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], .
     return tuple(out)
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Resolve -1 and check that the mesh covers exactly the devices there are."""
-    shape = [cfg.data, cfg.fsdp, cfg.tensor]
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
+    """Resolve -1 and check that the mesh covers exactly the devices there are (in MESH_AXES order)."""
+    shape = [cfg.data, cfg.fsdp, cfg.context, cfg.tensor]
     for name, size in zip(MESH_AXES, shape):
         if size == 0 or size < -1:
             raise ValueError(f"mesh.{name}={size} must be a positive integer or -1 (all remaining devices).")
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh (data, fsdp, tensor)={tuple(shape)} has more than one -1; set all but one.")
+        raise ValueError(f"mesh (data, fsdp, context, tensor)={tuple(shape)} has more than one -1; set all but one.")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"mesh (data, fsdp, tensor)={tuple(shape)}: the fixed axes ({known}) do not divide "
+            raise ValueError(f"mesh (data, fsdp, context, tensor)={tuple(shape)}: the fixed axes ({known}) do not divide "
                              f"the {num_devices} devices; choose sizes whose product divides {num_devices}.")
         shape[shape.index(-1)] = num_devices // known
     if math.prod(shape) != num_devices:
-        raise ValueError(f"mesh (data, fsdp, tensor)={tuple(shape)} has {math.prod(shape)} devices but "
+        raise ValueError(f"mesh (data, fsdp, context, tensor)={tuple(shape)} has {math.prod(shape)} devices but "
                          f"{num_devices} are available; make the product {num_devices}, or use -1 on one axis.")
     return tuple(shape)
 
 
+DCN_AXES = ("dcn_data", "dcn_fsdp")  # MeshConfig fields: how many slices the data and fsdp axes span
+
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """TPU slices among `devices` (their slice_index); 1 on other platforms."""
+    if devices[0].platform != "tpu":
+        return 1
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     devices = list(devices) if devices is not None else jax.devices()
-    shape = mesh_shape(cfg, len(devices))
     validate_rules(cfg.rules or DEFAULT_RULES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    dcn = [getattr(cfg, name) for name in DCN_AXES]
+    for name, size in zip(DCN_AXES, dcn):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"mesh.{name}={size!r} must be a positive integer (1 = within one slice).")
+    slices = math.prod(dcn)
+    # On TPU the slices are the devices' own; elsewhere processes play slices when DCN axes are asked for.
+    tpu = devices[0].platform == "tpu"
+    granules = num_slices(devices) if tpu else len({d.process_index for d in devices}) if slices > 1 else 1
+    if slices != granules:
+        what = "TPU slices" if tpu else "processes (each one plays a slice)"
+        raise ValueError(f"mesh.dcn_data={dcn[0]} x mesh.dcn_fsdp={dcn[1]} = {slices} slices, but the devices "
+                         f"belong to {granules} {what}; make mesh.dcn_data x mesh.dcn_fsdp = {granules} "
+                         f"(e.g. mesh.dcn_data={granules}).")
+    shape = mesh_shape(cfg, len(devices) // slices)  # per slice
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_hybrid_device_mesh(shape, (*dcn, 1, 1), devices, process_is_granule=not tpu)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(names: Sequence[Optional[str]], shape: Optional[Sequence[int]], mesh: Mesh,
@@ -114,7 +144,7 @@ def logical_to_spec(names: Sequence[Optional[str]], shape: Optional[Sequence[int
         kept = []
         size = None if shape is None else shape[i]
         for axis in axes:
-            n = mesh.shape[axis]
+            n = mesh.shape.get(axis, 1)  # an axis this mesh lacks is an axis of size 1
             if axis in used or n == 1:
                 continue
             if size is not None and size % (n * math.prod(mesh.shape[a] for a in kept)):

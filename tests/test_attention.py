@@ -12,7 +12,7 @@ from t5like import layers as L
 from t5like import train
 from t5like.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from t5like.data import DataConfig
-from t5like.sharding import MESH_AXES, Sharder
+from t5like.sharding import Sharder, make_mesh
 
 # Other processes on this machine may hold libtpu's lockfile; topology-only (AOT) use needs no TPU to itself.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -47,8 +47,7 @@ def both_kernels(q, k, v, mask, shard=Sharder(), fused="splash"):
 def test_splash_matches_xla_causal_gqa_under_a_mesh():
     """Causal, GQA (4 query heads on 2 kv heads), packed rows with padding, under shard_map over
     (data=2, tensor=2): outputs and all three input gradients agree with XLA (interpret mode)."""
-    mesh = jax.make_mesh((2, 1, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=jax.devices()[:4])
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
     B, T, N, K, H = 2, 128, 4, 2, 32
     seg = packed_segments(B, T, np.random.RandomState(0))
     q, k, v = qkv(B, T, N, K, H)

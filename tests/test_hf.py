@@ -30,7 +30,8 @@ TOL = 1e-4
 TEXT = open(argparse.__file__, encoding="utf-8").read()[:60000]
 
 # Odd shapes on purpose: 3 GPT-2 heads and a 1001-token vocabulary; T5 with d_kv * heads != d_model and
-# 3 decoder layers; Llama with 6 query / 2 KV heads, rope_theta 5000 and a tied head; BERT with 2 token types.
+# 3 decoder layers; Llama with 6 query / 2 KV heads, rope_theta 5000 and a tied head; BERT with 2 token types;
+# Mistral with a sliding window of 3, shorter than every sequence below (13 tokens, 27 when generating).
 CASES = {
     "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config(
         n_embd=48, n_head=3, n_layer=2, vocab_size=1001, n_positions=64, bos_token_id=0, eos_token_id=0,
@@ -48,8 +49,12 @@ CASES = {
         hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=64, num_hidden_layers=2,
         vocab_size=320, rope_theta=5000.0, tie_word_embeddings=True, max_position_embeddings=128,
         initializer_range=0.2)),
+    "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig(
+        hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=320, sliding_window=3, max_position_embeddings=128, initializer_range=0.2)),
 }
 AUTO = {"gpt2": transformers.AutoModelForCausalLM, "llama": transformers.AutoModelForCausalLM,
+        "mistral": transformers.AutoModelForCausalLM,
         "bert": transformers.AutoModelForMaskedLM, "t5_v1_0": transformers.AutoModelForSeq2SeqLM,
         "t5_v1_1": transformers.AutoModelForSeq2SeqLM}
 
@@ -100,7 +105,8 @@ def hf(tmp_path_factory):
         model.save_pretrained(d)
         out[name] = (model, d)
     byte_bpe(out["gpt2"][1], 600, ["<|endoftext|>"])
-    byte_bpe(out["llama"][1], 300, ["<unk>", "<s>", "</s>"], bos="<s>")
+    for name in ("llama", "mistral"):
+        byte_bpe(out[name][1], 300, ["<unk>", "<s>", "</s>"], bos="<s>")
     wordpiece(out["bert"][1], 200)
     for name in ("t5_v1_0", "t5_v1_1"):
         spiece(out[name][1], 200, 20)
@@ -213,7 +219,7 @@ def test_t5like_trained_models_export_to_transformers(preset, tmp_path):
 
 # Greedy generation ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["gpt2", "t5_v1_1", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "t5_v1_1", "llama", "mistral"])
 def test_greedy_generation_matches_transformers(name, hf, imported):
     hf_model, d = hf[name]
     _, model = imported[name]
@@ -284,8 +290,9 @@ def edited_copy(src, dst, config=None, tensors=None):
 def test_bad_checkpoints_are_refused_naming_the_problem(hf, tmp_path):
     gpt2 = hf["gpt2"][1]
     cases = [
-        (dict(config={"architectures": ["MistralForCausalLM"]}),
-         r"unsupported architecture \['MistralForCausalLM'\].*GPT2LMHeadModel.*BertForMaskedLM.*LlamaForCausalLM"),
+        (dict(config={"architectures": ["FalconForCausalLM"]}),
+         r"unsupported architecture \['FalconForCausalLM'\].*GPT2LMHeadModel.*BertForMaskedLM.*LlamaForCausalLM"
+         r".*MistralForCausalLM"),
         (dict(tensors=lambda w: w.pop("transformer.h.1.ln_2.bias")), r"missing tensor 'transformer.h.1.ln_2.bias'"),
         (dict(tensors=lambda w: w.update({"transformer.h.0.attn.extra.weight": np.zeros(3, np.float32)})),
          r"extra tensors .*transformer.h.0.attn.extra.weight"),

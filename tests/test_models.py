@@ -198,7 +198,7 @@ def test_bad_mesh_and_rules():
         validate_rules(DEFAULT_RULES + (("mlp", "model"),))
     with pytest.raises(ValueError, match="does not exist"):
         make_mesh(MeshConfig(rules=(("batch", ("data", "pipeline")),)))
-    assert make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2)).shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2)).shape == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
 
 
 def test_bert_preset_learns_from_context():

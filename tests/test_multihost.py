@@ -18,6 +18,8 @@ from xla import xla_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 EXPERIMENT = {"decoder": "gpt2_small", "encoder_decoder": "t5_base"}
+# The two-process decoder runs are two slices (processes play slices on CPU): data parallel over DCN, FSDP inside.
+TWO_SLICES = ("mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=-1")
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +70,10 @@ def losses(workdir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def reference(tok):
-    """Uninterrupted decoder runs: one process with 4 devices, and 2 processes with 2 devices each."""
+    """Uninterrupted decoder runs: one process with 4 devices (FSDP over 4), and 2 processes with 2 devices each
+    as 2 slices (data over DCN, FSDP over each slice's 2)."""
     one, two = tok["root"] / "one", tok["root"] / "two"
-    finish(start(tok, "decoder", one) + start(tok, "decoder", two, processes=2, devices=2))  # side by side
+    finish(start(tok, "decoder", one) + start(tok, "decoder", two, processes=2, devices=2, extra=TWO_SLICES))
     return {"one": losses(one), "two": losses(two), "two_dir": two}
 
 
@@ -125,7 +128,8 @@ def gs_runs(tok, gcs_server):
 
     def launch(run):
         return start(tok, "decoder", f"gs://{gcs_server.bucket}/{run['prefix']}", processes=run["processes"],
-                     devices=run["devices"], env=gcs_server.env, tokenizer=run["tokenizer"])
+                     devices=run["devices"], env=gcs_server.env, tokenizer=run["tokenizer"],
+                     extra=TWO_SLICES if run["processes"] == 2 else ())
 
     def committed(run):  # the step's own marker, written after its items' markers (state/, config/)
         return f"{run['prefix']}/checkpoints/{run['ckpt']}/commit_success.txt" in gcs_server.list_objects(run["prefix"])
@@ -154,6 +158,7 @@ def gs_runs(tok, gcs_server):
 
 
 def test_sigkill_on_gs_workdir_two_hosts_resumes_bitwise(tok, reference, gcs_server, gs_runs):
+    """Two slices (TWO_SLICES) killed after a checkpoint resume to the uninterrupted run's losses, bitwise."""
     outs = gs_runs["two"]["outs"]
     assert "resumed from" in outs[0]
     assert losses(f"gs://{gcs_server.bucket}/mh_kill") == reference["two"]

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: GPT-2, BERT, T5 (v1.0 and v1.1) and Llama.
+"""Hugging Face checkpoints in and out: GPT-2, BERT, T5 (v1.0 and v1.1), Llama and Mistral.
 
     cfg, model = load_pretrained("path/to/hf_dir", shard=Sharder(mesh))   # config.json + *.safetensors
     save_pretrained(model, "path/to/out")                                  # transformers.AutoModel*.from_pretrained loads it
@@ -19,12 +19,12 @@ import numpy as np
 from flax import nnx
 
 from t5like.config import Config, ModelConfig
-from t5like.hf import bert, gpt2, llama, t5
+from t5like.hf import bert, gpt2, llama, mistral, t5
 from t5like.hf.io import Tensors, read_hf_config, write_json, write_safetensors
 from t5like.models import abstract_model
 from t5like.sharding import Sharder, state_shardings
 
-MAPPINGS = {m.ARCHITECTURE: m for m in (gpt2, bert, t5, llama)}
+MAPPINGS = {m.ARCHITECTURE: m for m in (gpt2, bert, t5, llama, mistral)}
 # Other names of the same weights: the pre-training BERT (its pooler and NSP head are skipped, as
 # BertForMaskedLM does), and T5's name before transformers 2.x.
 ALIASES = {"BertForPreTraining": bert, "T5WithLMHeadModel": t5}

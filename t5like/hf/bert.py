@@ -96,7 +96,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
 def check_exportable(cfg: ModelConfig) -> list[str]:
     want = dict(family="encoder", position="learned", norm="layernorm", norm_placement="post", use_bias=True,
                 num_kv_heads=None, scale_embeddings=False, embedding_norm=True, scale_attention=True,
-                tied_head_rescale=False, num_classes=0, head_activation=cfg.activation)
+                tied_head_rescale=False, num_classes=0, head_activation=cfg.activation, attention_window=0)
     bad = [f"model.{k}={getattr(cfg, k)!r} (BERT needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
     if cfg.activation not in ACTIVATIONS_BACK:
         bad.append(f"model.activation={cfg.activation!r} (BERT needs one of {sorted(ACTIVATIONS_BACK)})")

@@ -86,7 +86,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
 def check_exportable(cfg: ModelConfig) -> list[str]:
     want = dict(family="decoder", position="learned", norm="layernorm", norm_placement="pre", use_bias=True,
                 num_kv_heads=None, scale_embeddings=False, embedding_norm=False, scale_attention=True,
-                type_vocab_size=0, tied_head_rescale=False)
+                type_vocab_size=0, tied_head_rescale=False, attention_window=0)
     bad = [f"model.{k}={getattr(cfg, k)!r} (GPT-2 needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
     if cfg.activation not in ACTIVATIONS_BACK:
         bad.append(f"model.activation={cfg.activation!r} (GPT-2 needs one of {sorted(ACTIVATIONS_BACK)})")

@@ -81,7 +81,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
 def check_exportable(cfg: ModelConfig) -> list[str]:
     want = dict(family="decoder", position="rope", activation="swiglu", norm="rmsnorm", norm_placement="pre",
                 use_bias=False, scale_embeddings=False, embedding_norm=False, scale_attention=True,
-                type_vocab_size=0, tied_head_rescale=False)
+                type_vocab_size=0, tied_head_rescale=False, attention_window=0)
     return [f"model.{k}={getattr(cfg, k)!r} (Llama needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
 
 

@@ -114,7 +114,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
 def check_exportable(cfg: ModelConfig) -> list[str]:
     want = dict(family="encoder_decoder", position="relative", norm="rmsnorm", norm_placement="pre",
                 use_bias=False, num_kv_heads=None, scale_embeddings=False, embedding_norm=False,
-                scale_attention=False, type_vocab_size=0)
+                scale_attention=False, type_vocab_size=0, attention_window=0)
     bad = [f"model.{k}={getattr(cfg, k)!r} (T5 needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
     if cfg.activation not in FEED_FORWARD_BACK:
         bad.append(f"model.activation={cfg.activation!r} (T5 needs one of {sorted(FEED_FORWARD_BACK)})")
