@@ -39,14 +39,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if value < low:
             raise ValueError(f"{flag}={value} must be >= {low}.")
     step = latest_step_or_raise(args.workdir)  # a workdir without a checkpoint fails before anything loads
-    cfg = read_config(args.workdir)
+    read_config(args.workdir)  # a workdir that is no run fails here too
     names = task_names(args.tasks)
     manager, _ = load_tasks(names, args.include_path)
 
-    from t5like.eval.lm import T5likeLM
-    from t5like.sharding import make_mesh
+    from t5like.eval.loading import lm_from_workdir
     started = time.perf_counter()
-    lm = T5likeLM.from_workdir(args.workdir, mesh=make_mesh(cfg.mesh), batch_size=args.batch_size)
+    lm = lm_from_workdir(args.workdir, batch_size=args.batch_size)
     results = run_tasks(lm, names, manager, limit=args.limit, num_fewshot=args.num_fewshot,
                         bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples, seed=args.seed)
     results.setdefault("config", {}).update({"model": f"t5like:{args.workdir}", "step": step,

@@ -1,7 +1,7 @@
 """lm-evaluation-harness's model interface for t5like models: loglikelihood, loglikelihood_rolling and
 generate_until (through t5like's KV-cache decoding), for decoder-only and encoder-decoder models.
 
-    lm = T5likeLM.from_workdir("runs/x")              # or T5likeLM(graphdef, params, tokenizer, family, max_len)
+    lm = T5likeLM(graphdef, params, tokenizer)        # or t5like.eval.loading.lm_from_workdir("runs/x")
     lm_eval.simple_evaluate(model=lm, tasks=[...])
 
 Requests are tokenised as lm-eval's Hugging Face backend (`hf`) does, and where the two differ nothing
@@ -74,14 +74,6 @@ class T5likeLM(TemplateLM):
         self.batch_size = -(-batch_size // split) * split  # every batch splits evenly over the mesh
         self.hf = isinstance(tokenizer, HFTokenizer)
         self.programs: set = set()  # (kind, shapes) of every compiled program
-
-    @classmethod
-    def from_workdir(cls, workdir: str, *, mesh=None, **kwargs) -> "T5likeLM":
-        from t5like.inference import load_for_inference
-        from t5like.sharding import Sharder
-        cfg, model, tokenizer = load_for_inference(workdir, Sharder(mesh) if mesh is not None else None)
-        graphdef, state = nnx.split(model)
-        return cls(graphdef, state.to_pure_dict(), tokenizer, **kwargs)
 
     @property
     def compiles(self) -> int:

@@ -10,6 +10,7 @@ lm-eval's own tasks only when a name is not found there.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 from typing import Optional, Sequence
@@ -52,7 +53,7 @@ def task_manager(names: Sequence[str], include_path: str = ""):
         check_task_files(include_path)
         manager = TaskManager(include_path=include_path, include_defaults=False)
     if manager is None or any(n not in manager.all_tasks for n in names):
-        manager = TaskManager(include_path=include_path or None)  # lm-eval's own tasks too
+        manager = _with_lm_eval_tasks(include_path)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         hints = {n: difflib.get_close_matches(n, manager.all_tasks, n=3, cutoff=0.6) for n in unknown}
@@ -60,6 +61,13 @@ def task_manager(names: Sequence[str], include_path: str = ""):
         where = f" or in include_path={include_path!r}" if include_path else " (pass --include-path DIR for local YAML tasks)"
         raise ValueError(f"unknown task(s) {unknown}: not among lm-eval's tasks{where}. {hint}".strip())
     return manager
+
+
+@functools.lru_cache(maxsize=4)
+def _with_lm_eval_tasks(include_path: str):
+    """lm-eval's own tasks (and include_path's): indexed once per process, it takes 10-60 s."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=include_path or None)
 
 
 def load_tasks(names: Sequence[str], include_path: str = "") -> tuple:
