@@ -88,7 +88,7 @@ def run_tasks(lm, names: Sequence[str], manager, *, limit: int = 0, num_fewshot:
     return lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit or None,
                                    num_fewshot=None if num_fewshot < 0 else num_fewshot,
                                    bootstrap_iters=bootstrap_iters, log_samples=log_samples,
-                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=None,  # no torch import
                                    fewshot_random_seed=seed)
 
 
@@ -98,7 +98,8 @@ def metric_rows(results: dict) -> dict[str, float]:
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
             metric, _, filt = key.partition(",")
-            if key == "alias" or "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key in ("alias", "sample_len") or "_stderr" in metric or not isinstance(value, (int, float)) \
+                    or isinstance(value, bool):
                 continue
             name = metric if filt in ("", "none") else f"{metric}.{filt}"
             rows[f"{task}/{name}"] = float(value)
