@@ -164,7 +164,7 @@ def test_tasks_equal_hf_backend(models, tasks_dir):
     names = ["tiny_mc", "tiny_ppl", "tiny_gen"]
     for name in ("gpt2", "llama", "t5_v1_1"):
         hf, ours, _ = models[name]
-        run = names if not name.startswith("t5") else ["tiny_mc"]
+        run = names if name == "gpt2" else ["tiny_mc"]  # Llama's rolling and generation: the test above
         manager, _ = load_tasks(run, tasks_dir)
         want = run_tasks(hf, run, manager, log_samples=True)
         got = run_tasks(ours, run, manager, log_samples=True)
