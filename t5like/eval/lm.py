@@ -43,7 +43,6 @@ def bucket(n: int, cap: int) -> int:
     return min(max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), cap)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
 def _score(graphdef, params, batch: dict):
     """Per row: the summed log-probability of the weighted targets, and whether each is the argmax."""
     logits = nnx.merge(graphdef, params)(batch).astype(jnp.float32)
@@ -52,6 +51,14 @@ def _score(graphdef, params, batch: dict):
     scored = batch["weights"] > 0
     greedy = jnp.all((jnp.argmax(logits, -1) == batch["targets"]) | ~scored, axis=-1)
     return jnp.where(scored, target_logp, 0.0).sum(-1), greedy
+
+
+@functools.lru_cache(maxsize=None)
+def _scorer(mesh):
+    """_score jitted once per mesh (every eval of a run reuses its programs), its [B] outputs replicated so
+    that every host can read them."""
+    from t5like.sharding import replicated
+    return jax.jit(_score, static_argnums=(0,), out_shardings=None if mesh is None else replicated(mesh))
 
 
 class T5likeLM(TemplateLM):
@@ -226,7 +233,7 @@ class T5likeLM(TemplateLM):
 
     def _run(self, batch: dict[str, np.ndarray]):
         self.programs.add(("score",) + tuple(sorted((k, v.shape) for k, v in batch.items())))
-        return jax.device_get(_score(self.graphdef, self.params, self._place(batch)))
+        return jax.device_get(_scorer(self.shard.mesh)(self.graphdef, self.params, self._place(batch)))
 
     def _place(self, batch: dict[str, np.ndarray]) -> dict:
         """Rows over the mesh's batch axes (every host passes the same global rows)."""
