@@ -424,6 +424,10 @@ class Config:
         if self.eval.tasks and self.model.family == "encoder":
             raise ValueError(f"eval.tasks={self.eval.tasks!r} need a model that scores text left to right (decoder "
                              "or encoder_decoder); model.family='encoder' has none. Clear eval.tasks.")
+        if self.eval.tasks and self.eval.every and self.train.eval_every and self.eval.every % self.train.eval_every:
+            raise ValueError(f"eval.every={self.eval.every} is not a multiple of train.eval_every="
+                             f"{self.train.eval_every}: the tasks run at evals, so they would run only at the last "
+                             f"step. Set eval.every to a multiple of {self.train.eval_every} (or 0: every eval).")
         objective_family = {"lm": "decoder", "prefix_lm": "decoder", "mlm": "encoder",
                             "span_corruption": "encoder_decoder", "completion": "decoder",
                             "classification": "encoder", "seq2seq": "encoder_decoder"}
