@@ -231,7 +231,8 @@ def tiny_run(root, tasks_dir, steps=8) -> Config:
         model=ModelConfig(family="decoder", vocab_size=512, d_model=32, num_heads=2, d_ff=64, num_layers=1, max_len=64),
         data=DataConfig(source="stdlib", max_files=12, seq_len=32, tokenizer_train_chars=60_000, eval_sets=(
             EvalSet("code", source="files", paths=(str(root / "code"),)),
-            EvalSet("prose", source="files", paths=(str(root / "prose.jsonl"),), format="jsonl", text_field="body"))),
+            EvalSet("prose", source="files", paths=(str(root / "prose.jsonl"),), format="jsonl", text_field="body"),
+            EvalSet("own", source="stdlib", max_files=12, split="validation"))),  # the run's own eval split
         optim=OptimConfig(learning_rate=1e-2, warmup_steps=2),
         train=TrainConfig(steps=steps, batch_size=8, eval_every=2, eval_steps=2, progress=False, peak_flops=1e11),
         checkpoint=CheckpointConfig(every=4, async_save=False),
@@ -259,6 +260,9 @@ def test_in_loop_eval_sets_and_tasks_once_per_step_across_resume(tmp_path, tasks
         for name in ("code", "prose"):
             assert math.isfinite(r[f"eval/{name}/loss"]) and 0 < r[f"eval/{name}/bpb"] < 20
         assert ("lm_eval/tiny_mc/acc" in r) == (r["step"] % 4 == 0)
+        # A named set read like the run's own eval split gives the trainer's own figures.
+        assert r["eval/own/loss"] == pytest.approx(r["eval_loss"], rel=1e-6)
+        assert r["eval/own/bpb"] == pytest.approx(r["eval_bpb"], rel=1e-6)
     # eval_bpb is the eval loss's sum over the UTF-8 bytes of the same targets, in bits.
     from t5like.data import get_tokenizer, make_iterator
     tokenizer = get_tokenizer(cfg.data, cfg.workdir, cfg.model.vocab_size)
