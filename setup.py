@@ -29,7 +29,12 @@ setup(
         # Cloud Storage paths (gs://) for files other than checkpoints (orbax reaches gs:// through
         # tensorstore by itself), and TensorBoard event files on gs://.
         "gcp": ["gcsfs>=2026.10,<2027", "google-cloud-storage>=3.17,<4"],
+        # EleutherAI's lm-evaluation-harness for t5like.eval (in-loop tasks, python -m t5like.eval). Its `hf`
+        # extra (torch, transformers, accelerate) is what the parity tests compare against; the adapter itself
+        # needs only the base package. Tested with 0.4.13.
+        "eval": ["lm-eval>=0.4.13,<0.5"],
         "dev": [
+            "lm-eval[hf]>=0.4.13,<0.5",           # t5like.eval and its parity tests against lm-eval's hf backend
             "pytest>=8,<10",
             "torch==2.13.0", "transformers>=5.23,<5.24",   # the reference for Hugging Face parity (CPU torch)
             "gcsfs>=2026.10,<2027", "google-cloud-storage>=3.17,<4",

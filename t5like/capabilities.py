@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from t5like.config import Config
+from t5like.eval.plugin import Evaluation
 from t5like.finetune import FineTuning, InitFrom, with_source_settings
 from t5like.plugins import Plugin, Plugins
 
@@ -17,6 +18,8 @@ def plugins_for(cfg: Config, extra: Sequence[Plugin] = ()) -> Plugins:
     plugins: list[Plugin] = [FineTuning(cfg)]
     if cfg.checkpoint.init_from:
         plugins.append(InitFrom(cfg))
+    if cfg.data.eval_sets or cfg.eval.tasks:  # after the plugins that add modules: it evaluates their model
+        plugins.append(Evaluation(cfg))
     return Plugins([*plugins, *extra])
 
 

@@ -390,6 +390,28 @@ class FinetuneConfig:
         return self
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """lm-evaluation-harness tasks run in the training loop (t5like/eval; needs the `eval` extra). Their
+    metrics go into the eval rows as <task>/<metric> (e.g. hellaswag/acc_norm)."""
+    tasks: tuple[str, ...] = ()             # lm-eval task names; () = none
+    include_path: str = ""                  # a directory of task YAML files (local tasks); "" = lm-eval's own only
+    every: int = 0                          # run the tasks at the evals whose step is a multiple of this; 0 = every eval
+    limit: int = 0                          # examples per task; 0 = all
+    num_fewshot: int = -1                   # -1 = each task's own
+    batch_size: int = 16                    # requests per forward pass (rounded up to the mesh's batch split)
+
+    def validate(self) -> "EvalConfig":
+        if not isinstance(self.tasks, tuple) or not all(isinstance(t, str) and t for t in self.tasks):
+            raise ValueError(f"eval.tasks={self.tasks!r} must be task names, e.g. eval.tasks=hellaswag,arc_easy.")
+        _non_negative("eval.every", self.every, "0 runs the tasks at every eval.")
+        _non_negative("eval.limit", self.limit, "0 evaluates every example.")
+        _positive("eval.batch_size", self.batch_size)
+        if not isinstance(self.num_fewshot, int) or self.num_fewshot < -1:
+            raise ValueError(f"eval.num_fewshot={self.num_fewshot!r} must be -1 (the task's own) or >= 0.")
+        return self
+
+
 def _data_config():
     from t5like.data.config import DataConfig  # data owns its config; imported lazily to keep this light
     return DataConfig()
@@ -407,6 +429,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)   # lm-eval tasks in the training loop
     workdir: str = "runs/default"           # checkpoints, metrics, config.json (a local path or gs://)
     seed: int = 0                           # parameters' init, data order, dropout
 
@@ -421,6 +444,14 @@ class Config:
         self.train.validate()
         self.checkpoint.validate()
         self.finetune.validate()
+        self.eval.validate()
+        if self.eval.tasks and self.model.family == "encoder":
+            raise ValueError(f"eval.tasks={self.eval.tasks!r} need a model that scores text left to right (decoder "
+                             "or encoder_decoder); model.family='encoder' has none. Clear eval.tasks.")
+        if self.eval.tasks and self.eval.every and self.train.eval_every and self.eval.every % self.train.eval_every:
+            raise ValueError(f"eval.every={self.eval.every} is not a multiple of train.eval_every="
+                             f"{self.train.eval_every}: the tasks run at evals, so they would run only at the last "
+                             f"step. Set eval.every to a multiple of {self.train.eval_every} (or 0: every eval).")
         objective_family = {"lm": "decoder", "prefix_lm": "decoder", "mlm": "encoder",
                             "span_corruption": "encoder_decoder", "completion": "decoder",
                             "classification": "encoder", "seq2seq": "encoder_decoder"}
@@ -525,7 +556,8 @@ def key_help(cfg, prefix: str = "") -> dict[str, str]:
 @functools.lru_cache(maxsize=None)  # resolving the hints is slow and flat_keys asks per field: a plan took seconds
 def _field_types(cls) -> dict[str, object]:
     import typing
-    return typing.get_type_hints(cls, localns={"DataConfig": type(_data_config())})
+    from t5like.data.config import EvalSet
+    return typing.get_type_hints(cls, localns={"DataConfig": type(_data_config()), "EvalSet": EvalSet})
 
 
 def flat_keys(cfg, prefix: str = "") -> dict[str, object]:
@@ -561,6 +593,14 @@ def parse_value(key: str, text: str, typ) -> object:
         if text.lower() in ("none", "null", ""):
             return None
         return parse_value(key, text, next(a for a in args if a is not type(None)))
+    if origin is tuple and args and dataclasses.is_dataclass(args[0]):  # e.g. data.eval_sets: a JSON list
+        import json
+        try:
+            items = json.loads(text)
+            return tuple(args[0](**item) for item in items)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{key}={text!r} is not a JSON list of {args[0].__name__} objects ({e}); e.g. "
+                             f"""{key}='[{{"name": "code", "source": "files", "paths": ["code/*.py"]}}]'.""") from None
     if origin is tuple:
         if args and args[-1] is Ellipsis:
             return tuple(parse_value(key, t.strip(), args[0]) for t in text.split(",") if t.strip())

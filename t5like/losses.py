@@ -4,13 +4,16 @@
     objective_sum, sums = loss(model, batch, rng, label_smoothing=..., z_loss=...)
 
 Every loss returns SUMS over its targets (the objective to differentiate, and {"loss_sum", "correct_sum",
-"weight"}), so gradient accumulation and evaluation divide by the total weight once. A new objective
+"weight"}), so gradient accumulation and evaluation divide by the total weight once. A batch that carries
+target_bytes (the objectives where bits-per-byte is defined) also gets "byte_sum", its targets' UTF-8 bytes:
+bpb = loss_sum / ln 2 / byte_sum (`bits_per_byte`). A new objective
 (e.g. a preference loss) is one function and one entry in LOSSES.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import math
+from typing import Callable, Optional
 
 import jax
 
@@ -26,7 +29,23 @@ def task_logits(model, batch: dict, objective: str, rng=None) -> jax.Array:
 
 def cross_entropy_loss(model, batch: dict, rng=None, *, objective: str, **kwargs) -> tuple[jax.Array, dict]:
     """Cross-entropy of the task's logits against its targets: every token objective, and classification."""
-    return cross_entropy(task_logits(model, batch, objective, rng), batch["targets"], batch["weights"], **kwargs)
+    objective_sum, sums = cross_entropy(task_logits(model, batch, objective, rng), batch["targets"],
+                                        batch["weights"], **kwargs)
+    return objective_sum, with_byte_sum(sums, batch)
+
+
+def with_byte_sum(sums: dict, batch: dict) -> dict:
+    """`sums` plus "byte_sum" when the batch carries target_bytes (0 where the weight is 0)."""
+    if "target_bytes" not in batch:
+        return sums
+    return {**sums, "byte_sum": batch["target_bytes"].astype(jax.numpy.float32).sum()}
+
+
+def bits_per_byte(loss_sum: float, byte_sum: Optional[float]) -> Optional[float]:
+    """Summed log-loss in nats over the UTF-8 bytes it predicted, in bits; None where bytes are not counted."""
+    if not byte_sum:
+        return None
+    return loss_sum / math.log(2) / byte_sum
 
 
 # Objectives whose loss is not cross-entropy against batch["targets"] (none yet; e.g. a preference loss).

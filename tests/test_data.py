@@ -15,8 +15,8 @@ from t5like.data.packing import PackedTable, StreamPacker
 VOCAB = 512  # 412 SentencePiece pieces + 100 sentinels
 OBJECTIVES = ("lm", "prefix_lm", "mlm", "span_corruption")
 KEYS = {
-    "lm": {"inputs", "targets", "weights", "segment_ids", "positions"},
-    "prefix_lm": {"inputs", "targets", "weights", "segment_ids", "positions", "prefix"},
+    "lm": {"inputs", "targets", "weights", "segment_ids", "positions", "target_bytes"},
+    "prefix_lm": {"inputs", "targets", "weights", "segment_ids", "positions", "prefix", "target_bytes"},
     "mlm": {"inputs", "targets", "weights", "segment_ids", "positions"},
     "span_corruption": {"encoder_inputs", "encoder_segment_ids", "encoder_positions", "decoder_inputs", "targets",
                         "weights", "decoder_segment_ids", "decoder_positions"},

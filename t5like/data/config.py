@@ -3,11 +3,47 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 
 SOURCES = ("stdlib", "files", "hub")
 FORMATS = ("text", "json", "jsonl", "parquet", "csv")
 OBJECTIVES = ("lm", "prefix_lm", "span_corruption", "mlm", "seq2seq", "completion", "classification")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """A named held-out set, evaluated at every eval beside the run's own split: eval/<name>/loss, eval/<name>/bpb.
+    Its documents come in the same forms as training data (data.source and the fields that go with it)."""
+
+    name: str                      # letters, digits, _ . -: the metric rows are eval/<name>/...
+    source: str = "files"          # stdlib | files | hub
+    paths: tuple[str, ...] = ()    # files: files, directories or globs; hub: optional data_files
+    format: str = "text"           # files: text | json | jsonl | parquet | csv
+    text_field: str = "text"
+    hub_name: str = ""
+    hub_config: str = ""
+    hub_split: str = "validation"  # hub: the split read
+    split: str = "all"             # stdlib/files: "all" documents, or the run's "validation" share of them
+    max_files: int = 0
+    max_batches: int = 0           # batches per eval (of train.batch_size rows); 0 = train.eval_steps
+
+    def __post_init__(self):
+        if isinstance(self.paths, (list, str)):
+            object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
+
+    def data_config(self, data: "DataConfig") -> "DataConfig":
+        """The run's data config (tokenizer, objective, lengths) reading this set's documents."""
+        return dataclasses.replace(data, source=self.source, paths=self.paths, format=self.format,
+                                   text_field=self.text_field, hub_name=self.hub_name, hub_config=self.hub_config,
+                                   hub_validation_split=self.hub_split, max_files=self.max_files, eval_sets=())
+
+    def iterator_split(self) -> str:
+        """The split make_iterator reads: a hub set's hub_split is its "validation"; local sources "all" or it."""
+        return "validation" if self.source == "hub" else self.split
+
+
+_EVAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclasses.dataclass
@@ -48,6 +84,9 @@ class DataConfig:
     mlm_probability: float = 0.15  # mlm: fraction of tokens predicted
 
     shuffle: bool = True  # shuffle the training rows (each epoch in a new order)
+    # Named held-out sets (EvalSet), each with its own eval/<name>/loss and eval/<name>/bpb rows at every eval.
+    # On the command line: a JSON list, data.eval_sets='[{"name": "code", "source": "files", "paths": ["x/*.py"]}]'.
+    eval_sets: tuple[EvalSet, ...] = ()
     # Processes for datasets.map when tokenising local data. SentencePiece already encodes each batch on
     # all cores, and >1 forks a process that may have JAX running, so raise it only for big corpora.
     num_proc: int = 1
@@ -56,6 +95,8 @@ class DataConfig:
         # Configs often come from JSON/YAML/argparse, which give lists.
         if isinstance(self.paths, list):
             self.paths = tuple(self.paths)
+        if isinstance(self.eval_sets, (list, tuple)):  # from JSON (config.json, the command line): dicts
+            self.eval_sets = tuple(EvalSet(**s) if isinstance(s, dict) else s for s in self.eval_sets)
 
     def validate(self) -> "DataConfig":
         """Raise ValueError/FileNotFoundError naming the first bad field; return self so calls chain."""
@@ -68,6 +109,8 @@ class DataConfig:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             elif want in (str, bool):
                 ok = isinstance(value, want)
+            elif f.name == "eval_sets":
+                ok = isinstance(value, tuple) and all(isinstance(s, EvalSet) for s in value)
             else:  # tuple[str, ...]
                 ok = isinstance(value, tuple) and all(isinstance(p, str) for p in value)
             if not ok:
@@ -110,7 +153,31 @@ class DataConfig:
         if self.objective == "span_corruption":
             from t5like.data.objectives import span_corruption_lengths  # lazy: objectives imports nothing from here
             span_corruption_lengths(self)  # raises if seq_len/target_len/num_sentinels do not fit together
+        self._validate_eval_sets()
         return self
+
+    def _validate_eval_sets(self) -> None:
+        names = set()
+        for i, s in enumerate(self.eval_sets):
+            where = f"data.eval_sets[{i}]"
+            if not isinstance(s.name, str) or not _EVAL_SET_NAME.match(s.name):
+                raise ValueError(f"{where}.name={s.name!r} must be letters, digits, '_', '.' or '-' (it names the "
+                                 "metric rows eval/<name>/loss), e.g. name='code'.")
+            if s.name in names:
+                raise ValueError(f"{where}.name={s.name!r} is used twice; give every eval set its own name.")
+            names.add(s.name)
+            if s.split not in ("all", "validation"):
+                raise ValueError(f"{where}.split={s.split!r} is not 'all' (every document of the source) or "
+                                 "'validation' (the share the run holds out of it).")
+            if self.objective in ("seq2seq", "completion", "classification"):
+                raise ValueError(f"data.eval_sets are documents of text, for the text objectives; data.objective="
+                                 f"{self.objective!r} reads labelled examples. Remove data.eval_sets.")
+            if not isinstance(s.max_batches, int) or s.max_batches < 0:
+                raise ValueError(f"{where}.max_batches={s.max_batches!r} must be an integer >= 0 (0: train.eval_steps).")
+            try:
+                s.data_config(self).validate()
+            except (ValueError, FileNotFoundError) as e:
+                raise type(e)(f"{where} (name={s.name!r}): {str(e).replace('data.', 'eval set ')}") from None
 
 
 def _is_hf_tokenizer(path: str) -> bool:

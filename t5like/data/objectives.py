@@ -11,6 +11,10 @@ Batch keys, all [B, L]:
   mlm:             inputs targets weights segment_ids positions
   span_corruption: encoder_inputs encoder_segment_ids encoder_positions            [B, seq_len]
                    decoder_inputs targets weights decoder_segment_ids decoder_positions [B, target_len]
+lm and prefix_lm also carry target_bytes (int32 [B, L]): the UTF-8 bytes of each scored target's piece (0 where
+the weight is 0), which the loss sums beside the log-loss for bits-per-byte (t5like/data/byte_counts.py).
+mlm and span_corruption have none: their targets are a random ~15% of the text, and their loss per byte of
+those targets is not comparable with a language model's bits-per-byte, so bpb is left undefined there.
 """
 from __future__ import annotations
 
@@ -19,12 +23,15 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from t5like.data.byte_counts import bytes_per_id
 from t5like.data.tokenizer import EOS_ID
 
 if TYPE_CHECKING:
     from t5like.data.config import DataConfig
     from t5like.data.tokenizer import Tokenizer
 
+# Objectives whose targets are text a language model predicts in order, so bits-per-byte is defined.
+BPB_OBJECTIVES = ("lm", "prefix_lm", "completion", "seq2seq")
 FIRST_REGULAR_ID = 3  # ids below this are special; MLM never draws them as random replacements
 
 
@@ -116,6 +123,8 @@ class Objective:
     noise_density: float
     mean_noise_span_length: float
     mlm_probability: float
+    # bytes per id (byte_counts.bytes_per_id) for the BPB_OBJECTIVES; None: batches carry no target_bytes
+    byte_table: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def is_random(self) -> bool:
@@ -131,19 +140,25 @@ class Objective:
                     "weights": ((B, T), f32), "decoder_segment_ids": ((B, T), i32),
                     "decoder_positions": ((B, T), i32)}
         keys = ["inputs", "targets", "weights", "segment_ids", "positions"] + (["prefix"] * (self.name == "prefix_lm"))
+        keys += ["target_bytes"] * (self.name in BPB_OBJECTIVES)
         return {k: ((B, L), f32 if k == "weights" else i32) for k in keys}
 
     def __call__(self, tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray,
                  rngs: Sequence[np.random.Generator] | None) -> dict[str, np.ndarray]:
         """Build a batch from packed rows; `rngs` has one Generator per row (None for lm)."""
         if self.name == "lm":
-            return _lm(tokens, segment_ids, positions)
+            return self._with_bytes(_lm(tokens, segment_ids, positions))
         assert rngs is not None and len(rngs) == len(tokens), "random objectives need one rng per row"
         if self.name == "prefix_lm":
-            return _prefix_lm(tokens, segment_ids, positions, rngs)
+            return self._with_bytes(_prefix_lm(tokens, segment_ids, positions, rngs))
         if self.name == "mlm":
             return self._mlm(tokens, segment_ids, positions, rngs)
         return self._span_corruption(tokens, segment_ids, rngs)
+
+    def _with_bytes(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.byte_table is not None:
+            batch["target_bytes"] = target_bytes(self.byte_table, batch["targets"], batch["weights"])
+        return batch
 
     def _mlm(self, tokens, segment_ids, positions, rngs) -> dict[str, np.ndarray]:
         B, L = tokens.shape
@@ -185,6 +200,11 @@ class Objective:
                 "decoder_positions": np.where(dec_real, np.arange(self.target_len), 0).astype(np.int32)}
 
 
+def target_bytes(table: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """UTF-8 bytes of each scored target (0 where the weight is 0)."""
+    return np.where(weights > 0, table[targets], 0).astype(np.int32)
+
+
 def _lm(tokens, segment_ids, positions) -> dict[str, np.ndarray]:
     # Shift right inside each segment: a segment starts (position 0) with BOS = 0, never the previous doc's EOS.
     inputs = np.zeros_like(tokens)
@@ -224,7 +244,8 @@ def make_objective(cfg: "DataConfig", tokenizer: "Tokenizer") -> Objective:
     return Objective(name=cfg.objective, seq_len=cfg.seq_len, target_len=target_len, row_len=raw_len,
                      vocab_size=tokenizer.vocab_size, piece_size=tokenizer.piece_size,
                      mask_id=tokenizer.mask_id if cfg.num_sentinels else -1, noise_density=cfg.noise_density,
-                     mean_noise_span_length=cfg.mean_noise_span_length, mlm_probability=cfg.mlm_probability)
+                     mean_noise_span_length=cfg.mean_noise_span_length, mlm_probability=cfg.mlm_probability,
+                     byte_table=bytes_per_id(tokenizer) if cfg.objective in BPB_OBJECTIVES else None)
 
 
 def batch_shapes(cfg: "DataConfig", batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

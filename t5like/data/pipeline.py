@@ -253,12 +253,12 @@ def make_iterator(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, batch_si
     Keys per objective are listed in t5like.data.objectives; `it.state()` / `it.restore(state)` resume.
     """
     cfg.validate()
-    if split not in ("train", "validation"):
-        raise ValueError(f"split={split!r} must be 'train' or 'validation'")
+    if split not in ("train", "validation", "all"):
+        raise ValueError(f"split={split!r} must be 'train', 'validation' or 'all' (a named eval set read whole)")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive int (rows per host)")
     if num_batches is not None and (split == "train" or num_batches < 1):
-        raise ValueError(f"num_batches={num_batches!r} is for split='validation' only, and must be >= 1")
+        raise ValueError(f"num_batches={num_batches!r} is for evaluation splits only, and must be >= 1")
     if process_index is None or process_count is None:
         import jax
 

@@ -106,6 +106,10 @@ def split_indices(keys: list[str], split: str, validation_fraction: float) -> np
     With a positive fraction both splits get at least one document (when there are two), so small
     corpora still have something to evaluate on.
     """
+    if split == "all":  # a named eval set read whole (data.eval_sets)
+        if not keys:
+            raise ValueError("the eval set has no documents; check its paths")
+        return np.arange(len(keys))
     u = np.array([_hash_unit(k) for k in keys])
     held_out = u < validation_fraction
     if validation_fraction > 0 and len(keys) >= 2:
@@ -149,7 +153,7 @@ def _relative_keys(files: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- loading
 
 def load_documents(cfg: DataConfig, split: str, process_index: int = 0, process_count: int = 1) -> datasets.Dataset:
-    """This host's share of `split` ("train"/"validation") of a local source, as a Dataset with column "text".
+    """This host's share of `split` ("train"/"validation", or "all" documents) of a local source, as a Dataset with column "text".
 
     Files are checked (exist, non-empty, UTF-8) before anything is loaded.
     """

@@ -10,6 +10,7 @@ Batch keys (all rows padded to fixed lengths, padding rows of an eval pass have 
                   decoder_inputs targets weights decoder_segment_ids decoder_positions [B, target_len or seq_len]
   completion:     inputs targets weights segment_ids positions                    [B, seq_len]
   classification: inputs segment_ids positions [B, seq_len]; targets weights [B]
+seq2seq and completion also carry target_bytes (UTF-8 bytes per scored target, for bits-per-byte).
 Labels may be integers (class ids) or strings (sorted, then numbered from 0). Too-long examples are cut:
 the input/text at its end, the prompt at its start (the completion is what is scored).
 The train/validation split is by a hash of each example's row index, as for other json sources.
@@ -19,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from t5like.data import sources
+from t5like.data.byte_counts import bytes_per_id
 from t5like.data.config import DataConfig
+from t5like.data.objectives import target_bytes
 from t5like.data.tokenizer import EOS_ID, PAD_ID
 
 TASK_FIELDS = {"seq2seq": ("input", "target"), "completion": ("prompt", "completion"),
@@ -84,6 +87,8 @@ class TaskTable:
                 self.arrays = _seq2seq(a, b, L, cfg.target_len or L)
             else:
                 self.arrays = _completion(a, b, L)
+            self.arrays["target_bytes"] = target_bytes(bytes_per_id(tokenizer), self.arrays["targets"],
+                                                       self.arrays["weights"])
         self.num_rows = len(ds)
 
     def rows(self, row_ids: np.ndarray) -> dict[str, np.ndarray]:
