@@ -379,3 +379,30 @@ def test_resume_with_another_parametrization_is_refused(tmp_path, monkeypatch):
     cfg = Config(model=tiny("decoder", 64, 2), workdir=workdir)
     with pytest.raises(ValueError, match=r"model.parametrization: 'mup' -> 'sp'"):
         train.check_workdir(cfg)
+
+
+def test_isoflop_design_keeps_the_base_lr_under_mup():
+    """The sweep design: sp rescales the learning rate by a guessed (base_d / d)^0.5, µP keeps the base one
+    (and gives every trial its base shape); the plan says which rule it used."""
+    from experiments import scaling_tiny
+    from t5like.scaling.design import plan_isoflop
+    base, design = scaling_tiny.config(), scaling_tiny.design()
+    lrs = lambda plan: {o.split("=")[1] for t in plan.trials for o in t.overrides if o.startswith("optim.learning_rate")}
+    sp = plan_isoflop(base, design)
+    assert len(lrs(sp)) > 1 and "^ 0.5" in sp.lr_rule
+    model = dataclasses.replace(base.model, parametrization="mup", base_width=base.model.d_model)
+    plan = plan_isoflop(dataclasses.replace(base, model=model), design)  # every trial's config validates
+    assert lrs(plan) == {"0.003"} and "base_lr at every size" in plan.lr_rule
+    assert all("model.base_head_dim=8" in t.overrides for t in plan.trials)
+
+
+def test_hugging_face_models_are_sp_and_mup_ones_are_not_exported(tmp_path):
+    """An import is standard-parametrized (ModelConfig's default); a µP model has multipliers no Hugging Face
+    architecture has, so exporting one is refused before anything is written."""
+    transformers = pytest.importorskip("transformers")
+    from t5like.hf import gpt2, save_pretrained
+    assert gpt2.to_model_config(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4).to_dict()).parametrization == "sp"
+    model = build_model(tiny("decoder", 64, 2, "mup"))
+    with pytest.raises(ValueError, match="Export sp models only"):
+        save_pretrained(model, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
