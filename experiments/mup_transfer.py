@@ -8,8 +8,9 @@ width and sp against CompleteP across depth (docs/mup.md; the figure: benchmarks
 Width grid: d_model 32, 64, 128, 256 (4 heads, so the head dim grows 8 -> 64; d_ff = 4 d_model, 4 layers) x
 7 learning rates a factor 2 apart x {sp, mup}; µP's base shape is width 32. Depth grid: 2, 4, 8, 16 layers at
 width 64 x the same learning rates x {sp, completep}, base depth 2, both with a unit-scale residual stream
-(model.embed_init_std=1: see docs/mup.md for why the depth rule needs it). 200 steps of Adam each, constant
-learning rate after a 20-step warmup, no weight decay.
+(model.embed_init_std=1: see docs/mup.md for why the depth rule needs it) and an untied head (a unit-scale
+tied table would start the logits at std sqrt(d_model)). 200 steps of Adam at batch 8 x 64 tokens each, a
+constant learning rate after a 20-step warmup, no weight decay; eval on 16 held-out batches.
 
 MUP_TRANSFER_GRID=reduced (read where the sweep is planned) shrinks it to 2 widths, 2 depths and 2 learning
 rates, to check the whole path in a few minutes; pass --set train.steps=20 too.
@@ -37,7 +38,7 @@ def config() -> Config:
         data=DataConfig(source="stdlib", objective="lm", seq_len=64, max_files=300, num_sentinels=0,
                         tokenizer_train_chars=1_000_000),
         optim=OptimConfig(name="adamw", learning_rate=3e-3, schedule="constant", warmup_steps=20, weight_decay=0.0),
-        train=TrainConfig(steps=200, batch_size=16, eval_every=0, eval_steps=8, log_every=20),
+        train=TrainConfig(steps=200, batch_size=8, eval_every=0, eval_steps=16, log_every=20),
         mesh=MeshConfig(data=-1),
         checkpoint=CheckpointConfig(every=200, keep=1),
         workdir="runs/mup_transfer",
@@ -62,7 +63,7 @@ def sweep() -> list[Trial]:
             trials += grid({"optim.learning_rate": lrs}, base=(
                 f"model.parametrization={parametrization}", f"model.d_model={DEPTH_WIDTH}",
                 f"model.d_ff={4 * DEPTH_WIDTH}", f"model.base_width={DEPTH_WIDTH}", f"model.num_layers={depth}",
-                "model.embed_init_std=1.0", "model.scan_unroll=1"))
+                "model.embed_init_std=1.0", "model.tie_embeddings=false", "model.scan_unroll=1"))
     return trials
 
 
