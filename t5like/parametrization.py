@@ -5,7 +5,8 @@
     model.base_width, base_d_ff, base_head_dim     the base shape (the model the hyperparameters were tuned on)
     model.base_depth                               its depth (completep)
 
-Everything is relative to the base shape, so a model of the base shape trains exactly as under sp. Two halves:
+Everything is relative to the base shape, so a model of the base shape trains as under sp, but for µP's zero
+init of the query and of an untied output layer (Adam). Two halves:
 
 - Forward multipliers the model reads from its config (`attention_scale`, `branch_multiplier`,
   `logits_multiplier`): 1/head_dim attention, CompleteP's 1/depth residual branches, and the tied output
@@ -14,6 +15,7 @@ Everything is relative to the base shape, so a model of the base shape trains ex
   shape's tree, as the mup package derives them (a dim is "width" when it differs from the base's):
       input    fan-in not width (embeddings, position tables, T5's relative bias, norms, biases)
       hidden   fan-in and fan-out width (attention, MLP, the MLM transform, the pooler)
+      query    the hidden kernels [embed, heads, head_dim] of self- and cross-attention
       output   fan-in width, fan-out not (an untied LM head, the classifier)
       scalar   no width dim at all
   applied by the `Parametrization` plugin (t5like/plugins.py): init multipliers on fresh params
@@ -27,6 +29,7 @@ import math
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from t5like.checkpoint import read_config
@@ -34,7 +37,7 @@ from t5like.config import Config, ModelConfig
 from t5like.plugins import Plugin, path_keys
 from t5like.sharding import logical_axes
 
-KINDS = ("input", "hidden", "output", "scalar")
+KINDS = ("input", "hidden", "query", "output", "scalar")
 HEAD_AXES = ("heads", "kv_heads", "head_dim")  # heads x head_dim is one width (a fan-in of the attention output)
 # Which keys of a model config define the parametrization: a run started from another run's params (init_from)
 # must have the same ones.
@@ -124,7 +127,7 @@ def classify(names: tuple, shape: tuple, base: tuple) -> tuple[str, float]:
         return "input", 1.0
     (w_in, r_in), w_out = groups[0], any(w for w, _ in groups[1:])
     if w_in and w_out:
-        return "hidden", r_in
+        return ("query" if tuple(names) == ("embed", "heads", "head_dim") else "hidden"), r_in
     return ("output", r_in) if w_in else ("input", 1.0)
 
 
@@ -133,17 +136,19 @@ def rule(kind: str, fan_in_mult: float, optimizer: str) -> Rule:
     init and learning rate. sp's init is already µP's for every kind but the output (fan-in init for hidden
     kernels, constant for embeddings and vectors).
 
-    Adam: hidden lr 1/m (MuAdam); output: mup's forward multiplier 1/m on a weight of constant std, applied
-    here as Adam's symmetry allows (a forward multiplier c equals init x c and lr x c, up to Adam's eps): init
-    x m^-1/2 relative to sp's m^-1/2-shrinking std, lr x 1/m.
+    Adam: hidden lr 1/m (MuAdam); output: mup's forward multiplier 1/m, applied as Adam's symmetry allows (a
+    forward multiplier c equals init x c and lr x c, up to Adam's eps): lr x 1/m, and the init zero (TP5's
+    zero readout, mup's readout_zero_init), as the query's (TP5 D.2): the terms the init leaves in their
+    outputs' changes vanish only as m^-1/2, and at small widths they bend the coordinate check.
     Adafactor (t5like's: optax.adafactor with multiply_by_parameter_scale, steps scaled by the parameter's RMS):
     the RMS already carries the init's width dependence, so hidden lr x m^-1/2 (RMS ~ m^-1/2 supplies the
-    rest of µP's 1/m) and output lr x 1 (RMS ~ 1/m)."""
-    m = fan_in_mult
-    if kind == "hidden":
-        return Rule(kind, m, 1.0, 1.0 / m if optimizer == "adamw" else m ** -0.5)
+    rest of µP's 1/m) and output lr x 1 with init x m^-1/2 (RMS ~ 1/m). Nothing starts at zero: a zero RMS
+    would make the steps those of its 1e-3 floor."""
+    m, adam = fan_in_mult, optimizer == "adamw"
+    if kind in ("hidden", "query"):
+        return Rule(kind, m, 0.0 if kind == "query" and adam else 1.0, 1.0 / m if adam else m ** -0.5)
     if kind == "output":
-        return Rule(kind, m, m ** -0.5, 1.0 / m if optimizer == "adamw" else 1.0)
+        return Rule(kind, m, 0.0 if adam else m ** -0.5, 1.0 / m if adam else 1.0)
     return Rule(kind, m, 1.0, 1.0)
 
 
@@ -200,7 +205,9 @@ class Parametrization(Plugin):
     def init_params(self, params: dict) -> dict:
         def one(path, x):
             r = self.rules.get(path_keys(path))
-            return x if r is None or r.init == 1.0 else (x * r.init).astype(x.dtype)
+            if r is None or r.init == 1.0:
+                return x
+            return jnp.zeros_like(x) if r.init == 0.0 else (x * r.init).astype(x.dtype)
         return params if not self.rules else jax.tree_util.tree_map_with_path(one, params)
 
     def summary(self, abstract_params) -> dict:
