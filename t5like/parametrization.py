@@ -12,7 +12,8 @@ init of the query and of an untied output layer (Adam). Two halves:
   `logits_multiplier`): 1/head_dim attention, CompleteP's 1/depth residual branches, and the tied output
   head's 1/width. Under sp each is the identity and the model's code path is the one it always had.
 - Per-parameter rules (`rules_for`), derived from the parameter tree, its logical axis names and the base
-  shape's tree, as the mup package derives them (a dim is "width" when it differs from the base's):
+  shape's tree, as the mup package derives them (a dim is "width" when it differs between the base shape and
+  the base at twice the width, mup's "delta" model):
       input    fan-in not width (embeddings, position tables, T5's relative bias, norms, biases)
       hidden   fan-in and fan-out width (attention, MLP, the MLM transform, the pooler)
       query    the hidden kernels [embed, heads, head_dim] of self- and cross-attention
@@ -60,6 +61,14 @@ def base_config(cfg: ModelConfig) -> ModelConfig:
                                num_kv_heads=None if cfg.num_kv_heads is None else heads(cfg.num_kv_heads))
 
 
+def delta_config(cfg: ModelConfig) -> ModelConfig:
+    """The base shape at twice its width (mup's "delta" model): the dims that differ from the base's are the
+    width dims, whatever this model's own width (at the base itself too)."""
+    b = base_config(cfg)
+    return dataclasses.replace(b, d_model=2 * b.d_model, d_ff=2 * b.d_ff, num_heads=2 * b.num_heads,
+                               num_kv_heads=None if b.num_kv_heads is None else 2 * b.num_kv_heads)
+
+
 def width_mult(cfg: ModelConfig) -> float:
     return 1.0 if cfg.parametrization == "sp" else cfg.d_model / cfg.base_width
 
@@ -103,24 +112,26 @@ class Rule:
     lr: float            # multiplier of the learning rate
 
 
-def _groups(names: tuple, shape: tuple, base: tuple) -> list[tuple[bool, float]]:
-    """(is width, size over base size) per group of dims: heads x head_dim is one group, every other dim its own."""
+def _groups(names: tuple, shape: tuple, base: tuple, delta: tuple) -> list[tuple[bool, float]]:
+    """(is width, size over base size) per group of dims: heads x head_dim is one group, every other dim its own.
+    A dim is width where the delta shape's differs from the base's."""
     groups: list[list] = []
     for i, name in enumerate(names):
         if groups and name in HEAD_AXES and groups[-1][0] in HEAD_AXES:
             groups[-1][1].append(i)
         else:
             groups.append([name, [i]])
-    return [(any(shape[i] != base[i] for i in dims), math.prod(shape[i] / base[i] for i in dims))
+    return [(any(delta[i] != base[i] for i in dims), math.prod(shape[i] / base[i] for i in dims))
             for _, dims in groups]
 
 
-def classify(names: tuple, shape: tuple, base: tuple) -> tuple[str, float]:
-    """(kind, fan-in multiplier) of a parameter from its logical names, its shape and the base shape's. Kernels
-    are laid out [fan-in..., fan-out...] (lookup tables [ids, embed]); a leading `layers` axis is not a dim."""
+def classify(names: tuple, shape: tuple, base: tuple, delta: tuple) -> tuple[str, float]:
+    """(kind, fan-in multiplier) of a parameter from its logical names, its shape, the base shape's and the
+    delta shape's. Kernels are laid out [fan-in..., fan-out...] (lookup tables [ids, embed]); a leading `layers`
+    axis is not a dim."""
     if names and names[0] == "layers":
-        names, shape, base = names[1:], shape[1:], base[1:]
-    groups = _groups(tuple(names), tuple(shape), tuple(base))
+        names, shape, base, delta = names[1:], shape[1:], base[1:], delta[1:]
+    groups = _groups(tuple(names), tuple(shape), tuple(base), tuple(delta))
     if not any(w for w, _ in groups):
         return "scalar", 1.0
     if len(groups) == 1:  # a vector: a bias, a norm's scale
@@ -160,15 +171,17 @@ def param_shapes(state: nnx.State) -> dict[tuple, tuple[tuple, tuple]]:
     return out
 
 
-def rules_for(cfg: ModelConfig, state: nnx.State, base_state: nnx.State, optimizer: str) -> dict[tuple, Rule]:
-    """The rule of every parameter of `state` (the model) against `base_state` (its base shape)."""
-    base = param_shapes(base_state)
+def rules_for(cfg: ModelConfig, state: nnx.State, base_state: nnx.State, delta_state: nnx.State,
+              optimizer: str) -> dict[tuple, Rule]:
+    """The rule of every parameter of `state` (the model) against `base_state` (its base shape) and
+    `delta_state` (the base at twice the width: which dims are width)."""
+    base, delta = param_shapes(base_state), param_shapes(delta_state)
     rules = {}
     for path, (names, shape) in param_shapes(state).items():
         if path not in base or len(base[path][1]) != len(shape):
             raise ValueError(f"parameter {'/'.join(map(str, path))} has no counterpart in the base shape "
                              f"{base_config(cfg)}; the base must have the same architecture.")
-        rules[path] = rule(*classify(names, shape, base[path][1]), optimizer)
+        rules[path] = rule(*classify(names, shape, base[path][1], delta[path][1]), optimizer)
     return rules
 
 
@@ -183,8 +196,9 @@ class Parametrization(Plugin):
         self.cfg = cfg
         self.rules: dict[tuple, Rule] = {}
         if cfg.model.parametrization != "sp":
-            self.rules = rules_for(cfg.model, abstract_state(cfg.model), abstract_state(base_config(cfg.model)),
-                                   cfg.optim.name)
+            m = cfg.model
+            self.rules = rules_for(m, abstract_state(m), abstract_state(base_config(m)),
+                                   abstract_state(delta_config(m)), cfg.optim.name)
             self.lr_multiplier = lambda path: self.rules[path].lr if path in self.rules else 1.0
 
     def check_start(self, resuming: bool) -> None:
