@@ -10,12 +10,15 @@ from typing import Sequence
 from t5like.config import Config
 from t5like.eval.plugin import Evaluation
 from t5like.finetune import FineTuning, InitFrom, with_source_settings
+from t5like.models import abstract_model
+from t5like.parametrization import Parametrization
 from t5like.plugins import Plugin, Plugins
 
 
 def plugins_for(cfg: Config, extra: Sequence[Plugin] = ()) -> Plugins:
     """The plugins of `cfg`, in the order they apply, then `extra` (a caller's own)."""
-    plugins: list[Plugin] = [FineTuning(cfg)]
+    # The parametrization's init comes first: init_from then overwrites what it loads (a µP run's own params).
+    plugins: list[Plugin] = [Parametrization(cfg, lambda model: abstract_model(model)[1]), FineTuning(cfg)]
     if cfg.checkpoint.init_from:
         plugins.append(InitFrom(cfg))
     if cfg.data.eval_sets or cfg.eval.tasks:  # after the plugins that add modules: it evaluates their model

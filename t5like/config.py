@@ -19,6 +19,8 @@ NORM_PLACEMENTS = ("pre", "post")
 REMAT_POLICIES = ("none", "minimal", "full")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
+# Parametrizations each family supports (t5like/parametrization.py, docs/mup.md).
+PARAMETRIZATIONS = {family: ("sp", "mup", "completep") for family in FAMILIES}
 
 
 def _choice(field: str, value, allowed) -> None:
@@ -73,6 +75,7 @@ class ModelConfig:
     use_bias: bool = False                  # biases in the dense projections (GPT-2, BERT)
     tie_embeddings: bool = True             # the output projection is the token embedding's transpose
     scale_embeddings: bool = False          # multiply token embeddings by sqrt(d_model) (Vaswani et al.)
+    embed_init_std: Optional[float] = None  # token embedding init; None: 0.02 (d_model**-0.5 with scale_embeddings)
     embedding_norm: bool = False            # norm the summed embeddings (BERT); post-norm stacks need one of these two
     dropout: float = 0.0                    # training only; 0 = none
     relative_buckets: int = 32              # position=relative: T5's distance buckets
@@ -99,6 +102,14 @@ class ModelConfig:
     type_vocab_size: int = 0                # >0 adds token-type embeddings (BERT segments A/B), batch key "token_types"
     head_activation: str = "gelu"           # encoder-only: activation of the MLM transform (BERT: its hidden_act)
     tied_head_rescale: bool = False         # multiply the last hidden state by d_model**-0.5 before a tied head (T5)
+    # Hyperparameter transfer (t5like/parametrization.py, docs/mup.md): "sp" (standard), "mup" (µP: the best
+    # learning rate and init carry across width) or "completep" (also across depth). Under mup/completep the
+    # multipliers are relative to a base shape: this model with every width scaled by base_width / d_model.
+    parametrization: str = "sp"
+    base_width: Optional[int] = None        # d_model of the base shape; required by mup and completep
+    base_d_ff: Optional[int] = None         # None: d_ff * base_width / d_model (must be whole)
+    base_head_dim: Optional[int] = None     # None: head dim * base_width / d_model (heads fixed, head dim grows)
+    base_depth: Optional[int] = None        # num_layers of the base shape; required by completep
 
     # None means "the default"; 0 is an error (validate), never a silent default.
     @property
@@ -134,6 +145,9 @@ class ModelConfig:
         _real("model.rope_theta", self.rope_theta, 1, low_open=True,
               hint="RoPE wavelengths grow as theta^(2i/d); 10000 is standard, larger for long contexts.")
         _real("model.dropout", self.dropout, 0, 1, high_open=True, hint="e.g. 0.1, or 0 for none.")
+        if self.embed_init_std is not None:
+            _real("model.embed_init_std", self.embed_init_std, 0, low_open=True,
+                  hint="e.g. 0.02 (GPT-2), or 1.0 for a residual stream that starts at unit scale (completep).")
         _non_negative("model.num_classes", self.num_classes, "0 = no classification head.")
         _positive("model.relative_buckets", self.relative_buckets)
         _positive("model.relative_max_distance", self.relative_max_distance)
@@ -158,10 +172,60 @@ class ModelConfig:
             raise ValueError("model.tied_head_rescale=True rescales the input of a tied output projection, but "
                              "model.tie_embeddings=False; set tie_embeddings=True or tied_head_rescale=False.")
         self._validate_attention_impl()
+        self._validate_parametrization()
         if self.num_classes and self.family != "encoder":
             raise ValueError(f"model.num_classes={self.num_classes} is for family='encoder' only; "
                              f"got family={self.family!r}. Set model.num_classes=0.")
         return self
+
+    def _validate_parametrization(self) -> None:
+        """The parametrization exists for the family and its base shape is a whole model (before any compile)."""
+        allowed = PARAMETRIZATIONS[self.family]
+        if self.parametrization not in allowed:
+            raise ValueError(f"model.parametrization={self.parametrization!r} is not known for model.family="
+                             f"{self.family!r}; set it to one of {list(allowed)}.")
+        for name in ("base_width", "base_d_ff", "base_head_dim", "base_depth"):
+            if getattr(self, name) is not None:
+                _positive(f"model.{name}", getattr(self, name))
+        if self.parametrization == "sp":
+            return
+        p = f"model.parametrization={self.parametrization!r}"
+        if self.base_width is None:
+            raise ValueError(f"{p} needs model.base_width, the d_model of the base shape whose learning rate and "
+                             f"init you tuned (e.g. model.base_width={min(self.d_model, 256)}).")
+        if self.parametrization == "completep" and self.base_depth is None:
+            raise ValueError(f"{p} needs model.base_depth, the num_layers of the base shape "
+                             f"(e.g. model.base_depth={min(self.num_layers, 4)}).")
+        D0, D = self.base_width, self.d_model
+        if self.base_d_ff is None and self.d_ff * D0 % D:
+            raise ValueError(f"{p}: the base shape's d_ff = model.d_ff * model.base_width / model.d_model = "
+                             f"{self.d_ff} * {D0} / {D} is not whole; set model.base_d_ff, or a model.base_width "
+                             f"that keeps d_ff / d_model whole.")
+        H = self.dim_per_head
+        if self.base_head_dim is None and H * D0 % D:
+            raise ValueError(f"{p}: the base shape's head dim = head dim * model.base_width / model.d_model = "
+                             f"{H} * {D0} / {D} is not whole; set model.base_head_dim (the head dim of the base "
+                             "shape; equal to the head dim when width grows by adding heads).")
+        H0 = self.base_head_dim or H * D0 // D
+        for name, heads in (("num_heads", self.num_heads), ("num_kv_heads", self.kv_heads)):
+            if heads * H * D0 % (D * H0):  # the base keeps heads * head_dim in ratio to d_model
+                raise ValueError(f"{p}: the base shape has {heads} * {H} * {D0} / ({D} * {H0}) {name.replace('num_', '')}"
+                                 f" (model.{name} * head dim * base_width / (d_model * base head dim)), not a whole "
+                                 "number; change model.base_head_dim or model.base_width.")
+        why = {"scale_embeddings": (self.scale_embeddings, "multiplies the input embedding by sqrt(d_model), so the "
+                                    "input layer's effective learning rate would grow with width; set "
+                                    "model.scale_embeddings=false"),
+               "tied_head_rescale": (self.tied_head_rescale, "is a width-dependent output multiplier (d_model**-0.5) "
+                                     "of its own; µP sets the output multiplier; set model.tied_head_rescale=false"),
+               "scale_attention=false": (not self.scale_attention, "folds 1/sqrt(head_dim) into the query init (T5), "
+                                         "and µP sets the attention scale; set model.scale_attention=true")}
+        for name, (bad, reason) in why.items():
+            if bad:
+                raise ValueError(f"{p}: model.{name} {reason} (or use model.parametrization='sp').")
+        if self.parametrization == "completep" and self.norm_placement != "pre":
+            raise ValueError(f"{p} scales each residual branch by base_depth / num_layers, which needs pre-norm "
+                             "residual stacks (post-norm renormalises after every add); set "
+                             "model.norm_placement='pre' or use model.parametrization='mup'.")
 
     def _validate_attention_impl(self) -> None:
         _choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from t5like import parametrization
 from t5like.config import ModelConfig
 from t5like.sharding import Sharder
 
@@ -110,7 +111,7 @@ class Embed(nnx.Module):
     """Token embedding; `attend` reuses it as the output projection when embeddings are tied."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        stddev = cfg.d_model ** -0.5 if cfg.scale_embeddings else 0.02
+        stddev = cfg.embed_init_std or (cfg.d_model ** -0.5 if cfg.scale_embeddings else 0.02)
         self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                                dtype_of(cfg.param_dtype), stddev)
         self.scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
@@ -512,7 +513,8 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.dtype = dtype_of(cfg.dtype)
         self.impl = cfg.attention_impl
-        self.logit_scale = None if cfg.scale_attention else 1.0  # None: dot_product_attention's 1/sqrt(H)
+        # None: dot_product_attention's 1/sqrt(H); T5 folds it into the init (1.0); µP's 1/H (parametrization).
+        self.logit_scale = parametrization.attention_scale(cfg)
 
     def _w(self, p):
         return p[...].astype(self.dtype)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from t5like import layers as L
+from t5like import parametrization, probe
 from t5like.config import ModelConfig
 from t5like.sharding import Sharder, state_shardings
 
@@ -45,11 +46,16 @@ class Block(nnx.Module):
         self.mlp = L.MLP(cfg, rngs=rngs)
         self.post_norm = cfg.norm_placement == "post"
         self.dropout_rate = cfg.dropout
+        self.branch_multiplier = parametrization.branch_multiplier(cfg)  # CompleteP's 1/depth; 1 otherwise
 
-    def _residual(self, x, norm, branch, rng):
-        if self.post_norm:  # Vaswani et al.: LayerNorm(x + Sublayer(x))
-            return norm(x + L.dropout(branch(x), self.dropout_rate, rng))
-        return x + L.dropout(branch(norm(x)), self.dropout_rate, rng)
+    def _scaled(self, y):
+        return y if self.branch_multiplier == 1.0 else y * self.branch_multiplier
+
+    def _residual(self, x, norm, branch, rng, name: str):
+        # Vaswani et al. (post-norm): LayerNorm(x + Sublayer(x)); pre-norm: x + Sublayer(LayerNorm(x)).
+        y = probe.record(name, branch(x if self.post_norm else norm(x)))
+        y = L.dropout(self._scaled(y), self.dropout_rate, rng)
+        return norm(x + y) if self.post_norm else x + y
 
     def __call__(self, x_BTD: Array, *, mask, bias, positions, shard: Sharder, rng=None,
                  encoded_BSD=None, cross_mask=None, prefix_kv=None) -> Array:
@@ -58,12 +64,12 @@ class Block(nnx.Module):
         a = [None] * 3 if rng is None else [jax.random.fold_in(rng, 3 + i) for i in range(3)]
         x_BTD = self._residual(x_BTD, self.attn_norm, lambda h: self.attn(
             h, h, mask_B1TS=mask, bias_BNTS=bias, q_positions_BT=positions, k_positions_BS=positions,
-            shard=shard, rng=a[0], prefix_kv=prefix_kv), r[0])
+            shard=shard, rng=a[0], prefix_kv=prefix_kv), r[0], "attn")
         if self.cross:
             x_BTD = self._residual(x_BTD, self.cross_norm, lambda h: self.cross_attn(
-                h, encoded_BSD, mask_B1TS=cross_mask, shard=shard, rng=a[1]), r[1])
-        x_BTD = self._residual(x_BTD, self.mlp_norm, lambda h: self.mlp(h, shard, a[2]), r[2])
-        return shard(x_BTD, ("batch", "length", "act_embed"))
+                h, encoded_BSD, mask_B1TS=cross_mask, shard=shard, rng=a[1]), r[1], "cross_attn")
+        x_BTD = self._residual(x_BTD, self.mlp_norm, lambda h: self.mlp(h, shard, a[2]), r[2], "mlp")
+        return probe.record("stream", shard(x_BTD, ("batch", "length", "act_embed")))
 
 
     # Decoding: the same residual branches as __call__, with a KV cache and no dropout.
@@ -71,6 +77,7 @@ class Block(nnx.Module):
         return x if self.post_norm else norm(x)
 
     def _add(self, x, y, norm):
+        y = self._scaled(y)
         return norm(x + y) if self.post_norm else x + y
 
     def decode(self, x_BTD: Array, k_LBKSH: Array, v_LBKSH: Array, layer: Array, *, index, mask, bias, positions,
@@ -136,6 +143,7 @@ class Stack(nnx.Module):
         self.relative_bias = (L.RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
                               if cfg.position == "relative" else None)
         self.num_layers, self.remat = num_layers, cfg.remat
+        self.probe_name = "decoder" if causal else "encoder"
         self.scan_unroll = cfg.scan_unroll
         self.prefix = None  # prefix tuning (t5like.finetune): a module giving each layer's key/value prefixes
 
@@ -159,8 +167,14 @@ class Stack(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=CHECKPOINT_POLICIES[self.remat], prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys, self._prefix_kv()), unroll=unroll)
-        return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
+        if probe.active():  # coordinate checks: layer by layer, so each sublayer's output can be recorded
+            for i in range(self.num_layers):
+                with probe.scope(f"{self.probe_name}/{i}"):
+                    x_BTD, _ = body(x_BTD, jax.tree.map(lambda a: a[i], (params, keys, self._prefix_kv())))
+        else:
+            x_BTD, _ = jax.lax.scan(body, x_BTD, (params, keys, self._prefix_kv()), unroll=unroll)
+        x_BTD = x_BTD if self.final_norm is None else self.final_norm(x_BTD)
+        return probe.record(f"{self.probe_name}/out", x_BTD)
 
 
     def _prefix_kv(self):
@@ -337,8 +351,11 @@ class _Base(nnx.Module):
     def logits(self, x_BLD: Array) -> Array:
         if self.cfg.tied_head_rescale:  # T5: the tied head sees the hidden state scaled by d_model**-0.5
             x_BLD = x_BLD * self.cfg.d_model ** -0.5
+        multiplier = parametrization.logits_multiplier(self.cfg)  # µP's 1/width on a tied head; 1 otherwise
+        if multiplier != 1.0:
+            x_BLD = x_BLD * multiplier
         y = self.embed.attend(x_BLD) if self.lm_head is None else self.lm_head(x_BLD)
-        return self.shard(y.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        return probe.record("logits", self.shard(y.astype(jnp.float32), ("batch", "length", "act_vocab")))
 
 
 def _split(rng, n):

@@ -11,6 +11,8 @@ sees one update per step and its state stays the same size.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -81,13 +83,34 @@ def decoupled_weight_decay(schedule: optax.Schedule, weight_decay: float, mask) 
     return optax.masked(optax.GradientTransformation(init, update), mask)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def scale_by_multiplier(multiplier: Callable[[tuple], float]) -> optax.GradientTransformation:
+    """Each parameter's update times `multiplier(path)` (path as plain keys); a multiplier of 1 leaves it be."""
+    def update(updates, state, params=None):
+        del params
+        def one(path, u):
+            m = multiplier(tuple(getattr(k, "key", getattr(k, "name", k)) for k in path))
+            return u if m == 1.0 else u * jnp.asarray(m, u.dtype)
+        return jax.tree_util.tree_map_with_path(one, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, lr_multiplier: Optional[Callable[[tuple], float]] = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer and its schedule. `lr_multiplier(path)`, if given (µP: t5like/parametrization.py), scales
+    each parameter's learning rate: its step, not its weight decay, which stays lr_t * weight_decay * w (so the
+    decay's timescale does not change with a parameter's multiplier; MuAdam's default)."""
     schedule = make_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg.no_decay)
-    if cfg.name == "adamw":
+    if cfg.name == "adamw" and lr_multiplier is None:
         opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
     else:
-        opt = optax.adafactor(learning_rate=schedule)
+        if cfg.name == "adamw":
+            opt = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+        else:
+            opt = optax.adafactor(learning_rate=schedule)
+        if lr_multiplier is not None:
+            opt = optax.chain(opt, scale_by_multiplier(lr_multiplier))
         if cfg.weight_decay:
             opt = optax.chain(opt, decoupled_weight_decay(schedule, cfg.weight_decay, mask))
     if cfg.grad_clip > 0:

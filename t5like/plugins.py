@@ -6,7 +6,9 @@ A capability is a `Plugin`, built from the config. Each hook's default leaves tr
   check_data(train_iter)  once the data is open, before anything compiles
   adapt(model)            add modules to the model before it is created sharded (LoRA adapters, prefixes)
   trainable(path)         which parameters train; the others get no gradient and no optimizer state
-  wrap_optimizer(opt)     wrap the optax optimizer (e.g. per-parameter learning rates)
+  lr_multiplier(path)     a parameter's learning-rate multiplier (µP); it scales the optimizer's step inside
+                          optim.make_optimizer, before weight decay, which a wrapper could not leave alone
+  wrap_optimizer(opt)     wrap the optax optimizer
   init_params(params)     change freshly initialised params (another run's weights, init scales); a
                           resumed run skips it, since its params come from its own checkpoint
   on_log(step, row)       after a logged step's metrics reach the host
@@ -20,6 +22,7 @@ lists them). `train(cfg, plugins=[...])` adds plugins of your own, as Levanter's
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -40,6 +43,8 @@ class Plugin:
     uses_rng: bool = False  # the forward pass draws random numbers (e.g. adapter dropout)
     # Which params train (a function of the param's path), or None: this plugin freezes nothing.
     trainable: Optional[Callable[[tuple], bool]] = None
+    # A parameter's learning-rate multiplier (a function of its path), or None: this plugin scales none.
+    lr_multiplier: Optional[Callable[[tuple], float]] = None
 
     def check_start(self, resuming: bool) -> None:
         pass
@@ -99,6 +104,12 @@ class Plugins:
         for p in self.plugins:
             model = p.adapt(model)
         return model
+
+    @property
+    def lr_multiplier(self) -> Optional[Callable[[tuple], float]]:
+        """The product of every plugin's learning-rate multiplier, or None when no plugin has one."""
+        fns = [p.lr_multiplier for p in self.plugins if p.lr_multiplier is not None]
+        return None if not fns else lambda path: math.prod(f(path) for f in fns)
 
     def is_trainable(self, path: tuple) -> bool:
         return all(p.trainable(path) for p in self.plugins if p.trainable is not None)

@@ -226,7 +226,7 @@ def build(cfg: Config, example_batch: dict, devices=None, plugins: Optional[Plug
     graphdef, abstract_params, param_shardings, init_params = sharded_init(cfg.model, sharder, seed=cfg.seed,
                                                                            adapt=plugins.adapt)
     abstract_params = abstract_params.to_pure_dict()
-    optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps, plugins.lr_multiplier)
     optimizer = plugins.optimizer(optimizer)
     repl = replicated(mesh)
     opt_shapes = jax.eval_shape(optimizer.init, abstract_params)

@@ -20,6 +20,8 @@ BAD = {
         # Optional fields: None means "the default", but 0 must not silently mean it too.
         "num_kv_heads": [0, -2, 1.0, True], "head_dim": [0, -8, 16.0, True], "num_decoder_layers": [0, -1, 2.0],
         "scan_unroll": [0, -1, 1.5, True, "8"], "attention_impl": ["flash", "XLA", 0],
+        "parametrization": ["MUP", "", None], "base_width": [0, -32, 32.0, True], "base_d_ff": [0, -1, 1.5],
+        "base_head_dim": [0, -8, 8.0], "base_depth": [0, -2, 2.0, True], "embed_init_std": [0, -1.0, NAN, INF, "1"],
         "norm_eps": [0, 0.0, -1e-6, NAN, INF, "1e-6", None],
         "rope_theta": [0, -10000.0, 1.0, 0.5, NAN, INF, None],
         "dropout": NOT_A_FRACTION,

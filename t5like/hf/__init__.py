@@ -103,6 +103,11 @@ def load_pretrained(path: str, *, shard: Sharder = Sharder(), param_dtype: str =
 
 
 def _exporter(cfg: ModelConfig, architecture: Optional[str]):
+    if cfg.parametrization != "sp":
+        raise ValueError(f"model.parametrization={cfg.parametrization!r}: this model's forward pass has µP's "
+                         "multipliers (1/head_dim attention, a 1/width tied head, 1/depth residual branches), which no "
+                         "Hugging Face architecture has, so its weights would compute another function there. "
+                         "Export sp models only (docs/mup.md).")
     if architecture is not None:
         if architecture not in MAPPINGS:
             raise ValueError(f"architecture={architecture!r} is not one t5like exports; choose from {list(SUPPORTED)}.")

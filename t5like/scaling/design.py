@@ -27,7 +27,9 @@ tokens that C buys it (Hoffmann et al. 2022, approach 2). The rules, all in `Iso
   `batch_multiple`) while steps < min_steps. Eval batches are scaled so every trial evaluates on the
   same number of rows (a fair comparison of eval losses).
 - Learning rate. lr = base_lr · (base_d_model / d_model) ^ lr_exponent (default 0.5: lr ∝ 1/sqrt(d_model),
-  a middle ground between a fixed lr and µP's 1/d_model for Adam), with a linear warmup over
+  a guessed middle ground), or, when the base model is µP (model.parametrization=mup|completep), base_lr at
+  every size: µP carries it across width itself (docs/mup.md; each trial's base shape is the base model's
+  d_model in this design's shapes). `Plan.lr_rule` says which. With a linear warmup over
   `warmup_fraction` of the steps; the base schedule (cosine) then decays to the end of each run, as
   Chinchilla found matters.
 
@@ -299,6 +301,7 @@ class Plan:
     design: IsoFlopDesign
     trials: tuple[Trial, ...]
     skipped: tuple[str, ...] = ()
+    lr_rule: str = ""                         # how each trial's learning rate was set (see the module docstring)
 
     COLUMNS = ("trial_id", "budget", "params", "non_embedding_params", "tokens", "steps", "batch_size", "flops",
                "flops_error", "flops_6n", "tokens_6n", "overrides")
@@ -315,7 +318,8 @@ class Plan:
     def write(self, path: str) -> None:
         """A .json plan (with the design and skipped targets) or a .csv table, one row per trial."""
         if path.endswith(".json"):
-            text = json.dumps({"design": dataclasses.asdict(self.design), "skipped": list(self.skipped),
+            text = json.dumps({"design": dataclasses.asdict(self.design), "lr_rule": self.lr_rule,
+                               "skipped": list(self.skipped),
                                "trials": [{**dataclasses.asdict(t), "overrides": list(t.overrides)}
                                           for t in self.trials]}, indent=1)
         elif path.endswith(".csv"):
@@ -491,12 +495,19 @@ def plan_isoflop(base: Config, design: IsoFlopDesign) -> Plan:
     if len(set(ids)) != len(ids):
         raise ValueError(f"two trials share an id ({sorted(i for i in ids if ids.count(i) > 1)[0]}); "
                          "list each budget once.")
-    return Plan(design, tuple(trials), tuple(skipped))
+    return Plan(design, tuple(trials), tuple(skipped), lr_rule(model, design))
+
+
+def lr_rule(model: ModelConfig, design: IsoFlopDesign) -> str:
+    if model.parametrization != "sp":
+        return f"lr = base_lr at every size (model.parametrization={model.parametrization}: µP transfers it)"
+    return f"lr = base_lr · ({model.d_model} / d_model) ^ {design.lr_exponent}"
 
 
 def _make_trial(base: Config, design: IsoFlopDesign, budget: float, shape: Shape, batch: int, steps: int) -> Trial:
     model = base.model
-    lr = base.optim.learning_rate * (model.d_model / shape.d_model) ** design.lr_exponent
+    mup = model.parametrization != "sp"
+    lr = base.optim.learning_rate * (1.0 if mup else (model.d_model / shape.d_model) ** design.lr_exponent)
     warmup = min(steps - 1, round(design.warmup_fraction * steps))
     eval_steps = max(1, round(base.train.eval_steps * base.train.batch_size / batch))
     overrides = [f"model.d_model={shape.d_model}", f"model.num_layers={shape.num_layers}",
@@ -507,6 +518,9 @@ def _make_trial(base: Config, design: IsoFlopDesign, budget: float, shape: Shape
         overrides.append(f"model.num_kv_heads={shape.num_kv_heads}")
     if model.num_decoder_layers is not None:
         overrides.append(f"model.num_decoder_layers={shape.num_layers}")
+    if mup:  # the base shape: the base model's width in this design's shapes (heads grow, head_dim stays)
+        overrides += [f"model.base_head_dim={design.head_dim}",
+                      f"model.base_d_ff={_shape_model(model, design, model.num_layers, model.base_width).d_ff}"]
     overrides += [f"train.steps={steps}", f"train.batch_size={batch}", f"train.eval_steps={eval_steps}",
                   f"optim.learning_rate={_fmt_float(lr)}", f"optim.warmup_steps={warmup}",
                   f"checkpoint.every={max(1, math.ceil(steps / design.checkpoints_per_trial))}"]
@@ -576,6 +590,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             check_out_file(args.out, "plan.csv")
         plan = plan_isoflop(base, design)
         print(plan.table())
+        print(f"learning rate: {plan.lr_rule}", file=sys.stderr)
         for reason in plan.skipped:
             print(f"skipped: {reason}", file=sys.stderr)
         if args.out:
