@@ -70,9 +70,10 @@ def check_slices(mesh, tpu: TpuType, num_slices: int) -> tuple[int, int, int, in
     try:
         return mesh_shape(mesh, tpu.chips)
     except ValueError as e:
-        per = " per slice" if num_slices > 1 else ""
-        raise ValueError(f"the config's mesh{per} does not match {tpu.accelerator_type} ({tpu.chips} chips): "
-                         f"{e}") from None
+        where = (f"the slice ({tpu.accelerator_type} has {tpu.chips} chips)" if num_slices == 1 else
+                 f"the slices ({num_slices} x {tpu.accelerator_type}, {tpu.chips} chips each; the axes other than "
+                 "mesh.dcn_* are per slice)")
+        raise ValueError(f"the config's mesh does not match {where}: {e}") from None
 
 
 def _oom_bytes(message: str) -> int | None:

@@ -92,7 +92,8 @@ class CloudPod:
             if self.s.num_slices > 1:
                 self.coordinator = call(gcloud.coordinator_ip(self.s), capture=True).stdout.strip()
                 if not self.coordinator:
-                    raise RuntimeError(f"no internal IP for {self.s.nodes[0]} (slice 0), the multislice coordinator.")
+                    raise RuntimeError(f"no internal IP for {self.s.nodes[0]} (slice 0), the multislice "
+                                       "coordinator.")
             for node in self.nodes:
                 call(gcloud.scp_to_all(self.s, self.wheel, "~/", node=node))
             call_all([gcloud.ssh(self.s, gcloud.setup_script(os.path.basename(self.wheel)), node=n)

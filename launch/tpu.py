@@ -197,8 +197,7 @@ def check_config(args, tpu: Optional[TpuType]) -> list[str]:
         try:  # the DCN axes make the K slices; the others cover one slice's chips
             check_slices(cfg.mesh, tpu, args.num_slices)
         except ValueError as e:
-            raise UsageError(f"the config's mesh does not match the slice ({tpu.accelerator_type} has {tpu.chips} "
-                             f"chips, x{args.num_slices} slices): {e}") from None
+            raise UsageError(str(e)) from None
         return overrides
     devices = args.local_pod * args.local_devices
     from t5like.sharding import mesh_shape
@@ -291,7 +290,8 @@ def plan(s: Slice, wheel: str, command: list[str], log_dir: str, local_logs: str
     if log_dir.startswith("gs://"):
         steps.append(("every worker's log, here", gcloud.copy(log_dir, os.path.join(local_logs, "attempt-0"))))
     if not keep:
-        steps.append(("delete the slice" if not many else "delete the queued resource (every slice)", gcloud.delete(s)))
+        steps.append(("delete the slice" if not many else "delete the queued resource (every slice)",
+                      gcloud.delete(s)))
     return steps
 
 

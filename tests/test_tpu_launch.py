@@ -292,7 +292,8 @@ def test_a_two_slice_plan_parses_and_tells_every_slice_its_environment(capsys, t
                              "--accelerator-type=v5litepod-8 --runtime-version="), create
     assert " tpu-vm describe t5-ms-0 '--format=value(networkEndpoints[0].ipAddress)'" in gcloud_lines[3]
     ssh_nodes = [line.split()[5] for line in gcloud_lines if " tpu-vm ssh " in line]
-    assert ssh_nodes == ["t5-ms-0", "t5-ms-1"] * 2 + ["t5-ms-0"] * 2 + ["t5-ms-1"], ssh_nodes  # setup, clean, tail, run
+    # setup and cleanup on each node, worker 0's log from slice 0, the run on each node
+    assert ssh_nodes == ["t5-ms-0", "t5-ms-1"] * 2 + ["t5-ms-0"] * 2 + ["t5-ms-1"], ssh_nodes
     assert sum(" tpu-vm scp " in line and "'t5-ms-0:~/'" in line for line in gcloud_lines) == 1
     assert sum(" tpu-vm scp " in line and "'t5-ms-1:~/'" in line for line in gcloud_lines) == 1
     runs = [line for line in gcloud_lines if "python -m experiments.llama_1b" in line]
