@@ -25,10 +25,17 @@ class Slice:
     runtime_version: str = ""
     capacity: str = "on-demand"     # on-demand | spot | reserved
     queued: bool = False
+    num_slices: int = 1             # > 1: a multislice queued resource (queued must be True)
 
     @property
     def where(self) -> list[str]:
         return [f"--zone={self.zone}", f"--project={self.project}"]
+
+    @property
+    def nodes(self) -> list[str]:
+        """The TPU VMs: the slice itself, or, for K slices, the queued resource's nodes NAME-0 ... NAME-{K-1}
+        (--node-prefix=NAME)."""
+        return [self.name] if self.num_slices == 1 else [f"{self.name}-{i}" for i in range(self.num_slices)]
 
 
 def _tpu_vm(verb: str, s: Slice, *args: str) -> list[str]:
@@ -45,6 +52,10 @@ def _capacity(s: Slice) -> list[str]:
 
 def create(s: Slice) -> list[str]:
     """A TPU VM slice now, or with `queued` a queued resource that becomes one when capacity allows."""
+    if s.num_slices > 1:  # K slices: one queued resource, nodes NAME-0 ... NAME-{K-1}
+        return _queued("create", s, s.name, f"--node-count={s.num_slices}", f"--node-prefix={s.name}",
+                       f"--accelerator-type={s.tpu.accelerator_type}", f"--runtime-version={s.runtime_version}",
+                       *_capacity(s))
     if s.queued:
         return _queued("create", s, s.name, f"--node-id={s.name}", f"--accelerator-type={s.tpu.accelerator_type}",
                        f"--runtime-version={s.runtime_version}", *_capacity(s))
@@ -60,17 +71,37 @@ def describe_state(s: Slice) -> list[str]:
 
 
 def delete(s: Slice) -> list[str]:
-    if s.queued:  # --force also deletes the TPU VM the queued resource made
+    if s.queued:  # --force also deletes the TPU VMs (every slice) the queued resource made
         return _queued("delete", s, s.name, "--force", "--quiet")
     return _tpu_vm("delete", s, s.name, "--quiet")
 
 
-def ssh(s: Slice, command: str, worker: str = "all") -> list[str]:
-    return _tpu_vm("ssh", s, s.name, f"--worker={worker}", f"--command={command}")
+def ssh(s: Slice, command: str, worker: str = "all", node: Optional[str] = None) -> list[str]:
+    return _tpu_vm("ssh", s, node or s.name, f"--worker={worker}", f"--command={command}")
 
 
-def scp_to_all(s: Slice, local: str, remote: str) -> list[str]:
-    return _tpu_vm("scp", s, local, f"{s.name}:{remote}", "--worker=all")
+def scp_to_all(s: Slice, local: str, remote: str, node: Optional[str] = None) -> list[str]:
+    return _tpu_vm("scp", s, local, f"{node or s.name}:{remote}", "--worker=all")
+
+
+def coordinator_ip(s: Slice) -> list[str]:
+    """Prints slice 0 worker 0's internal IP: the multislice coordinator every worker is told."""
+    return _tpu_vm("describe", s, s.nodes[0], "--format=value(networkEndpoints[0].ipAddress)")
+
+
+# libtpu's DCN transport (megascale) listens on this port on the coordinator; 8080 is its default, and
+# what MaxText's multihost runner sets.
+MEGASCALE_PORT = 8080
+
+
+def megascale_env(coordinator: str, num_slices: int, slice_id: int) -> dict[str, str]:
+    """What the TPU runtime reads on every worker of slice `slice_id` of a multislice job. libtpu joins the
+    slices over DCN through the coordinator; JAX's TPU cluster detection (jax.distributed.initialize()) takes
+    the same address for its own coordinator (its port, 8476), and process id = slice id x hosts per slice +
+    worker id, process count = slices x hosts per slice. A queued resource also writes these into the VMs'
+    tpu-env metadata; the environment comes first for both readers, so the run says them explicitly."""
+    return {"MEGASCALE_COORDINATOR_ADDRESS": coordinator, "MEGASCALE_NUM_SLICES": str(num_slices),
+            "MEGASCALE_SLICE_ID": str(slice_id), "MEGASCALE_PORT": str(MEGASCALE_PORT)}
 
 
 def copy(src: str, dst: str) -> list[str]:
@@ -101,10 +132,13 @@ CLEANUP_SCRIPT = ("sudo fuser -k -9 /dev/accel* /dev/vfio/[0-9]* 2>/dev/null || 
                   "sudo rm -f /tmp/libtpu_lockfile; echo cleaned")
 
 
-def run_script(worker_command: list[str], log_dir: str) -> str:
+def run_script(worker_command: list[str], log_dir: str, env: Optional[dict[str, str]] = None) -> str:
     """Run the per-worker command from the venv, keep its log on the worker and copy it to `log_dir`
-    (the workdir's logs/, named by host) when it ends; the pid file lets `stop` reach it."""
+    (the workdir's logs/, named by host) when it ends; the pid file lets `stop` reach it. `env`: exported
+    first (a multislice job's MEGASCALE_* variables)."""
     cmd = shlex.join(worker_command)
+    if env:
+        cmd = "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + "; " + cmd
     # The workdir is the user's text: quoted, so a space or a `;` in it is part of the path, never shell.
     where = shlex.quote(log_dir)
     save = (f"gcloud storage cp worker.log {where}/$(hostname).log" if log_dir.startswith("gs://")
@@ -114,6 +148,15 @@ def run_script(worker_command: list[str], log_dir: str) -> str:
     return (f"cd {REMOTE_DIR} && . {VENV}/bin/activate && "
             f"{{ {cmd} > worker.log 2>&1 & echo $! > train.pid; wait $!; rc=$?; "
             f"{save} >/dev/null 2>&1 || echo {lost} >&2; exit $rc; }}")
+
+
+def run_all(s: Slice, worker_command: list[str], log_dir: str, coordinator: str) -> list[list[str]]:
+    """The run on every worker of every slice, one ssh per slice (they run at once); with K > 1 slices each
+    slice's workers get the multislice environment with their slice id."""
+    if s.num_slices == 1:
+        return [ssh(s, run_script(worker_command, log_dir))]
+    return [ssh(s, run_script(worker_command, log_dir, megascale_env(coordinator, s.num_slices, i)), node=node)
+            for i, node in enumerate(s.nodes)]
 
 
 def tail_script() -> str:

@@ -36,6 +36,19 @@ def call(argv: list[str], check: bool = True, capture: bool = False) -> subproce
     return result
 
 
+def call_all(argvs: list[list[str]], check: bool = True) -> list[int]:
+    """Run the commands at once (one per slice); -> their exit codes."""
+    procs = []
+    for argv in argvs:
+        echo(argv)
+        procs.append(subprocess.Popen(argv, text=True))
+    codes = [p.wait() for p in procs]
+    bad = [(argv, c) for argv, c in zip(argvs, codes) if c]
+    if check and bad:
+        raise RuntimeError(f"command failed with exit code {bad[0][1]}: {shlex.join(bad[0][0])}")
+    return codes
+
+
 def _stream(src, dst) -> threading.Thread:
     def pump():
         for line in src:
@@ -54,6 +67,12 @@ class CloudPod:
         self.s, self.wheel, self.log_dir, self.local_logs = s, wheel, log_dir, local_logs
         self.ready_timeout, self.poll_s = ready_timeout, poll_s
         self.created = False
+        self.coordinator = ""  # K > 1 slices: slice 0 worker 0's internal IP, once they exist
+
+    @property
+    def nodes(self) -> list:
+        """Per-node commands go to the slice by name, or to each node NAME-i of a K-slice queued resource."""
+        return self.s.nodes if self.s.num_slices > 1 else [None]
 
     def state(self) -> str:
         result = call(gcloud.describe_state(self.s), check=False, capture=True)
@@ -70,9 +89,17 @@ class CloudPod:
                     raise RuntimeError(f"slice {self.s.name} is {state}, not ready after "
                                        f"{self.ready_timeout:.0f} s (--ready-timeout).")
                 time.sleep(self.poll_s)
-            call(gcloud.scp_to_all(self.s, self.wheel, "~/"))
-            call(gcloud.ssh(self.s, gcloud.setup_script(os.path.basename(self.wheel))))
-        call(gcloud.ssh(self.s, gcloud.CLEANUP_SCRIPT))
+            if self.s.num_slices > 1:
+                self.coordinator = call(gcloud.coordinator_ip(self.s), capture=True).stdout.strip()
+                if not self.coordinator:
+                    raise RuntimeError(f"no internal IP for {self.s.nodes[0]} (slice 0), the multislice "
+                                       "coordinator.")
+            for node in self.nodes:
+                call(gcloud.scp_to_all(self.s, self.wheel, "~/", node=node))
+            call_all([gcloud.ssh(self.s, gcloud.setup_script(os.path.basename(self.wheel)), node=n)
+                      for n in self.nodes])
+        for node in self.nodes:
+            call(gcloud.ssh(self.s, gcloud.CLEANUP_SCRIPT, node=node))
 
     def create(self) -> None:
         """Only a slice this launcher made is ever deleted: a create that fails (the name is taken, no
@@ -88,17 +115,18 @@ class CloudPod:
                                "--name, or delete it yourself with `python -m launch.tpu delete`.") from None
 
     def run(self, worker_command: list[str], attempt: int) -> list[int]:
-        tail = subprocess.Popen(gcloud.ssh(self.s, gcloud.tail_script(), worker="0"), text=True,
+        tail = subprocess.Popen(gcloud.ssh(self.s, gcloud.tail_script(), worker="0", node=self.nodes[0]), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         _stream(tail.stdout, sys.stdout)
         try:
-            rc = call(gcloud.ssh(self.s, gcloud.run_script(worker_command, self.log_dir)), check=False).returncode
+            # Every slice at once: each waits in jax.distributed.initialize() for the others.
+            codes = call_all(gcloud.run_all(self.s, worker_command, self.log_dir, self.coordinator), check=False)
         finally:
             tail.terminate()
             tail.wait()
         if self.log_dir.startswith("gs://"):
             call(gcloud.copy(self.log_dir, os.path.join(self.local_logs, f"attempt-{attempt}")), check=False)
-        return [rc]
+        return codes
 
     def healthy(self) -> bool:
         return self.state() == self.READY[self.s.queued]

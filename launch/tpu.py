@@ -16,6 +16,11 @@ preempted or a worker fails, it re-creates (or reuses) the slice and reruns the 
 resumes from the checkpoint in the workdir, up to --max-restarts times. The slice is deleted at the
 end unless --keep. --dry-run prints the commands (stdout) and runs none; without a project it shows
 --project=PROJECT_ID.
+`--num-slices K` (K > 1) runs on K slices joined over the data-centre network: one queued resource with
+K nodes NAME-0 ... NAME-{K-1} (K > 1 implies --queued), the config's mesh.dcn_data x mesh.dcn_fsdp = K,
+the code shipped to every node, and every worker of slice i told the multislice environment
+(MEGASCALE_COORDINATOR_ADDRESS = slice 0 worker 0's internal IP, MEGASCALE_NUM_SLICES = K,
+MEGASCALE_SLICE_ID = i, MEGASCALE_PORT = 8080: launch/gcloud.py megascale_env).
 `--local-pod N` runs the per-worker command as N local processes instead of on a slice (tests).
 """
 from __future__ import annotations
@@ -57,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     capacity.add_argument("--spot", action="store_true", help="spot capacity (can be preempted)")
     capacity.add_argument("--reserved", action="store_true", help="the project's reservation")
     run.add_argument("--queued", action="store_true", help="a queued resource: waits for capacity")
+    run.add_argument("--num-slices", type=int, default=1, metavar="K",
+                     help="K slices of --tpu joined over DCN (one queued resource of K nodes; implies --queued); "
+                          "the config's mesh.dcn_data x mesh.dcn_fsdp must be K")
     run.add_argument("--runtime-version", help="TPU VM image; default by generation (launch/tpu_types.py)")
     run.add_argument("--keep", action="store_true", help="do not delete the slice at the end")
     run.add_argument("--max-restarts", type=int, default=3, help="re-create/rerun after preemption or failure")
@@ -71,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
                        ("stop", "SIGTERM the run: it saves and exits"), ("delete", "delete the slice")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--queued", action="store_true", help="the slice was made as a queued resource")
+        s.add_argument("--num-slices", type=int, default=1, metavar="K",
+                       help="the run had K slices (implies --queued): logs and stop reach every node")
     for s in [run, *(sub.choices[n] for n in ("status", "logs", "stop", "delete"))]:
         s.add_argument("--name", required=True, help="the run's (and the slice's) name")
         s.add_argument("--zone", help="default: gcloud config get-value compute/zone")
@@ -160,11 +170,16 @@ def check_slice(args) -> Optional[TpuType]:
         if n is not None and n < 1:
             what = "worker processes" if flag == "--local-pod" else "CPU devices per worker"
             raise UsageError(f"{flag}={n}: it is the number of local {what}, 1 or more (e.g. {flag} 2).")
+    if args.num_slices < 1:
+        raise UsageError(f"--num-slices={args.num_slices} must be 1 or more (e.g. --num-slices 2).")
+    if args.num_slices > 1 and args.local_pod is not None:
+        raise UsageError(f"--num-slices={args.num_slices} runs on Cloud TPU slices; --local-pod plays one slice "
+                         "(processes as slices: tests/test_multihost.py). Drop one of them.")
     if args.local_pod is None and not args.tpu:
         raise UsageError("--tpu is required (e.g. --tpu v5p-32), unless --local-pod N.")
     tpu = parse_tpu_type(args.tpu) if args.tpu else None
     check_workdir(args.workdir)
-    hosts = args.local_pod if args.local_pod is not None else tpu.hosts
+    hosts = args.local_pod if args.local_pod is not None else tpu.hosts * args.num_slices
     if hosts > 1 and not args.workdir.startswith("gs://"):
         raise UsageError(f"--workdir={args.workdir!r} is a local path, but {args.tpu or 'the pod'} has {hosts} hosts, "
                          "each with its own disk: checkpoints must be in one place all hosts reach. Use "
@@ -177,19 +192,26 @@ def check_slice(args) -> Optional[TpuType]:
 def check_config(args, tpu: Optional[TpuType]) -> list[str]:
     """The experiment's config parses and validates, and its mesh covers the slice; -> overrides."""
     cfg, overrides = load_run_config(args)
-    devices = args.local_pod * args.local_devices if args.local_pod is not None else tpu.chips
+    if args.local_pod is None:
+        from launch.compile import check_slices
+        try:  # the DCN axes make the K slices; the others cover one slice's chips
+            check_slices(cfg.mesh, tpu, args.num_slices)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return overrides
+    devices = args.local_pod * args.local_devices
     from t5like.sharding import mesh_shape
     try:
         mesh_shape(cfg.mesh, devices)
     except ValueError as e:
-        where = f"{tpu.accelerator_type} has {tpu.chips} chips" if args.local_pod is None else f"{devices} devices"
-        raise UsageError(f"the config's mesh does not match the slice ({where}): {e}") from None
+        raise UsageError(f"the config's mesh does not match the slice ({devices} devices): {e}") from None
     return overrides
 
 
-def compile_check(experiment: str, overrides: list[str], tpu: TpuType) -> dict:
+def compile_check(experiment: str, overrides: list[str], tpu: TpuType, num_slices: int = 1) -> dict:
     """launch.compile in a child process (it loads libtpu; the launcher stays light)."""
-    argv = [sys.executable, "-m", "launch.compile", experiment, *overrides, "--topology", tpu.name]
+    argv = [sys.executable, "-m", "launch.compile", experiment, *overrides, "--topology", tpu.name,
+            "--num-slices", str(num_slices)]
     # The one long step before the plan (seconds for a small model, about ten minutes for llama_1b): say so.
     print(f"compiling the train step for {tpu.name} ahead of time, to check it fits (libtpu, on this machine; "
           "minutes for a large model; --skip-compile-check skips it)", file=sys.stderr, flush=True)
@@ -240,19 +262,36 @@ def worker_command(experiment: str, overrides: list[str], python: str = "python"
     return [python, "-m", experiment, *overrides]
 
 
-def plan(s: Slice, wheel: str, command: list[str], log_dir: str, local_logs: str, keep: bool) -> list[tuple[str, list[str]]]:
-    """One attempt, in order, as (what, argv); the run loop runs the same commands."""
-    steps = [("create the slice", gcloud.create(s)),
-             ("repeat until READY" if not s.queued else "repeat until ACTIVE", gcloud.describe_state(s)),
-             ("ship the code", gcloud.scp_to_all(s, wheel, "~/")),
-             ("venv + pip install on every worker", gcloud.ssh(s, gcloud.setup_script(os.path.basename(wheel)))),
-             ("kill leftovers holding the TPU, remove the libtpu lockfile", gcloud.ssh(s, gcloud.CLEANUP_SCRIPT)),
-             ("stream worker 0's log (in the background)", gcloud.ssh(s, gcloud.tail_script(), worker="0")),
-             ("run on every worker", gcloud.ssh(s, gcloud.run_script(command, log_dir)))]
+# A dry run cannot know slice 0 worker 0's IP (the slices do not exist yet): this stands in for it.
+COORDINATOR_PLACEHOLDER = "SLICE0_WORKER0_IP"
+
+
+def plan(s: Slice, wheel: str, command: list[str], log_dir: str, local_logs: str, keep: bool,
+         coordinator: str = COORDINATOR_PLACEHOLDER) -> list[tuple[str, list[str]]]:
+    """One attempt, in order, as (what, argv); the run loop runs the same commands. With K slices each
+    per-node step is one line per node (NAME-0 ... NAME-{K-1})."""
+    many = s.num_slices > 1
+    node = (lambda n: f" (slice {n})") if many else (lambda n: "")
+    nodes = [(n if many else None, i) for i, n in enumerate(s.nodes)]
+    steps = [("create the slice" if not many else f"create {s.num_slices} slices (one queued resource)",
+              gcloud.create(s)),
+             ("repeat until READY" if not s.queued else "repeat until ACTIVE", gcloud.describe_state(s))]
+    if many:
+        steps.append(("slice 0 worker 0's internal IP: MEGASCALE_COORDINATOR_ADDRESS", gcloud.coordinator_ip(s)))
+    steps += [(f"ship the code{node(i)}", gcloud.scp_to_all(s, wheel, "~/", node=n)) for n, i in nodes]
+    steps += [(f"venv + pip install on every worker{node(i)}",
+               gcloud.ssh(s, gcloud.setup_script(os.path.basename(wheel)), node=n)) for n, i in nodes]
+    steps += [(f"kill leftovers holding the TPU, remove the libtpu lockfile{node(i)}",
+               gcloud.ssh(s, gcloud.CLEANUP_SCRIPT, node=n)) for n, i in nodes]
+    steps.append(("stream worker 0's log (in the background)", gcloud.ssh(s, gcloud.tail_script(), worker="0",
+                                                                        node=s.nodes[0] if many else None)))
+    steps += [(f"run on every worker{node(i)}" + (", all slices at once" if many else ""), argv)
+              for i, argv in enumerate(gcloud.run_all(s, command, log_dir, coordinator))]
     if log_dir.startswith("gs://"):
         steps.append(("every worker's log, here", gcloud.copy(log_dir, os.path.join(local_logs, "attempt-0"))))
     if not keep:
-        steps.append(("delete the slice", gcloud.delete(s)))
+        steps.append(("delete the slice" if not many else "delete the queued resource (every slice)",
+                      gcloud.delete(s)))
     return steps
 
 
@@ -311,15 +350,16 @@ def cmd_run(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     overrides = check_config(args, tpu)
     if not args.skip_compile_check:
-        compile_check(args.experiment, overrides, tpu)
+        compile_check(args.experiment, overrides, tpu, args.num_slices)
     capacity = "spot" if args.spot else "reserved" if args.reserved else "on-demand"
+    queued = queued_for(args)
     s = Slice(args.name, zone, project, tpu, args.runtime_version or tpu.generation.runtime_version, capacity,
-              args.queued)
+              queued, args.num_slices)
     dist = os.path.join(local_logs, "dist")
     wheel = os.path.join(dist, wheel_name())
     command = worker_command(args.experiment, overrides)
     if args.dry_run:
-        print(f"# {tpu.describe()}", file=sys.stderr)
+        print(f"# {tpu.describe()}" + (f"; x{s.num_slices} slices" if s.num_slices > 1 else ""), file=sys.stderr)
         print("# is the name free? (it must not be found: a slice of that name is refused, never reused or deleted)",
               file=sys.stderr)
         print(shlex.join(gcloud.describe_state(s)))
@@ -332,24 +372,38 @@ def cmd_run(args) -> int:
     call(wheel_command(dist))
     if not glob.glob(wheel):
         raise RuntimeError(f"the wheel build did not produce {wheel}")
-    timeout = args.ready_timeout or (86400.0 if args.queued else 1800.0)
+    timeout = args.ready_timeout or (86400.0 if queued else 1800.0)
     pod = CloudPod(s, wheel, log_dir, local_logs, timeout)
     return run_loop(pod, command, args.max_restarts, args.keep)
+
+
+def queued_for(args) -> bool:
+    """K > 1 slices are one queued resource (gcloud makes multislice only that way): --num-slices implies
+    --queued, and says so."""
+    if args.num_slices > 1 and not args.queued:
+        print(f"note: --num-slices={args.num_slices} makes one queued resource of {args.num_slices} nodes "
+              f"({args.name}-0 ... {args.name}-{args.num_slices - 1}); --queued is implied.", file=sys.stderr)
+    return args.queued or args.num_slices > 1
 
 
 def cmd_manage(args) -> int:
     zone = args.zone or gcloud_default("--zone", "compute/zone")
     check_zone_form(zone)
+    if args.num_slices < 1:
+        raise UsageError(f"--num-slices={args.num_slices} must be 1 or more (e.g. --num-slices 2).")
     s = Slice(args.name, zone, args.project or gcloud_default(
-        "--project", "project", PROJECT_PLACEHOLDER if args.dry_run else None), queued=args.queued)
-    argv = {"status": lambda: gcloud.describe_state(s),
-            "logs": lambda: gcloud.ssh(s, gcloud.logs_script()),
-            "stop": lambda: gcloud.ssh(s, gcloud.stop_script()),
-            "delete": lambda: gcloud.delete(s)}[args.action]()
+        "--project", "project", PROJECT_PLACEHOLDER if args.dry_run else None), queued=queued_for(args),
+        num_slices=args.num_slices)
+    many = s.num_slices > 1
+    argvs = {"status": lambda: [gcloud.describe_state(s)],
+             "logs": lambda: [gcloud.ssh(s, gcloud.logs_script(), node=n if many else None) for n in s.nodes],
+             "stop": lambda: [gcloud.ssh(s, gcloud.stop_script(), node=n if many else None) for n in s.nodes],
+             "delete": lambda: [gcloud.delete(s)]}[args.action]()
     if args.dry_run:
-        print(shlex.join(argv))
+        for argv in argvs:
+            print(shlex.join(argv))
         return 0
-    return call(argv, check=False).returncode
+    return max(call(argv, check=False).returncode for argv in argvs)
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")

@@ -106,3 +106,22 @@ def test_the_slice_table_agrees_with_libtpu():
         assert seen[name] == [t.chips, t.hosts, [t.generation.device_kind]], (name, seen[name])
     assert parse_tpu_type("v5e-16") == parse_tpu_type("v5litepod-16")
     assert (parse_tpu_type("v5p-32").chips, parse_tpu_type("v5p-32").topology) == (16, "2x2x4")
+
+
+@needs_libtpu
+def test_two_slices_compile_and_dcn_axes_that_disagree_are_refused_first():
+    """`--num-slices 2` with data over DCN (mesh.dcn_data=2): 2 slices of v5e-4 (8 devices) compile and report
+    memory per device; the same without mesh.dcn_data is refused (exit 2) before libtpu compiles anything."""
+    good = start("-m", "launch.compile", "experiments.llama_1b", "size=tiny", "--topology", "v5e-4",
+                 "--num-slices", "2", "mesh.dcn_data=2")
+    bad = start("-m", "launch.compile", "experiments.llama_1b", "size=tiny", "--topology", "v5e-4",
+                "--num-slices", "2")
+    out, err = bad.communicate(timeout=600)
+    assert bad.returncode == 2 and out == "", (out, err)
+    assert err.startswith("error: mesh.dcn_data=1 x mesh.dcn_fsdp=1 = 1 slices, but --num-slices=2; make them "
+                          "agree: mesh.dcn_data=2"), err
+    out, err = good.communicate(timeout=600)
+    assert good.returncode == 0, err
+    r = json.loads(out.strip())
+    assert (r["num_slices"], r["num_devices"], r["topology"], r["fits"]) == (2, 8, "v5e-4", True), r
+    assert r["per_device_bytes"] >= r["argument_bytes"] > 0 and r["temp_bytes"] > 0

@@ -107,6 +107,12 @@ BAD = {
                                                "--workdir", "gs://bkt/r"], "the form is REGION-ZONE, e.g. us-east5-a"),
     "a zone that is no Google Cloud zone": (["--tpu", "v5e-8", "--zone", "mars-1-a", "--project", "p",
                                              "--workdir", "gs://bkt/r", "--any-zone"], "the form is REGION-ZONE"),
+    # Several slices: the DCN axes (mesh.dcn_data x mesh.dcn_fsdp) must be --num-slices.
+    "--num-slices without DCN axes": (V5E + ["--workdir", "gs://bkt/r", "--num-slices", "2"],
+                                      "mesh.dcn_data=1 x mesh.dcn_fsdp=1 = 1 slices, but --num-slices=2"),
+    "DCN axes without --num-slices": (V5E + ["--workdir", "gs://bkt/r", "mesh.dcn_data=2"],
+                                      "= 2 slices, but --num-slices=1"),
+    "no slices": (V5E + ["--workdir", "gs://bkt/r", "--num-slices", "0"], "--num-slices=0 must be 1 or more"),
     "no local workers": (["--local-pod", "0", "--workdir", "/tmp/run"], "--local-pod=0: it is the number of local"),
     "no devices per local worker": (["--local-pod", "2", "--local-devices", "0", "--workdir", "/tmp/run"],
                                     "--local-devices=0"),
@@ -269,3 +275,65 @@ def test_launch_compile_takes_overrides_after_the_topology():
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2 and "error: TPU type 'v7x-1' is not one this launcher knows" in result.stderr, \
         result.stderr
+
+
+# Several slices (--num-slices K): one queued resource of K nodes, the multislice environment on each ----------
+
+@needs_gcloud
+def test_a_two_slice_plan_parses_and_tells_every_slice_its_environment(capsys, tmp_path):
+    """2 slices of v5e-8 with data over DCN: one queued resource (--node-count/--node-prefix; --queued is implied),
+    every per-node step once per node, each slice's workers told MEGASCALE_SLICE_ID; every line parses in gcloud."""
+    plan = dry_run(capsys, "run", "experiments.llama_1b", "size=tiny", "mesh.dcn_data=2", "--name", "t5-ms",
+                   "--tpu", "v5e-8", "--num-slices", "2", "--zone", "us-west4-a", "--project", "my-proj",
+                   "--workdir", "gs://bkt/ms", "--skip-compile-check", "--dry-run")   # the mesh check accepts it
+    gcloud_lines = [line for line in plan if line.startswith("gcloud ")]
+    create = gcloud_lines[1]
+    assert create.startswith("gcloud compute tpus queued-resources create t5-ms --node-count=2 --node-prefix=t5-ms "
+                             "--accelerator-type=v5litepod-8 --runtime-version="), create
+    assert " tpu-vm describe t5-ms-0 '--format=value(networkEndpoints[0].ipAddress)'" in gcloud_lines[3]
+    ssh_nodes = [line.split()[5] for line in gcloud_lines if " tpu-vm ssh " in line]
+    # setup and cleanup on each node, worker 0's log from slice 0, the run on each node
+    assert ssh_nodes == ["t5-ms-0", "t5-ms-1"] * 2 + ["t5-ms-0"] * 2 + ["t5-ms-1"], ssh_nodes
+    assert sum(" tpu-vm scp " in line and "'t5-ms-0:~/'" in line for line in gcloud_lines) == 1
+    assert sum(" tpu-vm scp " in line and "'t5-ms-1:~/'" in line for line in gcloud_lines) == 1
+    runs = [line for line in gcloud_lines if "python -m experiments.llama_1b" in line]
+    assert [line.split()[5] for line in runs] == ["t5-ms-0", "t5-ms-1"], runs
+    for i, line in enumerate(runs):
+        assert (f"export MEGASCALE_COORDINATOR_ADDRESS=SLICE0_WORKER0_IP MEGASCALE_NUM_SLICES=2 "
+                f"MEGASCALE_SLICE_ID={i} MEGASCALE_PORT=8080; python -m experiments.llama_1b size=tiny "
+                "mesh.dcn_data=2 workdir=gs://bkt/ms") in line and "--worker=all" in line, line
+    assert gcloud_lines[-1].startswith("gcloud compute tpus queued-resources delete t5-ms --force --quiet")
+    assert not any(" delete t5-ms-" in line for line in gcloud_lines)   # the queued resource takes its nodes
+    lines = [plan[0], *gcloud_lines]
+    for action in ("status", "logs", "stop", "delete"):
+        out = dry_run(capsys, action, "--name", "t5-ms", "--num-slices", "2", "--zone", "us-west4-a",
+                      "--project", "my-proj", "--dry-run")
+        if action in ("logs", "stop"):
+            assert [line.split()[5] for line in out] == ["t5-ms-0", "t5-ms-1"], out
+        else:
+            assert len(out) == 1 and " queued-resources " in out[0], out
+        lines += out
+    lines = list(dict.fromkeys(lines))   # each distinct line once (the state check recurs)
+    config_dir = str(tmp_path / "gcloud")
+    os.makedirs(config_dir)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda line: gcloud_parse(line, config_dir), lines))
+    for line, (code, err) in zip(lines, results):
+        assert code == 1 and "account" in err and "unrecognized arguments" not in err, (line, code, err)
+
+
+def test_the_multislice_environment_reaches_the_worker_command(tmp_path):
+    """The run script exports MEGASCALE_* before the trainer starts (quoted), and keeps its exit code."""
+    from launch import gcloud
+    home = tmp_path / "home"
+    (home / "t5like").mkdir(parents=True)
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), home / "t5like" / "venv")
+    env = gcloud.megascale_env("10.0.0.2", 2, 1)
+    command = ["python", "-c", "import os; print(sorted((k, v) for k, v in os.environ.items() if 'MEGASCALE' in k))"]
+    script = gcloud.run_script(command, str(tmp_path / "logs"), env)
+    result = subprocess.run(["bash", "-c", script], env={**os.environ, "HOME": str(home)}, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert (home / "t5like" / "worker.log").read_text().strip() == str(sorted(env.items()))
+    assert env == {"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2", "MEGASCALE_NUM_SLICES": "2",
+                   "MEGASCALE_SLICE_ID": "1", "MEGASCALE_PORT": "8080"}
