@@ -59,7 +59,7 @@ def test_seed_outside_what_the_generators_take_is_refused(seed):
 
 def test_a_mesh_the_devices_cannot_fill_fails_before_the_tokenizer(tmp_path, capsys):
     err = error_of([*KEYS, "mesh.fsdp=3", f"workdir={tmp_path / 'run'}"], capsys)
-    assert "mesh (data, fsdp, tensor)=(1, 3, 1) has 3 devices but 8 are available" in err, err
+    assert "mesh (data, fsdp, context, tensor)=(1, 3, 1, 1) has 3 devices but 8 are available" in err, err
     assert not os.path.exists(tmp_path / "run" / "tokenizer")  # no tokenizer trained first
 
 
