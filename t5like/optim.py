@@ -61,11 +61,15 @@ def param_kind(path: tuple[str, ...]) -> str:
     return "weight"
 
 
+def path_keys(path) -> tuple:
+    """A jax tree path as plain keys: ('decoder', 'layers', 'attn', 'query')."""
+    return tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+
+
 def decay_mask(params, no_decay: tuple[str, ...]):
     """True where weight decay applies."""
     def keep(path, _):
-        keys = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
-        return param_kind(keys) not in no_decay
+        return param_kind(path_keys(path)) not in no_decay
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -88,7 +92,7 @@ def scale_by_multiplier(multiplier: Callable[[tuple], float]) -> optax.GradientT
     def update(updates, state, params=None):
         del params
         def one(path, u):
-            m = multiplier(tuple(getattr(k, "key", getattr(k, "name", k)) for k in path))
+            m = multiplier(path_keys(path))
             return u if m == 1.0 else u * jnp.asarray(m, u.dtype)
         return jax.tree_util.tree_map_with_path(one, updates), state
 

@@ -35,7 +35,8 @@ from flax import nnx
 
 from t5like.checkpoint import read_config
 from t5like.config import Config, ModelConfig
-from t5like.plugins import Plugin, path_keys
+from t5like.optim import path_keys
+from t5like.plugins import Plugin
 from t5like.sharding import logical_axes
 
 KINDS = ("input", "hidden", "query", "output", "scalar")

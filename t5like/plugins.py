@@ -31,10 +31,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-
-def path_keys(path) -> tuple:
-    """A jax tree path as plain keys: ('decoder', 'layers', 'attn', 'query')."""
-    return tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+from t5like.optim import path_keys
 
 
 class Plugin:

@@ -18,7 +18,8 @@ from t5like.config import Config, ModelConfig, OptimConfig, TrainConfig
 from t5like.data import DataConfig
 from t5like.models import build_model
 from t5like.optim import make_optimizer
-from t5like.plugins import Plugins, path_keys
+from t5like.optim import path_keys
+from t5like.plugins import Plugins
 from t5like.finetune import FineTuning
 from t5like.train import make_train_step
 
