@@ -53,17 +53,17 @@ def sweep() -> list[Trial]:
     reduced = os.environ.get("MUP_TRANSFER_GRID") == "reduced"
     widths, depths = (WIDTHS[:2], DEPTHS[:2]) if reduced else (WIDTHS, DEPTHS)
     lrs = [_lr(x) for x in (LEARNING_RATES[2:4] if reduced else LEARNING_RATES)]
-    trials = []
+    trials, base_config = [], config()
     for parametrization in ("sp", "mup"):
         for w in widths:
             trials += grid({"optim.learning_rate": lrs}, base=(
-                f"model.parametrization={parametrization}", f"model.d_model={w}", f"model.d_ff={4 * w}"))
+                f"model.parametrization={parametrization}", f"model.d_model={w}", f"model.d_ff={4 * w}"), config=base_config)
     for parametrization in ("sp", "completep"):
         for depth in depths:
             trials += grid({"optim.learning_rate": lrs}, base=(
                 f"model.parametrization={parametrization}", f"model.d_model={DEPTH_WIDTH}",
                 f"model.d_ff={4 * DEPTH_WIDTH}", f"model.base_width={DEPTH_WIDTH}", f"model.num_layers={depth}",
-                "model.embed_init_std=1.0", "model.tie_embeddings=false", "model.scan_unroll=1"))
+                "model.embed_init_std=1.0", "model.tie_embeddings=false", "model.scan_unroll=1"), config=base_config)
     return trials
 
 

@@ -207,3 +207,15 @@ def test_other_families_spend_their_budgets(experiment):
         assert t.tokens == (seq + target) * cfg.train.batch_size * cfg.train.steps
         if cfg.model.family == "encoder_decoder":
             assert target > 0 and cfg.model.decoder_layers == cfg.model.num_layers
+
+
+@pytest.mark.parametrize("name", ["mup_transfer", "scaling_isoflop", "scaling_tiny"])
+def test_every_experiment_sweep_plans_and_applies(name):
+    """Each shipped sweep plans (launch.sweep calls `sweep()`), its ids are unique, and every trial's overrides
+    apply to the experiment's config: a sweep that breaks is found here, not an hour into a benchmark."""
+    import importlib
+    module = importlib.import_module(f"experiments.{name}")
+    trials = module.sweep()
+    assert trials and len({t.id for t in trials}) == len(trials)
+    for t in trials:
+        apply_overrides(module.config(), list(t.overrides))
