@@ -35,7 +35,7 @@ setup(
         "eval": ["lm-eval>=0.4.13,<0.5"],
         "dev": [
             "lm-eval[hf]>=0.4.13,<0.5",           # t5like.eval and its parity tests against lm-eval's hf backend
-            "pytest>=8,<10",
+            "pytest>=8,<10", "pytest-xdist>=3.8,<4",   # pytest.ini runs the suite on 2 workers
             "torch==2.13.0", "transformers>=5.23,<5.24",   # the reference for Hugging Face parity (CPU torch)
             # Microsoft's µP package (mup==1.0.0, the reference of tests/test_parametrization.py) is installed
             # apart, with --no-deps (README, .ci/run): it declares torchvision, whose PyPI wheels are built for

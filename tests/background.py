@@ -1,14 +1,13 @@
-"""Long, independent training runs that the session starts before its first test, at the lowest CPU priority.
+"""Long, independent training runs that a test module starts before its first test, at the lowest CPU priority.
 
-Most in-process tests keep one core of two busy. A run started at nice 19 takes the idle one, and yields to
-the tests whenever they use both. Its test waits for it as it would have waited for a run it started itself,
-so nothing a test checks changes; only when the CPU time is spent does.
+Most in-process tests keep one core busy. A run started at nice 19 takes an idle one, and yields to the tests
+whenever they need it. Its test waits for it as it would have waited for a run it started itself, so nothing
+a test checks changes; only when the CPU time is spent does.
 
-A test module opts in with `background_runs(background, selected)`, called once per session with its
+A test module opts in with `background_runs(background, selected)`, called before its first test with its
 selected tests (name -> the fixtures each uses); it starts the runs those tests need (`background.start`).
-Its tests collect them with `background.wait`. conftest orders such modules last, so their runs have the
-most of the session to use. Only single-process runs belong here: a starved multi-host run could miss
-jax.distributed's heartbeats.
+Its tests collect them with `background.wait`. Only single-process runs belong here: a starved multi-host
+run could miss jax.distributed's heartbeats.
 """
 from __future__ import annotations
 

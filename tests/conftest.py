@@ -25,23 +25,34 @@ from gcs import gcs_server  # noqa: E402,F401  (tests/ is on sys.path under pyte
 from background import Background  # noqa: E402
 
 
+# The suite runs on two pytest-xdist workers, a test file at a time (pytest.ini: `-n 2 --dist loadfile`). Files
+# are handed out in collection order, so the longest go first and the two workers end together; the rest keep
+# pytest's order. Measured per-file times: docs/benchmarks.md#test-suite.
+LONGEST_FIRST = [
+]
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Modules with background runs (tests/background.py) go last, in their usual order: the runs they start
-    before the first test then have the most of the session to use the core the other tests leave idle."""
-    items.sort(key=lambda item: hasattr(getattr(item, "module", None), "background_runs"))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def background(request, tmp_path_factory):
-    """Starts the selected tests' background runs before the first test (tests/background.py)."""
+@pytest.fixture(scope="session")
+def background(tmp_path_factory):
+    """The session's background runs (tests/background.py)."""
     runs = Background(tmp_path_factory.mktemp("background"))
-    selected: dict = {}
-    for item in request.session.items:
-        if hasattr(getattr(item, "module", None), "background_runs"):
-            selected.setdefault(item.module, {})[item.name] = set(item.fixturenames)
     try:
-        for module, names in selected.items():
-            module.background_runs(runs, names)
         yield runs
     finally:
         runs.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_background_runs(request, background):
+    """A module with background runs starts those its selected tests need before its first test: they then
+    use the core its in-process tests leave idle (tests/background.py)."""
+    module = request.module
+    if hasattr(module, "background_runs"):
+        selected = {item.name: set(item.fixturenames) for item in request.session.items
+                    if getattr(item, "module", None) is module}
+        module.background_runs(background, selected)
