@@ -762,13 +762,16 @@ def run_fit(data: ScalingData, approach: str, **options) -> Fit:
     return FITTERS[approach](data, **options)
 
 
-def fit_all(data: ScalingData, *, parametric_starts: np.ndarray | None = None, **options) -> dict[str, Fit | str]:
+def fit_all(data: ScalingData, *, parametric_starts: np.ndarray | None = None, parametric_method: str = "huber",
+            **options) -> dict[str, Fit | str]:
     """Every approach; one that cannot run on this data (too few points, ...) maps to its error message."""
     out: dict[str, Fit | str] = {}
     for name in APPROACHES:
         opts = dict(options)
-        if name == "parametric" and parametric_starts is not None:
-            opts["starts"] = parametric_starts
+        if name == "parametric":
+            opts["method"] = parametric_method
+            if parametric_starts is not None:
+                opts["starts"] = parametric_starts
         try:
             out[name] = run_fit(data, name, **opts)
         except ValueError as e:
