@@ -47,7 +47,7 @@ import sys
 import numpy as np
 
 from t5like import storage
-from t5like.scaling.data import check_out_file, load_csv, parse_where
+from t5like.scaling.data import check_out_file, load_csv, near_optimum, parse_where
 from t5like.scaling.fit import APPROACHES, Fit, fit_all, hoffmann_grid, load_fits, run_fit, save_fits
 
 
@@ -56,7 +56,7 @@ from t5like.scaling.fit import APPROACHES, Fit, fit_all, hoffmann_grid, load_fit
 SETTINGS = {"loss_column": None, "params_column": "params", "tokens_column": "tokens", "flops_column": "flops",
             "budget_column": "budget", "bins_per_decade": None, "where": [], "bootstrap": 0, "level": 0.95,
             "seed": 0, "grid": "hoffmann", "isoflop_window": None, "metric": "loss", "stderr_column": None,
-            "fix_E": None, "E_prior": None, "method": "huber"}
+            "fix_E": None, "E_prior": None, "method": "huber", "near_optimum": None}
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +90,8 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
                    help="hold the irreducible loss E of powerlaw and parametric at this value")
     p.add_argument("--E-prior", dest="E_prior", type=_pair, default=None, metavar="MEAN,SD",
                    help="a Gaussian prior on E (powerlaw, parametric), in the loss's units")
+    p.add_argument("--near-optimum", type=float, default=None, metavar="FRAC",
+                   help="fit only runs within FRAC of their budget's best loss, e.g. 0.03 (default: all runs)")
     p.add_argument("--method", choices=("huber", "vpnls"), default=None,
                    help="parametric: Huber on ln L from the Hoffmann grid (default) or variable projection (vpnls)")
 
@@ -150,6 +152,8 @@ def cmd_fit(args) -> int:
     if args.out:
         check_out_file(args.out, "fit.json")
     data = _load(args)
+    if args.near_optimum is not None:
+        data = near_optimum(data, args.near_optimum, args.bins_per_decade)
     fits = _fit(data, args.approach, args)
     # Every option, so that `plot --fit fit.json` (and a reader) knows what was fitted to what.
     meta = {**data.meta(), "approach": args.approach, **{k: getattr(args, k) for k in SETTINGS},
@@ -259,7 +263,7 @@ def cmd_validate(args) -> int:
                       bootstrap=args.bootstrap, level=args.level,
                       seed=args.seed, bins_per_decade=args.bins_per_decade, window=args.isoflop_window,
                       E_fixed=args.fix_E, E_prior=args.E_prior, starts=hoffmann_grid(coarse=args.grid == "coarse"),
-                      profile=not args.no_e_profile)
+                      profile=not args.no_e_profile, near=args.near_optimum)
     report["where"] = list(data.where)
     print(format_report(report))
     text = json.dumps(report, indent=1, allow_nan=False, default=float)

@@ -338,6 +338,19 @@ def compute_groups(data: ScalingData, bins_per_decade: float | None = None,
     return gid, budgets
 
 
+def near_optimum(data: ScalingData, frac: float, bins_per_decade: float | None = None) -> ScalingData:
+    """The runs whose loss is within `frac` (relative) of their budget's best. Far from the optimum an IsoFLOP
+    curve holds runs a parametric law does not describe (tiny models trained on many tokens, huge ones on
+    few, losses twice the optimum's), and least squares lets them pull the fit away from the frontier."""
+    if not frac > 0:
+        raise ValueError(f"--near-optimum {frac}: give the relative loss window, e.g. 0.03 (runs within 3% of "
+                         "their budget's best loss).")
+    gid, _ = compute_groups(data, bins_per_decade)
+    best = np.full(gid.max() + 1, np.inf)
+    np.minimum.at(best, gid, data.loss)
+    return data.subset(np.flatnonzero(data.loss <= best[gid] * (1 + frac)))
+
+
 # ------------------------------------------------------------------------------------------------
 # Degenerate tables: what a fit cannot see for itself
 

@@ -14,7 +14,8 @@ By default the largest budget is held out and every other one is fitted. For eac
 
 Each fit with an irreducible loss E (powerlaw, parametric) also gets an E profile: the prediction refitted
 with E held at 0.8, 0.9, 0.95, 1.05, 1.1 × its fitted value (those below every fitted loss), and dloss/dE, how much the prediction moves per
-unit of E. A law whose predictions beyond its data rise above a loss already measured is flagged
+unit of E. `near` (--near-optimum FRAC) fits only the runs within FRAC of their budget's best loss. A law
+whose predictions beyond its data rise above a loss already measured is flagged
 (`leaves_data`) with the fit's warning: its extrapolations contradict the data.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import numpy as np
 from scipy import stats
 
-from t5like.scaling.data import METRIC_UNITS, ScalingData, compute_groups
+from t5like.scaling.data import METRIC_UNITS, ScalingData, compute_groups, near_optimum
 from t5like.scaling.fit import ISO_OK, Fit, _isoflop_optimum, e_profile, run_fit
 
 # What validate fits: (report name, approach, options).
@@ -112,7 +113,7 @@ def _compare(fit: Fit, m: dict, level: float) -> dict:
 def validate(data: ScalingData, *, split: float | None = None, holdout=None, variants=tuple(VARIANTS),
              bootstrap: int = 100, level: float = 0.95, seed: int = 0, bins_per_decade: float | None = None,
              window: int | None = None, E_fixed: float | None = None, E_prior=None, starts=None,
-             profile: bool = True) -> dict:
+             profile: bool = True, near: float | None = None) -> dict:
     """Fit `variants` on the budgets below the held-out ones and compare their predictions with the held-out
     runs. Returns a JSON-able report (see the module docstring)."""
     unknown = [v for v in variants if v not in VARIANTS]
@@ -122,11 +123,13 @@ def validate(data: ScalingData, *, split: float | None = None, holdout=None, var
     _, budgets = compute_groups(data, bins_per_decade)
     fit_rows = np.flatnonzero(np.isin(budgets[gid], fit_b))
     train = data.subset(fit_rows)
+    if near is not None:  # select the fitted runs near each budget's optimum; the held-out ones stay whole
+        train = near_optimum(train, near, bins_per_decade)
     measured = [{"budget": float(c), **_measured(data, np.flatnonzero(budgets[gid] == c))} for c in held_b]
     report = {"source": data.source, "metric": data.metric, "units": METRIC_UNITS.get(data.metric, data.metric),
               "loss_column": data.loss_column, "stderr_column": data.columns.get("stderr"),
               "fitted_budgets": [float(c) for c in fit_b], "held_out_budgets": [float(c) for c in held_b],
-              "n_fitted_runs": int(len(train)), "level": level, "bootstrap": bootstrap,
+              "n_fitted_runs": int(len(train)), "near_optimum": near, "level": level, "bootstrap": bootstrap,
               "E_fixed": E_fixed, "E_prior": None if E_prior is None else list(E_prior),
               "measured": measured, "approaches": {}}
     for name in variants:
