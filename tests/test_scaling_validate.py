@@ -78,6 +78,10 @@ def test_validate_on_an_exact_law_has_no_error_and_writes_json(tmp_path, capsys)
     assert abs(h["predicted"]["N_opt"] / LAW.n_opt(BUDGETS[5]) - 1) < 1e-3
     assert abs(vp["dloss_dE"]) > 0 and len(vp["E_profile"]["rows"]) >= 2 and not vp["leaves_data"]
     assert abs(r["approaches"]["isoflop"]["holdout"][0]["N_opt_ratio"] - 1) < 0.05
+    # Fitting only the runs within 2% of each budget's best keeps fewer runs and the same exact prediction
+    near = validate(exact, variants=("parametric_vpnls",), bootstrap=0, profile=False, near=0.02)
+    assert 15 <= near["n_fitted_runs"] < r["n_fitted_runs"]
+    assert abs(near["approaches"]["parametric_vpnls"]["holdout"][0]["loss_error"]) < 1e-5
     # The CLI on the same table (as a file), with --metric bpb reading the bpb column and its stderr
     path = write_table(tmp_path / "r.csv", exact, {"final_eval_bpb": exact.loss / 3.0,
                                                     "final_eval_bpb_stderr": np.full(len(exact), 1e-4)})
@@ -100,7 +104,8 @@ def test_validate_bad_input_is_named(tmp_path, capsys):
              ([three, "--holdout", str(BUDGETS[0])], "below the largest fitted budget"),
              ([three, "--metric", "bpb"], "--metric bpb: missing column 'bpb'"),
              ([three, "--split", str(BUDGETS[2])], "nothing is held out"),
-             ([three, "--holdout", "5e30"], "no budget within 10%")]
+             ([three, "--holdout", "5e30"], "no budget within 10%"),
+             ([three, "--near-optimum", "0"], "relative loss window")]
     for argv, message in cases:
         assert main(["validate", *argv, "--bootstrap", "0"]) == 2, argv
         assert message in capsys.readouterr().err, argv
