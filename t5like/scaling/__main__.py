@@ -209,7 +209,7 @@ def cmd_predict(args) -> int:
     level = next((f.level for f in fits.values() if f.samples), None)
     print(f"{args.fit}: " + (f"[{level:.0%} bootstrap intervals]" if level else "(no bootstrap: point estimates only)"))
     print(f"compute: {convention}")
-    cols = (("loss", "loss [nats/token]"), ("N_opt", "N_opt [params]"), ("D_opt", "D_opt [tokens]"),
+    cols = (("loss", f"{meta.get('metric', 'loss')} [{meta.get('units', 'nats/token')}]"), ("N_opt", "N_opt [params]"), ("D_opt", "D_opt [tokens]"),
             ("tokens_per_param", "tokens/param"))
     print(f"{'C [FLOPs]':>10}  {'approach':<11}" + "".join(f"  {h:<28}" for _, h in cols))
     for r in rows:
