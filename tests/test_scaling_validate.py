@@ -77,6 +77,7 @@ def test_validate_on_an_exact_law_has_no_error_and_writes_json(tmp_path, capsys)
     assert abs(h["loss_error"]) < 1e-5 and h["loss_in_interval"], h
     assert abs(h["predicted"]["N_opt"] / LAW.n_opt(BUDGETS[5]) - 1) < 1e-3
     assert abs(vp["dloss_dE"]) > 0 and len(vp["E_profile"]["rows"]) >= 2 and not vp["leaves_data"]
+    assert not h["above_fitted_frontier"]
     assert abs(r["approaches"]["isoflop"]["holdout"][0]["N_opt_ratio"] - 1) < 0.05
     # Fitting only the runs within 2% of each budget's best keeps fewer runs and the same exact prediction
     near = validate(exact, variants=("parametric_vpnls",), bootstrap=0, profile=False, near=0.02)
@@ -134,6 +135,7 @@ def test_validate_flags_porian_no_decay():
     r = validate(data, split=3.2e18, variants=("parametric_vpnls",), bootstrap=0, profile=False)
     a = r["approaches"]["parametric_vpnls"]
     assert a["leaves_data"] and any("leaves its data" in w for w in a["warnings"])
+    assert all(h["above_fitted_frontier"] for h in a["holdout"])
 
 
 def test_lr_law_fits_and_the_design_reads_it(tmp_path, capsys):

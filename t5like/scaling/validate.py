@@ -85,13 +85,15 @@ def _measured(data: ScalingData, rows: np.ndarray) -> dict:
     return out
 
 
-def _compare(fit: Fit, m: dict, level: float) -> dict:
+def _compare(fit: Fit, m: dict, level: float, fitted_best: float) -> dict:
     C = m["flops"]
     pred = {k: float(v) for k, v in fit.predict(C).items() if k in ("loss", "N_opt")}
     ci = {k: [float(x) for x in v] for k, v in fit.predict_interval(C).items() if k in ("loss", "N_opt")}
     out = {"predicted": pred, "interval": ci}
     if "loss" in pred:
         out["loss_error"] = pred["loss"] / m["loss"] - 1
+        # above a loss the fitted runs already reached with less compute: the law leaves its data here too
+        out["above_fitted_frontier"] = bool(pred["loss"] > fitted_best)
         if "loss" in ci:
             lo, hi = ci["loss"]
             se = m.get("loss_stderr", 0.0)
@@ -145,7 +147,13 @@ def validate(data: ScalingData, *, split: float | None = None, holdout=None, var
             continue
         entry = {"params": {k: _num(v) for k, v in fit.params.items()}, "warnings": fit.details.get("warnings", []),
                  "leaves_data": "leaves_data" in fit.details,
-                 "holdout": [{"budget": m["budget"], **_compare(fit, m, level)} for m in measured]}
+                 "holdout": [{"budget": m["budget"], **_compare(fit, m, level, float(train.loss.min()))}
+                             for m in measured]}
+        above = [h["budget"] for h in entry["holdout"] if h.get("above_fitted_frontier")]
+        if above:
+            entry["leaves_data"] = True
+            entry["warnings"] = [*entry["warnings"], f"predicts at held-out C = {above[0]:.3g} a loss above "
+                                 f"{train.loss.min():.4g}, the best the fitted runs already reached with less compute."]
         if profile and "E" in fit.params and E_fixed is None and np.isfinite(fit.params["E"]) and fit.params["E"] > 0:
             E = fit.params["E"]
             prof_opts = {k: v for k, v in opts.items() if k not in ("bootstrap", "E_fixed", "E_prior")}
