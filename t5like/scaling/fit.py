@@ -643,6 +643,11 @@ def fit_parametric(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95
         warnings.append(f"flops/(N·D) ranges from {k_lo:.3g} to {k_hi:.3g} across runs; the allocation uses "
                         f"C = {k:.3g}·N·D (their geometric mean), so N_opt is uncertain by up to "
                         f"{(k_hi / k_lo) ** params['a']:.2g}× beyond the bootstrap interval.")
+    for name, of in (("A", "model size N"), ("B", "training tokens D")):
+        if not params[name] > 0:  # VPNLS's non-negative solve can drop a term: then there is no allocation
+            warnings.append(f"{name} = 0: the fitted law does not depend on {of}, so its N_opt and D_opt mean "
+                            "nothing. The form does not describe these runs (see --near-optimum), or E is held "
+                            "or pulled where the data cannot follow.")
     fit = Fit("parametric", params, details)
     if not warnings or all("flops/(N·D)" in w_ for w_ in warnings):
         warnings += _leaves_data(fit, data)
