@@ -3,6 +3,8 @@
     python -m t5like.scaling fit RESULTS.csv --approach all --bootstrap 200 --out fit.json
     python -m t5like.scaling predict fit.json --flops 1e21
     python -m t5like.scaling plot RESULTS.csv --fit fit.json --out plots/
+    python -m t5like.scaling validate RESULTS.csv --out validate.json   # fit small budgets, predict the largest
+    python -m t5like.scaling lr-law LR_SWEEP.csv --out lr_law.json       # optimal LR (and batch) vs compute
 
 RESULTS.csv is a sweep runner's table or any CSV with params, tokens and loss columns (flops optional,
 else 6·params·tokens; budget optional, else runs whose flops agree within 10% form one budget; a budget
@@ -27,6 +29,12 @@ object, or {"error": ...} if it could not run on this data. Per approach:
   parametric  E, A, B, alpha, beta (L = E + A/N^alpha + B/D^beta); a = beta/(alpha+beta), b = alpha/(alpha+beta),
               G = (alpha·A/(beta·B))^(1/(alpha+beta)): N_opt = G·(C/k)^a = N_coef·C^a, D_opt = (C/k)^b/G = D_coef·C^b
               with C = k·N·D, k = flops_per_param_token (6 without a flops column)
+--metric loss|bpb picks the loss column (loss/final_eval_loss/eval_loss, or bpb/final_eval_bpb/eval_bpb);
+a column "<loss column>_stderr" (or --stderr-column) weights the fits by each row's standard error.
+--fix-E E holds the irreducible loss of powerlaw and parametric; --E-prior MEAN,SD gives it a Gaussian
+prior. --method vpnls fits parametric by variable projection (least squares on L) instead of Huber on ln L.
+A powerlaw or parametric fit that predicts, beyond the data, a loss above one already measured warns.
+
 With --bootstrap N each parameter also has <name>_ci = [lo, hi] and "bootstrap" stores the
 resampled parameters (so `predict` can give intervals). "meta" records the input and options.
 """
@@ -39,7 +47,7 @@ import sys
 import numpy as np
 
 from t5like import storage
-from t5like.scaling.data import check_out_file, load_csv, parse_where
+from t5like.scaling.data import check_out_file, load_csv, near_optimum, parse_where
 from t5like.scaling.fit import APPROACHES, Fit, fit_all, hoffmann_grid, load_fits, run_fit, save_fits
 
 
@@ -47,7 +55,8 @@ from t5like.scaling.fit import APPROACHES, Fit, fit_all, hoffmann_grid, load_fit
 # flags default to None so that plot can tell a flag given (it wins) from one left out (fit.json's value).
 SETTINGS = {"loss_column": None, "params_column": "params", "tokens_column": "tokens", "flops_column": "flops",
             "budget_column": "budget", "bins_per_decade": None, "where": [], "bootstrap": 0, "level": 0.95,
-            "seed": 0, "grid": "hoffmann", "isoflop_window": None}
+            "seed": 0, "grid": "hoffmann", "isoflop_window": None, "metric": "loss", "stderr_column": None,
+            "fix_E": None, "E_prior": None, "method": "huber", "near_optimum": None}
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -60,6 +69,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="default budget: nominal IsoFLOP budget, used to group runs if present (and not all empty)")
     p.add_argument("--bins-per-decade", type=float, default=None,
                    help="group runs into log-spaced flops bins (default: runs whose flops agree within 10%%)")
+    p.add_argument("--metric", choices=("loss", "bpb"), default=None,
+                   help="fit nats/token (loss, default) or bits/byte (bpb): picks the loss column when none is named")
+    p.add_argument("--stderr-column", default=None,
+                   help="standard error of each row's loss (default: '<loss column>_stderr' when present)")
     p.add_argument("--where", action="append", default=None, metavar="COLUMN=VALUE",
                    help="use only rows whose COLUMN equals VALUE (as text or as a number; repeatable: all must "
                         "hold), e.g. to fit one setting of a table that holds several")
@@ -73,6 +86,22 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
                    help="parametric starts: Hoffmann et al.'s 4500 (default), or a coarse 162 for a quick look")
     p.add_argument("--isoflop-window", type=int, default=None, metavar="K",
                    help="fit each IsoFLOP parabola to the lowest-loss size and K sizes each side (default: all)")
+    p.add_argument("--fix-E", dest="fix_E", type=float, default=None, metavar="E",
+                   help="hold the irreducible loss E of powerlaw and parametric at this value")
+    p.add_argument("--E-prior", dest="E_prior", type=_pair, default=None, metavar="MEAN,SD",
+                   help="a Gaussian prior on E (powerlaw, parametric), in the loss's units")
+    p.add_argument("--near-optimum", type=float, default=None, metavar="FRAC",
+                   help="fit only runs within FRAC of their budget's best loss, e.g. 0.03 (default: all runs)")
+    p.add_argument("--method", choices=("huber", "vpnls"), default=None,
+                   help="parametric: Huber on ln L from the Hoffmann grid (default) or variable projection (vpnls)")
+
+
+def _pair(text: str) -> list[float]:
+    try:
+        mean, sd = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give MEAN,SD, e.g. 1.7,0.1") from None
+    return [mean, sd]
 
 
 def _settle(args, recorded: dict | None = None) -> list[str]:
@@ -103,17 +132,18 @@ def _recorded(meta: dict) -> dict:
 def _load(args) -> "ScalingData":  # noqa: F821
     return load_csv(args.results, loss_column=args.loss_column, params_column=args.params_column,
                     tokens_column=args.tokens_column, flops_column=args.flops_column,
-                    budget_column=args.budget_column, where=parse_where(args.where))
+                    budget_column=args.budget_column, where=parse_where(args.where), metric=args.metric,
+                    stderr_column=args.stderr_column)
 
 
 def _fit(data, approach: str, args) -> dict[str, Fit | str]:
     opts = dict(bootstrap=args.bootstrap, level=args.level, seed=args.seed, bins_per_decade=args.bins_per_decade,
-                window=args.isoflop_window)
+                window=args.isoflop_window, E_fixed=args.fix_E, E_prior=args.E_prior)
     grid = hoffmann_grid(coarse=args.grid == "coarse")
     if approach == "all":
-        return fit_all(data, **opts, parametric_starts=grid)
+        return fit_all(data, **opts, parametric_starts=grid, parametric_method=args.method)
     if approach == "parametric":
-        opts["starts"] = grid
+        opts["starts"], opts["method"] = grid, args.method
     return {approach: run_fit(data, approach, **opts)}
 
 
@@ -122,6 +152,8 @@ def cmd_fit(args) -> int:
     if args.out:
         check_out_file(args.out, "fit.json")
     data = _load(args)
+    if args.near_optimum is not None:
+        data = near_optimum(data, args.near_optimum, args.bins_per_decade)
     fits = _fit(data, args.approach, args)
     # Every option, so that `plot --fit fit.json` (and a reader) knows what was fitted to what.
     meta = {**data.meta(), "approach": args.approach, **{k: getattr(args, k) for k in SETTINGS},
@@ -177,7 +209,7 @@ def cmd_predict(args) -> int:
     level = next((f.level for f in fits.values() if f.samples), None)
     print(f"{args.fit}: " + (f"[{level:.0%} bootstrap intervals]" if level else "(no bootstrap: point estimates only)"))
     print(f"compute: {convention}")
-    cols = (("loss", "loss [nats/token]"), ("N_opt", "N_opt [params]"), ("D_opt", "D_opt [tokens]"),
+    cols = (("loss", f"{meta.get('metric', 'loss')} [{meta.get('units', 'nats/token')}]"), ("N_opt", "N_opt [params]"), ("D_opt", "D_opt [tokens]"),
             ("tokens_per_param", "tokens/param"))
     print(f"{'C [FLOPs]':>10}  {'approach':<11}" + "".join(f"  {h:<28}" for _, h in cols))
     for r in rows:
@@ -217,6 +249,47 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from t5like.scaling.validate import VARIANTS, format_report, validate
+
+    if args.bootstrap is None:
+        args.bootstrap = 100  # validate states intervals by default
+    _settle(args)
+    if args.out:
+        check_out_file(args.out, "validate.json")
+    data = _load(args)
+    variants = tuple(args.approach or VARIANTS)
+    report = validate(data, split=args.split, holdout=args.holdout, variants=variants,
+                      bootstrap=args.bootstrap, level=args.level,
+                      seed=args.seed, bins_per_decade=args.bins_per_decade, window=args.isoflop_window,
+                      E_fixed=args.fix_E, E_prior=args.E_prior, starts=hoffmann_grid(coarse=args.grid == "coarse"),
+                      profile=not args.no_e_profile, near=args.near_optimum)
+    report["where"] = list(data.where)
+    print(format_report(report))
+    text = json.dumps(report, indent=1, allow_nan=False, default=float)
+    if args.out:
+        storage.write_atomic(args.out, text + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_lr_law(args) -> int:
+    from t5like.scaling.lrlaw import fit_lr_law, load_lr_sweep
+
+    if args.out:
+        check_out_file(args.out, "lr_law.json")
+    rows = load_lr_sweep(args.results, lr_column=args.lr_column, batch_column=args.batch_column,
+                         loss_column=args.loss_column, metric=args.metric, where=parse_where(args.where),
+                         params_column=args.params_column, tokens_column=args.tokens_column,
+                         flops_column=args.flops_column)
+    law = fit_lr_law(rows, of=args.of)
+    print(law.summary())
+    if args.out:
+        law.write(args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m t5like.scaling", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,6 +315,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_args(p)
     p.add_argument("--out", required=True, help="directory for the figures")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("validate", help="leave the future out: fit the smaller budgets, predict the held-out "
+                                        "largest, report each approach's error (JSON with --out)")
+    _add_data_args(p)
+    _add_fit_args(p)
+    p.add_argument("--split", type=float, default=None, metavar="C",
+                   help="fit budgets <= C, hold out those above (default: hold out the largest budget)")
+    p.add_argument("--holdout", type=float, nargs="+", default=None, metavar="C",
+                   help="hold out these budgets (each above every fitted one)")
+    p.add_argument("--approach", action="append", default=None,
+                   choices=("powerlaw", "envelope", "isoflop", "parametric", "parametric_vpnls"),
+                   help="validate only these (repeatable; default all five)")
+    p.add_argument("--no-e-profile", action="store_true", help="skip the refits with E held at 0.9–1.1× its value")
+    p.add_argument("--out", default=None, help="validate.json to write")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("lr-law", help="fit the optimal learning rate (and batch) as a power law of compute or "
+                                      "N from an LR sweep; the IsoFLOP design reads the file (lr_law=...)")
+    p.add_argument("results", help="CSV of the LR sweep's runs: params, tokens [, flops], loss, learning rate")
+    p.add_argument("--lr-column", default=None, help="default: lr, learning_rate, peak_lr, or optim.learning_rate "
+                                                     "from an overrides column")
+    p.add_argument("--batch-column", default=None, help="default: batch_size if present (its law is fitted too)")
+    p.add_argument("--loss-column", default=None)
+    p.add_argument("--metric", choices=("loss", "bpb"), default="loss")
+    p.add_argument("--params-column", default="params")
+    p.add_argument("--tokens-column", default="tokens")
+    p.add_argument("--flops-column", default="flops")
+    p.add_argument("--where", action="append", default=None, metavar="COLUMN=VALUE")
+    p.add_argument("--of", choices=("flops", "params"), default="flops",
+                   help="what the optimal LR is a power law of (DeepSeek LLM: compute; Porian et al.: N)")
+    p.add_argument("--out", default=None, help="lr_law.json to write")
+    p.set_defaults(func=cmd_lr_law)
     return ap
 
 

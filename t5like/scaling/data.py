@@ -17,8 +17,13 @@ from t5like import storage
 # A sweep runner's table marks each run; only these count. Rows of other statuses (failed, running, ...)
 # are skipped, so a NaN loss on a failed run is not an error.
 OK_STATUSES = ("ok", "finished")
-# The loss column to use when none is named: the first of these that the table has.
-LOSS_COLUMN_FALLBACKS = ("loss", "final_eval_loss", "eval_loss")
+# The loss column to use when none is named: the first of these that the table has, per metric (--metric):
+# nats per token, or bits per UTF-8 byte (the eval's tokenizer-independent loss, `eval_bpb`).
+METRIC_COLUMNS = {"loss": ("loss", "final_eval_loss", "eval_loss"), "bpb": ("bpb", "final_eval_bpb", "eval_bpb")}
+METRIC_UNITS = {"loss": "nats/token", "bpb": "bits/byte"}
+LOSS_COLUMN_FALLBACKS = METRIC_COLUMNS["loss"]
+# A per-row standard error of the loss (over eval sequences) sits in the column "<loss column>_stderr".
+STDERR_SUFFIX = "_stderr"
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class ScalingData:
     where: tuple[str, ...] = ()        # the COLUMN=VALUE row filters the rows passed (fit --where)
     n_skipped_where: int = 0
     notes: tuple[str, ...] = ()        # what loading decided about the table, e.g. an empty budget column
+    stderr: np.ndarray | None = None   # standard error of each row's loss, when the table has one
+    metric: str = "loss"               # what `loss` measures: "loss" (nats/token) or "bpb" (bits/byte)
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -53,7 +60,7 @@ class ScalingData:
         """Rows `idx` (an index or boolean array; repeats allowed, as in a bootstrap resample)."""
         pick = lambda a: None if a is None else a[idx]
         return replace(self, params=self.params[idx], tokens=self.tokens[idx], flops=self.flops[idx],
-                       loss=self.loss[idx], budget=pick(self.budget), rows=pick(self.rows))
+                       loss=self.loss[idx], budget=pick(self.budget), rows=pick(self.rows), stderr=pick(self.stderr))
 
     def convention(self) -> dict:
         """The table's one compute convention: every fit takes C from `flops` (the table's own flops column
@@ -72,6 +79,8 @@ class ScalingData:
     def meta(self) -> dict:
         """What went into a fit, for fit.json."""
         return {"source": self.source, "n_points": len(self), "loss_column": self.loss_column,
+                "metric": self.metric, "units": METRIC_UNITS.get(self.metric, self.metric),
+                "stderr_column": self.columns.get("stderr"),
                 "columns": dict(self.columns), "flops_from_6nd": self.flops_from_6nd,
                 "has_budget": self.budget is not None, "n_skipped_status": self.n_skipped_status,
                 "where": list(self.where), "n_skipped_where": self.n_skipped_where,
@@ -93,15 +102,18 @@ def _check_values(name: str, values: np.ndarray, rows: np.ndarray, column: str |
                          f"scaling fits work in log space and need {name} > 0. Fix or drop those rows.")
 
 
-def from_arrays(params, tokens, loss, flops=None, budget=None, *, rows=None, loss_column: str = "loss",
+def from_arrays(params, tokens, loss, flops=None, budget=None, *, stderr=None, rows=None, loss_column: str = "loss",
                 columns: dict[str, str] | None = None, source: str = "<arrays>",
-                n_skipped_status: int = 0) -> ScalingData:
-    """Validate arrays and build a `ScalingData`. Missing `flops` means flops = 6·params·tokens."""
+                n_skipped_status: int = 0, metric: str = "loss") -> ScalingData:
+    """Validate arrays and build a `ScalingData`. Missing `flops` means flops = 6·params·tokens. `stderr`:
+    each loss's standard error (fits weight by it; bootstraps add noise of that size)."""
     arrays = {"params": params, "tokens": tokens, "loss": loss}
     if flops is not None:
         arrays["flops"] = flops
     if budget is not None:
         arrays["budget"] = budget
+    if stderr is not None:
+        arrays["stderr"] = stderr
     arrays = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in arrays.items()}
     n = len(arrays["loss"])
     for k, v in arrays.items():
@@ -118,7 +130,8 @@ def from_arrays(params, tokens, loss, flops=None, budget=None, *, rows=None, los
         arrays["flops"] = 6.0 * arrays["params"] * arrays["tokens"]
     return ScalingData(params=arrays["params"], tokens=arrays["tokens"], flops=arrays["flops"], loss=arrays["loss"],
                        budget=arrays.get("budget"), rows=rows, loss_column=loss_column, columns=columns,
-                       flops_from_6nd=from_6nd, source=source, n_skipped_status=n_skipped_status)
+                       flops_from_6nd=from_6nd, source=source, n_skipped_status=n_skipped_status,
+                       stderr=arrays.get("stderr"), metric=metric)
 
 
 def read_input(path: str, what: str) -> bytes:
@@ -171,14 +184,20 @@ def _matches(cell: str, value: str) -> bool:
 
 def load_csv(path: str, *, loss_column: str | None = None, params_column: str = "params",
              tokens_column: str = "tokens", flops_column: str = "flops", budget_column: str = "budget",
-             status_column: str = "status", where=()) -> ScalingData:
+             status_column: str = "status", where=(), metric: str = "loss",
+             stderr_column: str | None = None) -> ScalingData:
     """Read a sweep table (or any CSV with params, tokens, loss columns) and validate it.
 
     Optional columns: `flops` (else 6·N·D), `budget` (nominal IsoFLOP budget, used to group runs; a column
     empty in every row, as a grid or random-search sweep's table has it, counts as absent) and `status`
     (if present, only rows with status ok/finished are used). `where`: COLUMN=VALUE filters (strings or
     (column, value) pairs) that every row used must pass. `path` may be local or gs://.
+
+    `metric` ("loss": nats/token, or "bpb": bits/byte) picks the loss column when none is named. The
+    loss's standard error is read from `stderr_column`, by default "<loss column>_stderr" when present.
     """
+    if metric not in METRIC_COLUMNS:
+        raise ValueError(f"--metric {metric!r}: choose one of {', '.join(METRIC_COLUMNS)} (nats/token or bits/byte).")
     where = tuple(w if isinstance(w, tuple) else parse_where([w])[0] for w in where)
     try:
         text = read_input(path, "results table").decode("utf-8-sig")  # -sig: tolerate a spreadsheet's BOM
@@ -198,10 +217,14 @@ def load_csv(path: str, *, loss_column: str | None = None, params_column: str = 
                              f"to use with {flag}.")
 
     if loss_column is None:
-        loss_column = next((c for c in LOSS_COLUMN_FALLBACKS if c in header), None)
+        wanted = METRIC_COLUMNS[metric]
+        loss_column = next((c for c in wanted if c in header), None)
         if loss_column is None:
-            raise ValueError(f"{path}: missing column 'loss' (also looked for {', '.join(LOSS_COLUMN_FALLBACKS[1:])}; "
-                             f"columns are: {have}). Name the loss column with --loss-column.")
+            hint = (" Eval rows carry eval_bpb where the objective defines it; add it to the table, or fit "
+                    "--metric loss." if metric == "bpb" else "")
+            raise ValueError(f"{path}: --metric {metric}: missing column '{wanted[0]}' (also looked for "
+                             f"{', '.join(wanted[1:])}; columns are: {have}). Name the column with --loss-column."
+                             + hint)
     need(loss_column, "--loss-column")
     need(params_column, "--params-column")
     need(tokens_column, "--tokens-column")
@@ -246,10 +269,16 @@ def load_csv(path: str, *, loss_column: str | None = None, params_column: str = 
                 raise ValueError(f"{path}: line {lines[i]}: column '{col}' = {text!r} is not a number.") from None
         return out
 
+    notes = []
     cols = {"params": params_column, "tokens": tokens_column, "loss": loss_column}
+    if stderr_column is not None:
+        need(stderr_column, "--stderr-column")
+        cols["stderr"] = stderr_column
+    elif loss_column + STDERR_SUFFIX in header:
+        cols["stderr"] = loss_column + STDERR_SUFFIX
+        notes.append(f"fits weight each row by 1/stderr² from column '{cols['stderr']}'.")
     if flops_column in header:
         cols["flops"] = flops_column
-    notes = []
     if budget_column in header:
         if any((r.get(budget_column) or "").strip() for r in records):
             cols["budget"] = budget_column
@@ -265,7 +294,7 @@ def load_csv(path: str, *, loss_column: str | None = None, params_column: str = 
                          f"--where {budget_column}= for the rows without a budget, or drop those rows.")
     try:
         data = from_arrays(**values, rows=lines, loss_column=loss_column, columns=cols, source=str(path),
-                           n_skipped_status=n_skipped)
+                           n_skipped_status=n_skipped, metric=metric)
     except ValueError as e:
         # from_arrays says "row <n>"; in a file that is the line number.
         raise ValueError(f"{path}: {str(e).replace('row ', 'line ', 1)}") from None
@@ -307,6 +336,19 @@ def compute_groups(data: ScalingData, bins_per_decade: float | None = None,
         gid[order] = gid_sorted
     budgets = np.exp(np.bincount(gid, np.log(data.flops)) / np.bincount(gid))
     return gid, budgets
+
+
+def near_optimum(data: ScalingData, frac: float, bins_per_decade: float | None = None) -> ScalingData:
+    """The runs whose loss is within `frac` (relative) of their budget's best. Far from the optimum an IsoFLOP
+    curve holds runs a parametric law does not describe (tiny models trained on many tokens, huge ones on
+    few, losses twice the optimum's), and least squares lets them pull the fit away from the frontier."""
+    if not frac > 0:
+        raise ValueError(f"--near-optimum {frac}: give the relative loss window, e.g. 0.03 (runs within 3% of "
+                         "their budget's best loss).")
+    gid, _ = compute_groups(data, bins_per_decade)
+    best = np.full(gid.max() + 1, np.inf)
+    np.minimum.at(best, gid, data.loss)
+    return data.subset(np.flatnonzero(data.loss <= best[gid] * (1 + frac)))
 
 
 # ------------------------------------------------------------------------------------------------

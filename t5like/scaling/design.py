@@ -29,7 +29,8 @@ tokens that C buys it (Hoffmann et al. 2022, approach 2). The rules, all in `Iso
 - Learning rate. lr = base_lr · (base_d_model / d_model) ^ lr_exponent (default 0.5: lr ∝ 1/sqrt(d_model),
   a guessed middle ground), or, when the base model is µP (model.parametrization=mup|completep), base_lr at
   every size: µP carries it across width itself (docs/mup.md; each trial's base shape is the base model's
-  d_model in this design's shapes). `Plan.lr_rule` says which. With a linear warmup over
+  d_model in this design's shapes). Or, with `lr_law` (a file from `python -m t5like.scaling lr-law`),
+  lr = the fitted law at the trial's budget C (or its N). `Plan.lr_rule` and each trial's `lr_rule` say which. With a linear warmup over
   `warmup_fraction` of the steps; the base schedule (cosine) then decays to the end of each run, as
   Chinchilla found matters.
 
@@ -81,6 +82,7 @@ class Trial:
     flops: Optional[float] = None             # by the model's own formula: steps · batch · FLOPs per sequence
     flops_6n: Optional[float] = None          # 6 · N_non_embedding · tokens
     tokens_6n: Optional[float] = None         # the tokens the 6N convention would give for the budget
+    lr_rule: Optional[str] = None             # how this trial's learning rate was set
 
 
 def trial_id(prefix: str, overrides: Sequence[str], salt: str = "") -> str:
@@ -230,6 +232,7 @@ class IsoFlopDesign:
     max_steps: int = 200_000
     batch_multiple: int = 8                   # batch sizes stay multiples of this (data-parallel devices)
     lr_exponent: float = 0.5                  # lr = base_lr · (base_d_model / d_model) ^ lr_exponent
+    lr_law: Optional[str] = None              # lr_law.json (`t5like.scaling lr-law`): lr from the fitted law instead
     warmup_fraction: float = 0.05
     checkpoints_per_trial: int = 4            # so an interrupted trial loses at most a quarter of its work
     flops_tolerance: float = 0.01
@@ -274,6 +277,7 @@ class IsoFlopDesign:
             raise ValueError(f"design.warmup_fraction={self.warmup_fraction} must be in [0, 1).")
         if self.ff_ratio is not None and self.ff_ratio <= 0:
             raise ValueError(f"design.ff_ratio={self.ff_ratio} must be > 0 (or None for 4, 8/3 if gated).")
+        _lr_law(self)  # an unreadable lr law is an error here, before any trial is planned
         if self.tokens_per_param <= 0 or self.size_tolerance < 0 or self.max_size_miss < 1:
             raise ValueError(f"design.tokens_per_param={self.tokens_per_param} must be > 0, design.size_tolerance="
                              f"{self.size_tolerance} >= 0 and design.max_size_miss={self.max_size_miss} >= 1.")
@@ -498,7 +502,17 @@ def plan_isoflop(base: Config, design: IsoFlopDesign) -> Plan:
     return Plan(design, tuple(trials), tuple(skipped), lr_rule(model, design))
 
 
+def _lr_law(design: IsoFlopDesign):
+    if not design.lr_law:
+        return None
+    from t5like.scaling.lrlaw import load_lr_law
+    return load_lr_law(design.lr_law)
+
+
 def lr_rule(model: ModelConfig, design: IsoFlopDesign) -> str:
+    law = _lr_law(design)
+    if law is not None:
+        return law.rule()
     if model.parametrization != "sp":
         return f"lr = base_lr at every size (model.parametrization={model.parametrization}: µP transfers it)"
     return f"lr = base_lr · ({model.d_model} / d_model) ^ {design.lr_exponent}"
@@ -507,7 +521,14 @@ def lr_rule(model: ModelConfig, design: IsoFlopDesign) -> str:
 def _make_trial(base: Config, design: IsoFlopDesign, budget: float, shape: Shape, batch: int, steps: int) -> Trial:
     model = base.model
     mup = model.parametrization != "sp"
-    lr = base.optim.learning_rate * (1.0 if mup else (model.d_model / shape.d_model) ** design.lr_exponent)
+    law = _lr_law(design)
+    if law is not None:
+        x = budget if law.of == "flops" else _size(shape, design)
+        lr = law.lr(x)
+        rule = f"{law.rule()} at {'C' if law.of == 'flops' else 'N'} = {x:.4g}"
+    else:
+        lr = base.optim.learning_rate * (1.0 if mup else (model.d_model / shape.d_model) ** design.lr_exponent)
+        rule = lr_rule(model, design)
     warmup = min(steps - 1, round(design.warmup_fraction * steps))
     eval_steps = max(1, round(base.train.eval_steps * base.train.batch_size / batch))
     overrides = [f"model.d_model={shape.d_model}", f"model.num_layers={shape.num_layers}",
@@ -534,7 +555,7 @@ def _make_trial(base: Config, design: IsoFlopDesign, budget: float, shape: Shape
     n = counts["non_embedding"]
     return Trial(id=tid, overrides=tuple(overrides), budget=float(budget),
                  params=counts["total"], non_embedding_params=n, tokens=tokens, steps=steps, batch_size=batch,
-                 flops=flops, flops_6n=6.0 * n * tokens, tokens_6n=budget / (6.0 * n))
+                 flops=flops, flops_6n=6.0 * n * tokens, tokens_6n=budget / (6.0 * n), lr_rule=rule)
 
 
 # CLI --------------------------------------------------------------------------------------------------

@@ -47,19 +47,32 @@ def _huber(r, delta):
 
 
 def _parametric_objective(theta, w, X, y, delta):
-    """Huber(pred − ln L) summed over runs, with ln L̂ = LSE(a − alpha ln N, b − beta ln D, e)."""
+    """Huber(pred − ln L) summed over runs, with ln L̂ = LSE(a − alpha ln N, b − beta ln D, e); plus a
+    Gaussian prior on e = ln E: delta = (huber scale, prior mean of e, prior precision; 0 for none)."""
     a, b, e, alpha, beta = theta[0], theta[1], theta[2], theta[3], theta[4]
     t1, t2 = a - alpha * X[:, 0], b - beta * X[:, 1]
     m = jnp.maximum(jnp.maximum(t1, t2), e)  # stable log-sum-exp of three terms
     pred = m + jnp.log(jnp.exp(t1 - m) + jnp.exp(t2 - m) + jnp.exp(e - m))
-    return jnp.sum(w * _huber(pred - y, delta))
+    return jnp.sum(w * _huber(pred - y, delta[0])) + 0.5 * delta[2] * (e - delta[1]) ** 2
+
+
+def _parametric_objective_fixed_e(theta, w, X, y, delta):
+    """As above with e = delta[1] held fixed; theta = (a, b, alpha, beta)."""
+    full = jnp.concatenate([theta[:2], delta[1:2], theta[2:]])
+    return _parametric_objective(full, w, X, y, delta.at[2].set(0.0))
 
 
 def _powerlaw_objective(theta, w, X, y, delta):
-    """Least squares on ln L with ln L̂ = LSE(e, k − alpha·x), x = ln C − x_ref (centred for conditioning)."""
+    """Least squares on ln L with ln L̂ = LSE(e, k − alpha·x), x = ln C − x_ref (centred for conditioning);
+    plus a Gaussian prior on e = ln E: delta = (prior mean of e, prior precision; 0 for none)."""
     e, k, alpha = theta[0], theta[1], theta[2]
     pred = jnp.logaddexp(e, k - alpha * X[:, 0])
-    return 0.5 * jnp.sum(w * (pred - y) ** 2)
+    return 0.5 * jnp.sum(w * (pred - y) ** 2) + 0.5 * delta[1] * (e - delta[0]) ** 2
+
+
+def _powerlaw_objective_fixed_e(theta, w, X, y, delta):
+    """As above with e = delta[0] held fixed; theta = (k, alpha)."""
+    return _powerlaw_objective(jnp.concatenate([delta[:1], theta]), w, X, y, delta.at[1].set(0.0))
 
 
 # ================================================================================================
@@ -211,6 +224,64 @@ def _check_bootstrap(n_bootstrap: int, level: float) -> None:
         raise ValueError(f"level = {level}: the interval level must be in (0, 1), e.g. 0.95.")
 
 
+def _check_e(E_fixed, E_prior) -> None:
+    """E fixed or given a prior (never both), each a positive loss; the prior's sd positive."""
+    if E_fixed is not None and E_prior is not None:
+        raise ValueError(f"E fixed at {E_fixed} and given a prior {tuple(E_prior)}: choose one (--fix-E or --E-prior).")
+    if E_fixed is not None and not (math.isfinite(E_fixed) and E_fixed > 0):
+        raise ValueError(f"fixed E = {E_fixed}: the irreducible loss must be a positive number below the measured "
+                         "losses, e.g. --fix-E 1.7.")
+    if E_prior is not None:
+        if len(E_prior) != 2 or not all(math.isfinite(v) and v > 0 for v in E_prior):
+            raise ValueError(f"E prior = {tuple(E_prior)}: give MEAN,SD (both positive, in the loss's units), "
+                             "e.g. --E-prior 1.7,0.1.")
+
+
+def _e_note(E_fixed, E_prior) -> dict:
+    if E_fixed is not None:
+        return {"E_fixed": float(E_fixed)}
+    if E_prior is not None:
+        return {"E_prior": [float(E_prior[0]), float(E_prior[1])]}
+    return {}
+
+
+def _log_weights(data: ScalingData) -> np.ndarray:
+    """Per-row weights for fits on ln L: 1/var(ln L) from the stderr column, scaled to median 1 (so a Huber
+    scale keeps its meaning); ones without a stderr column."""
+    if data.stderr is None:
+        return np.ones(len(data))
+    v = (data.stderr / data.loss) ** 2
+    return np.median(v) / v
+
+
+def _prior_precision(E_prior, scale: float) -> float:
+    """A Gaussian prior on E (mean, sd), as a precision on ln E, weighed against a data term whose
+    per-point curvature is 1/`scale` (the residual variance of the unpenalised fit: empirical Bayes)."""
+    mu, sd = E_prior
+    return float(scale / (sd / mu) ** 2)
+
+
+def _leaves_data(fit: "Fit", data: ScalingData) -> list[str]:
+    """A law must not predict, beyond the largest compute measured, a loss above one already measured with
+    less compute: such a prediction contradicts the data (its asymptote E sits at or above the frontier).
+    Checked from 2× to 1000× the largest run's compute."""
+    i = int(np.argmin(data.loss))
+    best, c_best, c_max = float(data.loss[i]), float(data.flops[i]), float(data.flops.max())
+    C = c_max * np.array([2.0, 4.0, 10.0, 30.0, 100.0, 1000.0])
+    pred = np.asarray(fit.predict(C).get("loss"), np.float64)
+    above = np.flatnonzero(pred > best)
+    if not above.size:
+        return []
+    j = above[0]
+    E = fit.params.get("E", np.nan)
+    fit.details["leaves_data"] = {"flops": float(C[j]), "predicted": float(pred[j]), "measured_best": best,
+                                  "measured_flops": c_best, "E": E}
+    return [f"predicts loss {pred[j]:.4g} at C = {C[j]:.3g} ({C[j] / c_max:.0f}× the largest run's compute), above "
+            f"the loss {best:.4g} already measured at C = {c_best:.3g}: the law leaves its data"
+            + (f" (its asymptote E = {E:.4g} is at or above the measured frontier)" if E >= best else "")
+            + ". Do not extrapolate it; fix E (--fix-E) or give it a prior (--E-prior), or add larger budgets."]
+
+
 # ================================================================================================
 # powerlaw: L(C) = E + (C0/C)^alpha on the compute frontier
 
@@ -251,51 +322,72 @@ def _powerlaw_params(theta: np.ndarray, x_ref: float) -> dict[str, np.ndarray]:
         return {"E": np.exp(e), "C0": np.exp(x_ref + k / alpha), "alpha": alpha}
 
 
-def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0) -> Fit:
-    """L(C) = E + (C0/C)^alpha, least squares on ln L over the frontier runs, from 36 starts."""
+def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0,
+                 E_fixed: float | None = None, E_prior: tuple[float, float] | None = None) -> Fit:
+    """L(C) = E + (C0/C)^alpha, least squares on ln L over the frontier runs, from 36 starts. `E_fixed`
+    holds the asymptote at a value; `E_prior` = (mean, sd) adds a Gaussian prior on it. A stderr column
+    weights each frontier run by 1/var(ln L)."""
     _check_bootstrap(bootstrap, level)
+    _check_e(E_fixed, E_prior)
     idx = frontier(data.flops, data.loss, data.budget)
-    _need("powerlaw", "runs on the compute frontier (3 parameters plus one to spare)", 4, len(idx),
+    n_par = 2 if E_fixed is not None else 3
+    _need("powerlaw", f"runs on the compute frontier ({n_par} parameters plus one to spare)", n_par + 1, len(idx),
           "Add runs at more compute budgets.")
     _, budgets = compute_groups(data)
     _need("powerlaw", "compute budgets (groups of runs at similar FLOPs)", 2, len(budgets),
           "Runs within 10% of one another's FLOPs say nothing about how loss falls with compute.")
+    if E_fixed is not None and not E_fixed < data.loss[idx].min():
+        raise ValueError(f"fixed E = {E_fixed} is not below the best measured loss {data.loss[idx].min():.4g}; "
+                         "the irreducible loss must lie below every loss on the frontier.")
     lnC, lnL = np.log(data.flops), np.log(data.loss)
     x_ref = float(lnC[idx].mean())
     starts = _powerlaw_starts(lnL[idx])
     X = (lnC - x_ref)[:, None]
     w = np.zeros(len(data))
-    w[idx] = 1.0
-    theta, f = minimize_batch(_powerlaw_objective, starts, X, lnL, w)
+    w[idx] = _log_weights(data)[idx]
+    objective, delta = _powerlaw_objective, np.zeros(2)
+    if E_fixed is not None:
+        objective, delta, starts = _powerlaw_objective_fixed_e, np.array([math.log(E_fixed), 0.0]), starts[:, 1:]
+    theta, f = minimize_batch(objective, starts, X, lnL, w, delta=delta)
+    if E_prior is not None:  # weigh the prior against the residual variance of the unpenalised fit
+        scale = 2 * float(f.min()) / max(len(idx) - 3, 1)
+        delta = np.array([math.log(E_prior[0]), _prior_precision(E_prior, scale)])
+        theta, f = minimize_batch(objective, np.concatenate([theta[np.argmin(f)][None], starts]), X, lnL, w,
+                                  delta=delta)
     best = theta[np.argmin(f)]
-    params = {k: float(v) for k, v in _powerlaw_params(best, x_ref).items()}
+    full = lambda th: th if E_fixed is None else np.concatenate(
+        [np.full(np.shape(th)[:-1] + (1,), math.log(E_fixed)), th], -1)
+    params = {k: float(v) for k, v in _powerlaw_params(full(best), x_ref).items()}
     details = {"frontier": [{"flops": data.flops[i], "loss": data.loss[i], "params": data.params[i],
                              "tokens": data.tokens[i]} for i in idx],
-               "n_frontier": len(idx), "objective": float(f.min()), **_convention(data)}
+               "n_frontier": len(idx), "objective": float(f.min()), **_e_note(E_fixed, E_prior),
+               **_convention(data)}
     warnings = _rising(params, ("alpha",), {"alpha": "compute C"})
     if len(np.unique(data.params)) < 2:
         warnings.append("every run has one model size, so this frontier is that model's learning curve "
                         "(it flattens at the model's capacity), not the compute-optimal frontier.")
+    fit = Fit("powerlaw", params, details)
+    warnings += _leaves_data(fit, data)
     if warnings:
         details["warnings"] = warnings
-    fit = Fit("powerlaw", params, details)
     if bootstrap:
         rng = np.random.default_rng(seed)
         W = np.zeros((bootstrap, len(data)))
         ok = np.zeros(bootstrap, bool)
+        lw = _log_weights(data)
         for r in range(bootstrap):
             counts = np.bincount(rng.integers(0, len(data), len(data)), minlength=len(data))
             sub = np.flatnonzero(counts)
             budget = None if data.budget is None else data.budget[sub]
             fr = sub[frontier(data.flops[sub], data.loss[sub], budget)]
-            W[r, fr], ok[r] = counts[fr], len(fr) >= 4
+            W[r, fr], ok[r] = counts[fr] * lw[fr], len(fr) >= n_par + 1
         W = W[ok]
         cols = np.flatnonzero(W.any(0))  # only runs that are on some resample's frontier
         st = np.concatenate([best[None], starts[::4]])  # the optimum plus 9 of the grid
-        thetas, fs = minimize_batch(_powerlaw_objective, np.tile(st, (len(W), 1)), X[cols], lnL[cols],
-                                    np.repeat(W[:, cols], len(st), axis=0))
+        thetas, fs = minimize_batch(objective, np.tile(st, (len(W), 1)), X[cols], lnL[cols],
+                                    np.repeat(W[:, cols], len(st), axis=0), delta=delta)
         pick = thetas.reshape(len(W), len(st), -1)[np.arange(len(W)), fs.reshape(len(W), -1).argmin(1)]
-        fit.samples = _powerlaw_params(pick, x_ref)
+        fit.samples = _powerlaw_params(full(pick), x_ref)
         fit.level, fit.n_bootstrap, fit.seed = level, bootstrap, seed
     return fit
 
@@ -499,36 +591,51 @@ def _parametric_params(theta: np.ndarray, k: float = 6.0) -> dict[str, np.ndarra
                 "N_coef": G * k ** -a, "D_coef": k ** -b / G}
 
 
+PARAMETRIC_METHODS = ("huber", "vpnls")
+
+
 def fit_parametric(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0,
                    starts: np.ndarray | None = None, bootstrap_starts: np.ndarray | None = None,
-                   huber_delta: float = HUBER_DELTA) -> Fit:
-    """Approach 3 with the Hoffmann/Besiroglu recipe: L-BFGS on summed Huber(ln L̂ − ln L) from every start
-    of `starts` (default: the 4500-point Hoffmann grid, rows (a, b, e, alpha, beta)), keeping the best.
+                   huber_delta: float = HUBER_DELTA, method: str = "huber", E_fixed: float | None = None,
+                   E_prior: tuple[float, float] | None = None) -> Fit:
+    """Approach 3. `method`:
 
-    Bootstrap resamples runs; each resample starts from the full-data optimum plus `bootstrap_starts`
+    huber  the Hoffmann/Besiroglu recipe: L-BFGS on summed Huber(ln L̂ − ln L) from every start of `starts`
+           (default: the 4500-point Hoffmann grid, rows (a, b, e, alpha, beta)), keeping the best.
+    vpnls  variable projection (vpnls.py): least squares on L, (E, A, B) in closed form for each (alpha, beta).
+
+    `E_fixed` holds the irreducible loss at a value; `E_prior` = (mean, sd) adds a Gaussian prior on it,
+    weighed against the residual variance of the unpenalised fit. A stderr column weights each run (huber:
+    by 1/var(ln L), vpnls: by 1/stderr²); vpnls's bootstrap also redraws each loss within its stderr.
+
+    Bootstrap resamples runs; huber starts each resample from the full-data optimum plus `bootstrap_starts`
     (default a 4-point grid; pass an empty array for the optimum alone), all resamples in one batch.
     """
     _check_bootstrap(bootstrap, level)
-    _need("parametric", "runs (5 parameters plus one to spare)", 6, len(data))
+    _check_e(E_fixed, E_prior)
+    if method not in PARAMETRIC_METHODS:
+        raise ValueError(f"parametric method {method!r}: choose one of {', '.join(PARAMETRIC_METHODS)}.")
+    n_par = 4 if E_fixed is not None else 5
+    _need("parametric", f"runs ({n_par} parameters plus one to spare)", n_par + 1, len(data))
     for col, v in (("params", data.params), ("tokens", data.tokens)):
         _need("parametric", f"distinct values of '{col}'", 2, len(np.unique(v)),
               "N and D must both vary to separate A/N^alpha from B/D^beta.")
     _, budgets = compute_groups(data)
     _need("parametric", "compute budgets (groups of runs at similar FLOPs)", 2, len(budgets),
           "At one budget ln N + ln D is fixed, so A/N^alpha and B/D^beta cannot be told apart.")
+    if E_fixed is not None and not E_fixed < data.loss.min():
+        raise ValueError(f"fixed E = {E_fixed} is not below the best measured loss {data.loss.min():.4g}; "
+                         "the irreducible loss must lie below every measured loss.")
     conv = data.convention()
     k = conv["flops_per_param_token"]
     X = np.stack([np.log(data.params), np.log(data.tokens)], -1)
     y = np.log(data.loss)
-    starts = hoffmann_grid() if starts is None else np.atleast_2d(np.asarray(starts, np.float64))
-    theta, f = minimize_batch(_parametric_objective, starts, X, y, delta=huber_delta)
-    i = int(np.argmin(f))
-    best = theta[i]
+    if method == "vpnls":
+        best, details, sampler = _fit_vpnls(data, X, E_fixed, E_prior)
+    else:
+        best, details, sampler = _fit_huber(data, X, y, starts, bootstrap_starts, huber_delta, E_fixed, E_prior)
     params = {name: float(v) for name, v in _parametric_params(best, k).items()}
-    details = {"objective": float(f[i]), "huber_delta": huber_delta, "n_starts": len(starts),
-               # how many starts reached the best objective: a sanity check that it is not a fluke
-               "n_starts_at_best": int(np.sum(f <= f[i] + 1e-9 * abs(f[i]) + 1e-15)),
-               "flops_per_param_token": k, **_convention(data)}
+    details.update({"method": method, "flops_per_param_token": k, **_e_note(E_fixed, E_prior), **_convention(data)})
     # alpha or beta <= 0: no compute-optimal allocation either (a, b, G are NaN: null in fit.json)
     warnings = _rising(params, ("alpha", "beta"), {"alpha": "model size N", "beta": "training tokens D"})
     k_lo, k_hi = conv["flops_per_param_token_range"]
@@ -536,21 +643,105 @@ def fit_parametric(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95
         warnings.append(f"flops/(N·D) ranges from {k_lo:.3g} to {k_hi:.3g} across runs; the allocation uses "
                         f"C = {k:.3g}·N·D (their geometric mean), so N_opt is uncertain by up to "
                         f"{(k_hi / k_lo) ** params['a']:.2g}× beyond the bootstrap interval.")
+    for name, of in (("A", "model size N"), ("B", "training tokens D")):
+        if not params[name] > 0:  # VPNLS's non-negative solve can drop a term: then there is no allocation
+            warnings.append(f"{name} = 0: the fitted law does not depend on {of}, so its N_opt and D_opt mean "
+                            "nothing. The form does not describe these runs (see --near-optimum), or E is held "
+                            "or pulled where the data cannot follow.")
+    fit = Fit("parametric", params, details)
+    if not warnings or all("flops/(N·D)" in w_ for w_ in warnings):
+        warnings += _leaves_data(fit, data)
     if warnings:
         details["warnings"] = warnings
-    fit = Fit("parametric", params, details)
     if bootstrap:
-        if bootstrap_starts is None:
-            bootstrap_starts = np.array([[ab, ab, best[2], ex, ex] for ab in (5.0, 15.0) for ex in (0.3, 1.0)])
-        st = np.concatenate([best[None], np.asarray(bootstrap_starts, np.float64).reshape(-1, 5)])
         rng = np.random.default_rng(seed)
         W = rng.multinomial(len(data), np.full(len(data), 1 / len(data)), size=bootstrap).astype(np.float64)
-        thetas, fs = minimize_batch(_parametric_objective, np.tile(st, (bootstrap, 1)), X, y,
-                                    np.repeat(W, len(st), axis=0), delta=huber_delta)
-        pick = thetas.reshape(bootstrap, len(st), -1)[np.arange(bootstrap), fs.reshape(bootstrap, -1).argmin(1)]
-        fit.samples = _parametric_params(pick, k)
+        fit.samples = _parametric_params(sampler(best, W, rng), k)
         fit.level, fit.n_bootstrap, fit.seed = level, bootstrap, seed
     return fit
+
+
+def _fit_huber(data, X, y, starts, bootstrap_starts, huber_delta, E_fixed, E_prior):
+    """The Huber-on-ln L fit: (best theta, details, bootstrap sampler(best, W, rng) -> thetas)."""
+    lw = _log_weights(data)
+    starts = hoffmann_grid() if starts is None else np.atleast_2d(np.asarray(starts, np.float64))
+    objective, delta = _parametric_objective, np.array([huber_delta, 0.0, 0.0])
+    if E_fixed is not None:
+        objective, delta[1] = _parametric_objective_fixed_e, math.log(E_fixed)
+        starts = np.unique(starts[:, [0, 1, 3, 4]], axis=0)
+    full = lambda th: th if E_fixed is None else np.insert(th, 2, math.log(E_fixed), axis=-1)
+    theta, f = minimize_batch(objective, starts, X, y, lw, delta=delta)
+    if E_prior is not None:  # weigh the prior by the unpenalised fit's residuals (Huber: L1-like beyond delta)
+        r = np.asarray(_parametric_log_pred(theta[np.argmin(f)], X)) - y
+        scale = float(np.mean(np.minimum(r * r, huber_delta * np.abs(r))))
+        delta[1:] = math.log(E_prior[0]), _prior_precision(E_prior, scale)
+        theta, f = minimize_batch(objective, np.concatenate([theta[np.argmin(f)][None], starts]), X, y, lw,
+                                  delta=delta)
+    i = int(np.argmin(f))
+    best = theta[i]
+    details = {"objective": float(f[i]), "huber_delta": huber_delta, "n_starts": len(starts),
+               # how many starts reached the best objective: a sanity check that it is not a fluke
+               "n_starts_at_best": int(np.sum(f <= f[i] + 1e-9 * abs(f[i]) + 1e-15))}
+
+    def sampler(best_full, W, rng):
+        bs = bootstrap_starts
+        if bs is None:
+            bs = np.array([[ab, ab, best_full[2], ex, ex] for ab in (5.0, 15.0) for ex in (0.3, 1.0)])
+        bs = np.asarray(bs, np.float64).reshape(-1, 5)
+        if E_fixed is not None:
+            bs = bs[:, [0, 1, 3, 4]]
+        st = np.concatenate([best[None], bs])
+        n = len(W)
+        thetas, fs = minimize_batch(objective, np.tile(st, (n, 1)), X, y, np.repeat(W * lw, len(st), axis=0),
+                                    delta=delta)
+        return full(thetas.reshape(n, len(st), -1)[np.arange(n), fs.reshape(n, -1).argmin(1)])
+
+    return full(best), details, sampler
+
+
+def _parametric_log_pred(theta, X):
+    a, b, e, alpha, beta = theta if len(theta) == 5 else (theta[0], theta[1], -np.inf, theta[2], theta[3])
+    return np.logaddexp(np.logaddexp(a - alpha * X[:, 0], b - beta * X[:, 1]), e)
+
+
+def _fit_vpnls(data, X, E_fixed, E_prior):
+    """The variable-projection fit: (best theta, details, bootstrap sampler(best, W, rng) -> thetas)."""
+    from t5like.scaling.vpnls import vpnls
+
+    w = np.ones(len(data)) if data.stderr is None else 1.0 / data.stderr ** 2
+    theta, rss = vpnls(X[:, 0], X[:, 1], data.loss, w, E_fixed=E_fixed)
+    prior = None
+    if E_prior is not None:
+        # the data term is sum w·r²; with stderr it is a chi² (unit variance), else scale by its residual variance
+        var = 1.0 if data.stderr is not None else rss / max(len(data) - 5, 1)
+        prior = (E_prior[0], var / E_prior[1] ** 2)
+        theta, rss = vpnls(X[:, 0], X[:, 1], data.loss, w, prior=prior)
+    details = {"objective": rss, "weighted": data.stderr is not None}
+
+    def sampler(best, W, rng):
+        out = np.empty((len(W), 5))
+        for r in range(len(W)):
+            L = data.loss if data.stderr is None else data.loss + data.stderr * rng.standard_normal(len(data))
+            out[r] = vpnls(X[:, 0], X[:, 1], L, W[r] * w, E_fixed=E_fixed, prior=prior, start=best[3:])[0]
+        return out
+
+    return theta, details, sampler
+
+
+def e_profile(data: ScalingData, approach: str, flops, E_values, **options) -> list[dict]:
+    """How much the predictions at compute `flops` depend on the irreducible loss: refit with E held at
+    each of `E_values` (those not below the best measured loss are skipped); one row per E."""
+    if approach not in ("powerlaw", "parametric"):
+        raise ValueError(f"approach {approach!r} has no irreducible loss E; use powerlaw or parametric.")
+    rows = []
+    for E in E_values:
+        if not 0 < E < data.loss.min():
+            continue
+        f = run_fit(data, approach, **{**options, "E_fixed": float(E), "E_prior": None, "bootstrap": 0})
+        p = f.predict(np.asarray(flops, np.float64))
+        rows.append({"E": float(E), "objective": f.details.get("objective"),
+                     **{k: float(v) for k, v in p.items() if k in ("loss", "N_opt")}})
+    return rows
 
 
 # ================================================================================================
@@ -561,23 +752,31 @@ FITTERS = {"powerlaw": fit_powerlaw, "envelope": fit_envelope, "isoflop": fit_is
 
 
 def run_fit(data: ScalingData, approach: str, **options) -> Fit:
-    """Run one approach. Options: bootstrap, level, seed; bins_per_decade (envelope, isoflop); window (isoflop)."""
+    """Run one approach. Options: bootstrap, level, seed; bins_per_decade (envelope, isoflop); window (isoflop);
+    E_fixed, E_prior (powerlaw, parametric); method (parametric)."""
     if approach not in FITTERS:
         raise ValueError(f"unknown approach {approach!r}; choose one of {', '.join(APPROACHES)} or all.")
     if approach not in ("envelope", "isoflop"):
         options.pop("bins_per_decade", None)
     if approach != "isoflop":
         options.pop("window", None)
+    if approach not in ("powerlaw", "parametric"):
+        options.pop("E_fixed", None), options.pop("E_prior", None)
+    if approach != "parametric":
+        options.pop("method", None)
     return FITTERS[approach](data, **options)
 
 
-def fit_all(data: ScalingData, *, parametric_starts: np.ndarray | None = None, **options) -> dict[str, Fit | str]:
+def fit_all(data: ScalingData, *, parametric_starts: np.ndarray | None = None, parametric_method: str = "huber",
+            **options) -> dict[str, Fit | str]:
     """Every approach; one that cannot run on this data (too few points, ...) maps to its error message."""
     out: dict[str, Fit | str] = {}
     for name in APPROACHES:
         opts = dict(options)
-        if name == "parametric" and parametric_starts is not None:
-            opts["starts"] = parametric_starts
+        if name == "parametric":
+            opts["method"] = parametric_method
+            if parametric_starts is not None:
+                opts["starts"] = parametric_starts
         try:
             out[name] = run_fit(data, name, **opts)
         except ValueError as e:

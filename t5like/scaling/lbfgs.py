@@ -7,7 +7,8 @@ direction, for every start at once, and keeps the best. Converged starts hand th
 ones between chunks of iterations (see minimize_batch).
 
 An objective is `objective(theta (P,), w (n,), X (n, k), y (n,), delta) -> scalar`: `w` are per-point
-weights (how a bootstrap resample enters) and `delta` a scalar the objective may use (a Huber scale).
+weights (how a bootstrap resample enters) and `delta` a scalar or small vector of constants the objective
+may use (a Huber scale, a prior on a parameter, a parameter held fixed).
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def _lbfgs_chunk(objective, x, s_hist, y_hist, rho, done, w, X, y, delta, n_iter
 
 
 def minimize_batch(objective, starts: np.ndarray, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None,
-                   *, delta: float = 0.0, max_iter: int = 1000, chunk_iters: int = 20, memory: int = 10,
+                   *, delta=0.0, max_iter: int = 1000, chunk_iters: int = 20, memory: int = 10,
                    gtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
     """Minimise objective(theta, w, X, y, delta) from every row of `starts` (S, P).
 
@@ -136,7 +137,7 @@ def minimize_batch(objective, starts: np.ndarray, X: np.ndarray, y: np.ndarray, 
     w = np.repeat(weights[:1], slots, 0) if per_start else weights
     queued = 0
     with jax.enable_x64(True):
-        Xj, yj, dj = jnp.asarray(X, jnp.float64), jnp.asarray(y, jnp.float64), jnp.float64(delta)
+        Xj, yj, dj = jnp.asarray(X, jnp.float64), jnp.asarray(y, jnp.float64), jnp.asarray(delta, jnp.float64)
         wj = jnp.asarray(w)
         while True:
             free = np.flatnonzero(owner < 0)[: S - queued]
