@@ -55,10 +55,10 @@ INTERRUPTED = 130
 def fit_and_plot(workdir: str, sweep: Sweep) -> bool:
     """`python -m t5like.scaling fit` and `plot` on this sweep's ok rows (local or gs://); True if both worked."""
     table = ResultsTable(os.path.join(workdir, "results.csv"))
-    ids = {t.id for t in sweep.trials}
+    ids = {t.id for t in sweep.trials if t.budget is not None}  # a cooldown fork's stable run is no IsoFLOP point
     rows = table.rows()
     source = table.path
-    if any(r["trial_id"] not in ids for r in rows):  # rows of an earlier design stay out of this fit
+    if any(r["trial_id"] not in ids for r in rows):  # rows of an earlier design (or stable runs) stay out of this fit
         source = os.path.join(workdir, "results_this_sweep.csv")
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")

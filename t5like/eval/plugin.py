@@ -117,6 +117,7 @@ class Evaluation(Plugin):
             totals = jax.tree.map(float, totals)
             loss = totals["loss_sum"] / max(totals["weight"], 1.0)
             rows[f"eval/{name}/loss"] = loss
+            rows[f"eval/{name}/loss_stderr"] = ratio_stderr(totals, "weight")  # over the set's sequences
             if "byte_sum" in totals:
                 rows[f"eval/{name}/bpb"] = bits_per_byte(totals["loss_sum"], totals["byte_sum"])
             if not math.isfinite(loss):
