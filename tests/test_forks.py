@@ -31,7 +31,8 @@ def test_fork_schedule_equals_the_wsd_run_of_its_tokens():
     forks = [t for t in plan.trials if t.parent]
     assert forks and len({t.parent for t in forks}) < len(forks), "some size is shared by two budgets"
     assert {t.seed for t in plan.trials} == {base.seed, 7} and all(trials[f.parent].seed == f.seed for f in forks)
-    for fork in forks:
+    shared = [f for f in forks if f.seed == base.seed and sum(g.parent == f.parent for g in forks) > 1]
+    for fork in shared[:2] + [forks[-1]]:  # two forks of one stable run, and a repeat's (eager schedules are slow)
         parent = trials[fork.parent]
         assert parent.budget is None and fork.budget is not None
         pcfg, fcfg = apply_overrides(base, list(parent.overrides)), apply_overrides(base, list(fork.overrides))
@@ -151,3 +152,61 @@ def test_eval_stderr_is_the_standard_error_over_sequences():
     want = np.sqrt(n / (n - 1) * ((s - r * b) ** 2).sum()) / b.sum()
     assert ratio_stderr(totals, "byte") == pytest.approx(want, rel=1e-4)
     assert totals["rows_weight"] == n == B * 3 - 1
+
+
+# The runner: a fork waits for its parent's step, on any backend -------------------------------------------
+
+FAKE_FORKS = '''
+"""Fake trials (no JAX): a stable run 'saves' checkpoints/STEP for its keep_steps as it goes; a fork needs
+its parent's step when it starts."""
+import json, os, sys, time
+from t5like.scaling.design import Trial
+
+
+def sweep():
+    t = lambda tid, *o, **kw: Trial(tid, tuple(o), params=1000, tokens=1000, flops=1e6, steps=6, **kw)
+    return [t("stable", "fake.keep=2,5"), t("late", budget=1e18, parent="stable", fork_step=5),
+            t("early", budget=1e17, parent="stable", fork_step=2),
+            t("broken", "fake.fail=1", "fake.keep=2"), t("orphan", budget=1e17, parent="broken", fork_step=2)]
+
+
+if __name__ == "__main__":
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    wd = args["workdir"]
+    if "checkpoint.fork_from" in args:
+        step_dir = os.path.join(args["checkpoint.fork_from"], "checkpoints", args["checkpoint.fork_step"])
+        assert os.path.isdir(step_dir), f"started before its parent saved {step_dir}"
+    if args.get("fake.fail"):
+        raise RuntimeError("boom")
+    keep = [int(s) for s in args.get("fake.keep", "").split(",") if s]
+    for step in range(1, 7):
+        time.sleep(0.15)
+        if step in keep:
+            os.makedirs(os.path.join(wd, "checkpoints", f"{step}.tmp"))
+            os.rename(os.path.join(wd, "checkpoints", f"{step}.tmp"), os.path.join(wd, "checkpoints", str(step)))
+    with open(os.path.join(wd, "summary.json"), "w") as f:
+        json.dump({"step": 6, "final_loss": 2.0, "final_eval_loss": 2.0, "final_eval_loss_stderr": 0.01}, f)
+'''
+
+
+def test_runner_starts_a_fork_once_its_parent_saved_its_step(tmp_path, monkeypatch):
+    import csv
+    from launch.backends import LocalBackend
+    from launch.plan import load_sweep
+    from launch.runner import run_sweep
+    (tmp_path / "fake_forks.py").write_text(FAKE_FORKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), root]))
+    wd = str(tmp_path / "sweep")
+    outcome = run_sweep(load_sweep("fake_forks"), wd, LocalBackend(2), parallel=2, poll_s=0.05)
+    assert (outcome.ok, outcome.failed) == (3, 2)
+    with open(os.path.join(wd, "results.csv"), newline="") as f:
+        table = {r["trial_id"]: r for r in csv.DictReader(f)}
+    assert {k: table[k]["status"] for k in table} == {"stable": "ok", "late": "ok", "early": "ok",
+                                                      "broken": "failed", "orphan": "failed"}
+    assert (table["late"]["parent"], table["late"]["fork_step"]) == ("stable", "5")
+    assert table["late"]["eval_loss_stderr"] == "0.01"
+    assert "parent broken ended without saving step 2" in table["orphan"]["error"]
+    log = open(os.path.join(wd, "trials", "late", "train.log")).read()
+    assert f"checkpoint.fork_from={os.path.join(wd, 'trials', 'stable')} checkpoint.fork_step=5" in log
