@@ -33,6 +33,14 @@ tokens that C buys it (Hoffmann et al. 2022, approach 2). The rules, all in `Iso
   `warmup_fraction` of the steps; the base schedule (cosine) then decays to the end of each run, as
   Chinchilla found matters.
 
+- Cooldown forks (`cooldown_forks=True`; Hägele et al. 2024). Each size picked at any budget trains
+  once, as a stable run at constant lr. Each budget becomes a wsd run whose cooldown is its last
+  `cooldown_fraction` of steps, forked from the stable run where that cooldown starts (Trial.parent,
+  Trial.fork_step; t5like/fork.py). A size keeps one batch and warmup at all its budgets: see
+  `_fork_trials`. The stable run has no budget: it is no IsoFLOP point.
+- Seeds. `seeds=(1, 2)` repeats every trial with each seed (Trial.seed; ids get -s1, -s2), to measure
+  seed noise beside the eval's standard error over sequences.
+
 A target that cannot be met (below the smallest shape, above the largest, too few steps) is skipped with
 the reason in `Plan.skipped`; a budget left with fewer than `min_sizes_per_budget` distinct sizes is a
 ValueError naming the budget and each reason, raised before anything trains.
@@ -567,16 +575,21 @@ def _fork_trials(base: Config, design: IsoFlopDesign, picks: list) -> list[Trial
     cooldown starts. A fork's learning rate over its first steps equals the stable run's, so starting from
     the stable run's state there (params, optimizer, step, data position) is the same as training the wsd
     run from scratch. Every fork of a size shares the stable run's batch and warmup: the batch the rule gives
-    the size's smallest budget (so it gets min_steps), the warmup warmup_fraction of that budget's steps."""
+    the size's largest budget, halved while its smallest budget would get fewer than min_steps (so the
+    largest may get more than max_steps); the warmup warmup_fraction of the smallest budget's steps."""
     by_shape: dict[Shape, list] = {}
     for budget, shape, batch, steps in picks:
         by_shape.setdefault(shape, []).append((budget, batch, steps))
     trials = []
     for shape, runs in by_shape.items():
         runs.sort()
-        batch = runs[0][1]  # the smallest budget's batch
         per_seq = training_flops(_shape_model(base.model, design, shape.num_layers, shape.d_model),
                                  *sequence_lengths(base)).per_sequence
+        # The largest budget's batch (max_steps), halved while the smallest budget gets fewer than min_steps
+        # (it stops at that budget's own batch, which met min_steps when the size was picked).
+        batch = _choose_batch(runs[-1][0] / per_seq, base.train.batch_size, design)[0]
+        while runs[0][0] / (per_seq * batch) < design.min_steps and batch // 2 >= runs[0][1]:
+            batch //= 2
         steps = [max(1, round(budget / (per_seq * batch))) for budget, _, _ in runs]
         starts = [t - wsd_decay_steps(t, design.cooldown_fraction) for t in steps]
         warmup = min(starts[0], round(design.warmup_fraction * steps[0]))
