@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from t5like.config import Config
-from t5like.losses import bits_per_byte, loss_for
+from t5like.losses import bits_per_byte, loss_for, ratio_stderr
 from t5like.plugins import Plugin
 from t5like.sharding import DEFAULT_RULES, Sharder, batch_sharding, make_mesh, replicated
 
