@@ -23,6 +23,9 @@ Backends: `local` (default) runs trials as child processes and splits this host'
 CPU cores and simulated devices between the --parallel trials (launch/devices.py); `ray` runs each trial
 as a Ray actor on a local or running Ray cluster (launch/ray_backend.py), --parallel defaulting to what fits.
 
+A cooldown fork (Trial.parent; experiments.scaling_tiny_forks) starts once its parent has saved the step it
+forks from (launch/runner.py), on either backend.
+
 If the trials have 2 or more IsoFLOP budgets, the fit and plots follow (`--no-fit` to skip): DIR/fit.json and
 DIR/plots/. `--budgets C ... --sizes N` re-plan an IsoFLOP experiment smaller (or larger), as the same flags
 of `python -m t5like.scaling.design` show it.
@@ -107,7 +110,8 @@ def list_trials(sweep: Sweep, workdir: str) -> None:
         state = r["status"] if r else "pending"
         loss = f"  eval loss {float(r['final_eval_loss']):.4f}" if r and r["final_eval_loss"] else ""
         budget = f"  C={t.budget:.3g}" if t.budget else ""
-        print(f"{state:<9} {t.id}{budget}{loss}")
+        fork = f"  fork of {t.parent} at step {t.fork_step}" if t.parent else ""
+        print(f"{state:<9} {t.id}{budget}{loss}{fork}")
 
 
 def _env_items(items: list[str]) -> dict:

@@ -50,6 +50,10 @@ def test_fork_schedule_equals_the_wsd_run_of_its_tokens():
         np.testing.assert_allclose(got, want, rtol=1e-6)
         assert want[k - 1] == pytest.approx(alone.learning_rate) and want[-1] < 0.5 * alone.learning_rate
         assert steps - k == round(design.cooldown_fraction * steps), "the cooldown is the last fraction of the run"
+    with pytest.raises(ValueError, match=r"design.cooldown_fraction=0.96 must be in \(0, 1 - warmup_fraction"):
+        plan_isoflop(base, dataclasses.replace(design, cooldown_fraction=0.96))
+    with pytest.raises(ValueError, match="design.seeds=.* includes the base config's seed=0"):
+        plan_isoflop(base, dataclasses.replace(design, seeds=(0, 7)))
 
 
 # A fork trains exactly as the wsd run from scratch, and resumes exactly after a kill --------------------
