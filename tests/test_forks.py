@@ -214,3 +214,19 @@ def test_runner_starts_a_fork_once_its_parent_saved_its_step(tmp_path, monkeypat
     assert "parent broken ended without saving step 2" in table["orphan"]["error"]
     log = open(os.path.join(wd, "trials", "late", "train.log")).read()
     assert f"checkpoint.fork_from={os.path.join(wd, 'trials', 'stable')} checkpoint.fork_step=5" in log
+
+
+def test_a_gcs_step_counts_once_committed_and_copies_whole(gcs_server):
+    from test_scaling_gcs import download, upload
+    from t5like.storage import GCS_COMMIT_MARKER, copy_step, step_saved
+    root = f"gs://{gcs_server.bucket}"
+    files = {"state/d/abc": b"\x00\x01", "state/_METADATA": b"{}", "config/x.json": b"[]"}
+    for name, data in files.items():
+        upload(gcs_server, f"stable/checkpoints/4/{name}", data)
+    assert not step_saved(f"{root}/stable/checkpoints", 4)  # orbax has not committed it: no fork may start
+    upload(gcs_server, f"stable/checkpoints/4/{GCS_COMMIT_MARKER}", b"")
+    assert step_saved(f"{root}/stable/checkpoints", 4) and not step_saved(f"{root}/stable/checkpoints", 5)
+    copy_step(f"{root}/stable/checkpoints", f"{root}/fork/checkpoints", 4)
+    for name, data in {**files, GCS_COMMIT_MARKER: b""}.items():
+        assert download(gcs_server, f"fork/checkpoints/4/{name}") == data
+    assert step_saved(f"{root}/fork/checkpoints", 4)
