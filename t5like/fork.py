@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import sys
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from t5like import storage
 from t5like.checkpoint import checkpoint_dir, read_config
@@ -84,5 +86,8 @@ class Fork(Plugin):
             return
         check_fork(self.cfg)
         src, step = self.cfg.checkpoint.fork_from, self.cfg.checkpoint.fork_step
-        storage.copy_step(checkpoint_dir(src), checkpoint_dir(self.cfg.workdir), step)
+        if jax.process_index() == 0:  # one copy; a multi-host run's workdir is shared storage (gs://)
+            storage.copy_step(checkpoint_dir(src), checkpoint_dir(self.cfg.workdir), step)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("t5like: fork copied")
         print(f"forked from {checkpoint_dir(src)} at step {step}", file=sys.stderr)
