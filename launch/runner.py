@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -25,7 +26,7 @@ from launch.plan import Sweep, trial_dir
 from launch.progress import Progress, fmt_time
 from launch.table import OK, ResultsTable
 from launch.trial import ok_summary, row
-from t5like.storage import step_saved
+from t5like.storage import is_remote, step_saved
 
 
 @dataclasses.dataclass
@@ -99,10 +100,11 @@ def run_sweep(sweep: Sweep, workdir: str, backend: Backend, parallel: int = 1, g
                               f"ETA {fmt_time(eta)}", force)
 
     by_id = {t.id: t for t in sweep.trials}
+    ready = _Readiness(by_id, workdir)
     try:
         while (queue or running) and not stop:
             while queue and len(running) < parallel and not stop:
-                t = next((t for t in queue if _ready(t, by_id, workdir)), None)
+                t = next((t for t in queue if ready(t)), None)
                 if t is None:
                     break
                 queue.remove(t)
@@ -111,7 +113,7 @@ def run_sweep(sweep: Sweep, workdir: str, backend: Backend, parallel: int = 1, g
                                          time.time())
                 show()
             for t in [t for t in queue if t.parent and t.parent not in running and by_id[t.parent] not in queue
-                      and not _ready(t, by_id, workdir)]:
+                      and not ready(t, fresh=True)]:
                 queue.remove(t)  # its parent ended without the step it forks from
                 error = (f"parent {t.parent} ended without saving step {t.fork_step} (its latest row in "
                          f"{table.path} says why); a rerun retries the parent, then this fork")
@@ -156,11 +158,24 @@ def run_sweep(sweep: Sweep, workdir: str, backend: Backend, parallel: int = 1, g
     return outcome
 
 
-def _ready(t, by_id: dict, workdir: str) -> bool:
-    """A trial can start: it is no fork, or its parent has saved the step it forks from."""
-    if not t.parent:
-        return True
-    return step_saved(os.path.join(trial_dir(workdir, by_id[t.parent]), "checkpoints"), t.fork_step)
+class _Readiness:
+    """Whether a trial can start: it is no fork, or its parent has saved the step it forks from. A saved
+    step stays saved; an unsaved one is looked up again at most every `every_s` on gs:// (one request per
+    waiting fork), at every poll on a local disk."""
+
+    def __init__(self, by_id: dict, workdir: str):
+        self.by_id, self.workdir, self.saved, self.asked = by_id, workdir, set(), {}
+        self.every_s = 10.0 if is_remote(workdir) else 0.0
+
+    def __call__(self, t, fresh: bool = False) -> bool:
+        if not t.parent or t.id in self.saved:
+            return True
+        if not fresh and time.time() - self.asked.get(t.id, -math.inf) < self.every_s:
+            return False
+        self.asked[t.id] = time.time()
+        if step_saved(os.path.join(trial_dir(self.workdir, self.by_id[t.parent]), "checkpoints"), t.fork_step):
+            self.saved.add(t.id)
+        return t.id in self.saved
 
 
 def _fork_overrides(t, by_id: dict, workdir: str) -> list[str]:
