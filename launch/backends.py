@@ -3,6 +3,9 @@
 - LocalBackend: child processes of the runner, this host's devices split between them (launch/devices.py).
 - RayBackend (launch/ray_backend.py): one Ray actor per trial, anywhere on a Ray cluster, starting the
   same trial process (launch/trial.py) on its node.
+
+Dependencies between trials (a cooldown fork and its stable run) are the runner's: a backend is handed a
+fork only once its parent has saved the step it forks from, with the overrides that point it there.
 """
 from __future__ import annotations
 

@@ -93,8 +93,14 @@ def load_sweep(module_name: str, extra: tuple[str, ...] = (), budgets: Optional[
             if "=" not in item or item.split("=", 1)[0] == "workdir":
                 raise ValueError(f"trial {t.id}: override {item!r} must be key=value and not workdir "
                                  "(the runner gives each trial DIR/trials/ID).")
+        if t.parent is not None and (t.parent not in {u.id for u in trials} or not isinstance(t.fork_step, int)
+                                     or t.fork_step <= 0):
+            raise ValueError(f"trial {t.id} is a fork of {t.parent!r} at step {t.fork_step!r}, but its parent is not a "
+                             f"trial of {module_name}.sweep() or the step is not a positive integer; return the "
+                             "stable run with its forks (plan_isoflop with design.cooldown_forks=True does).")
         if extra:
-            t = dataclasses.replace(t, id=trial_id(t.id, extra), overrides=(*t.overrides, *extra))
+            t = dataclasses.replace(t, id=trial_id(t.id, extra), overrides=(*t.overrides, *extra),
+                                    parent=trial_id(t.parent, extra) if t.parent else None)
         checked.append(t)
     prepare = getattr(module, "prepare", None)
     return Sweep(module_name, tuple(checked), prepare if callable(prepare) else None)

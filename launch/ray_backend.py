@@ -9,7 +9,9 @@ trials. An actor holds the trial's resources (`Resources`: CPUs, GPUs, or a whol
 re-runs the trial (up to `max_retries` times), which resumes from its own checkpoint. Ctrl-C on the
 driver SIGTERMs every trial (they checkpoint and exit 143); a SIGKILLed driver takes its actors with it
 (Ray ends a dead driver's actors; the trial gets SIGTERM from its dying parent). Trial workdirs must be
-where every node can reach them: the same local disk on a one-node cluster, else gs://.
+where every node can reach them: the same local disk on a one-node cluster, else gs://. That includes a
+cooldown fork's parent, whose checkpoint step the fork copies on whichever node it lands (the driver starts
+the fork once that step is saved: launch/runner.py).
 """
 from __future__ import annotations
 

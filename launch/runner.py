@@ -3,11 +3,17 @@
 Rows are written by this process only (launch/table.py). A rerun skips trials with an ok row and records,
 without retraining, a trial that finished while its runner was dead. Ctrl-C (or SIGTERM) stops the
 running trials cleanly: see `_stop_all`.
+
+Cooldown forks (Trial.parent, Trial.fork_step) wait here, whatever the backend: a fork starts only once its
+parent's checkpoint step is saved, with checkpoint.fork_from=DIR/trials/PARENT and checkpoint.fork_step
+added to its overrides; the slots meanwhile go to trials that can start. A fork whose parent ended (failed,
+or finished earlier without that step) gets a failed row naming the parent; a rerun retries both.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -20,6 +26,7 @@ from launch.plan import Sweep, trial_dir
 from launch.progress import Progress, fmt_time
 from launch.table import OK, ResultsTable
 from launch.trial import ok_summary, row
+from t5like.storage import is_remote, step_saved
 
 
 @dataclasses.dataclass
@@ -77,9 +84,11 @@ def run_sweep(sweep: Sweep, workdir: str, backend: Backend, parallel: int = 1, g
     running: dict[str, _Running] = {}
     started = time.time()
     flops_known = all(t.flops for t in sweep.trials)
-    if flops_known:  # longest first: the last trials to finish are short, so the slots stay busy
-        queue.sort(key=lambda t: -t.flops)
-    done_work, total_work = 0.0, sum((t.flops if flops_known else 1.0) for t in queue)
+    # A fork trains only its steps after the fork step: that share of its whole run's FLOPs is its work.
+    work = (lambda t: t.flops * (1 - (t.fork_step or 0) / t.steps)) if flops_known else (lambda t: 1.0)
+    if flops_known:  # longest first (stable runs before their forks): the last to finish are short
+        queue.sort(key=lambda t: (t.parent is not None, -work(t)))
+    done_work, total_work = 0.0, sum(work(t) for t in queue)
 
     def show(force: bool = False) -> None:
         # ETA: the remaining work (planned FLOPs, else trials) at this session's rate so far.
@@ -90,20 +99,35 @@ def run_sweep(sweep: Sweep, workdir: str, backend: Backend, parallel: int = 1, g
                               f"{counts[3]} queued | {fmt_time(time.time() - started)} elapsed, "
                               f"ETA {fmt_time(eta)}", force)
 
+    by_id = {t.id: t for t in sweep.trials}
+    ready = _Readiness(by_id, workdir)
     try:
         while (queue or running) and not stop:
             while queue and len(running) < parallel and not stop:
-                t = queue.pop(0)
+                t = next((t for t in queue if ready(t)), None)
+                if t is None:
+                    break
+                queue.remove(t)
                 running[t.id] = _Running(t, backend.start(sweep.module, trial_dir(workdir, t),
-                                                          [*t.overrides, *shared]), time.time())
+                                                          [*t.overrides, *shared, *_fork_overrides(t, by_id, workdir)]),
+                                         time.time())
                 show()
+            for t in [t for t in queue if t.parent and t.parent not in running and by_id[t.parent] not in queue
+                      and not ready(t, fresh=True)]:
+                queue.remove(t)  # its parent ended without the step it forks from
+                error = (f"parent {t.parent} ended without saving step {t.fork_step} (its latest row in "
+                         f"{table.path} says why); a rerun retries the parent, then this fork")
+                table.append(row(t, "failed", error=error))
+                outcome.failed += 1
+                done_work += work(t)
+                progress.message(f"failed  {t.id}  {error}")
             for tid, r in list(running.items()):
                 code = backend.poll(r.handle)
                 if code is None:
                     continue
                 del running[tid]
                 wall = time.time() - r.t0
-                done_work += r.trial.flops if flops_known else 1.0
+                done_work += work(r.trial)
                 summary = ok_summary(trial_dir(workdir, r.trial)) if code == 0 else None
                 if summary is not None:
                     table.append(row(r.trial, OK, summary=summary, wall=wall))
@@ -120,7 +144,7 @@ def run_sweep(sweep: Sweep, workdir: str, backend: Backend, parallel: int = 1, g
                 outcome.failed += 1
                 progress.message(f"{status:<7} {tid}  {error[:300]}  (log: {backend.log(r.handle)})")
             show()
-            if running:
+            if running or queue:
                 time.sleep(poll_s)
     finally:
         if running:
@@ -132,6 +156,32 @@ def run_sweep(sweep: Sweep, workdir: str, backend: Backend, parallel: int = 1, g
         progress.close()
     outcome.interrupted = outcome.interrupted or bool(stop)
     return outcome
+
+
+class _Readiness:
+    """Whether a trial can start: it is no fork, or its parent has saved the step it forks from. A saved
+    step stays saved; an unsaved one is looked up again at most every `every_s` on gs:// (one request per
+    waiting fork), at every poll on a local disk."""
+
+    def __init__(self, by_id: dict, workdir: str):
+        self.by_id, self.workdir, self.saved, self.asked = by_id, workdir, set(), {}
+        self.every_s = 10.0 if is_remote(workdir) else 0.0
+
+    def __call__(self, t, fresh: bool = False) -> bool:
+        if not t.parent or t.id in self.saved:
+            return True
+        if not fresh and time.time() - self.asked.get(t.id, -math.inf) < self.every_s:
+            return False
+        self.asked[t.id] = time.time()
+        if step_saved(os.path.join(trial_dir(self.workdir, self.by_id[t.parent]), "checkpoints"), t.fork_step):
+            self.saved.add(t.id)
+        return t.id in self.saved
+
+
+def _fork_overrides(t, by_id: dict, workdir: str) -> list[str]:
+    if not t.parent:
+        return []
+    return [f"checkpoint.fork_from={trial_dir(workdir, by_id[t.parent])}", f"checkpoint.fork_step={t.fork_step}"]
 
 
 def _stop_all(backend: Backend, running: dict, table: ResultsTable, progress: Progress, stop: list,

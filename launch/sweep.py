@@ -23,6 +23,9 @@ Backends: `local` (default) runs trials as child processes and splits this host'
 CPU cores and simulated devices between the --parallel trials (launch/devices.py); `ray` runs each trial
 as a Ray actor on a local or running Ray cluster (launch/ray_backend.py), --parallel defaulting to what fits.
 
+A cooldown fork (Trial.parent; experiments.scaling_tiny_forks) starts once its parent has saved the step it
+forks from (launch/runner.py), on either backend.
+
 If the trials have 2 or more IsoFLOP budgets, the fit and plots follow (`--no-fit` to skip): DIR/fit.json and
 DIR/plots/. `--budgets C ... --sizes N` re-plan an IsoFLOP experiment smaller (or larger), as the same flags
 of `python -m t5like.scaling.design` show it.
@@ -55,10 +58,10 @@ INTERRUPTED = 130
 def fit_and_plot(workdir: str, sweep: Sweep) -> bool:
     """`python -m t5like.scaling fit` and `plot` on this sweep's ok rows (local or gs://); True if both worked."""
     table = ResultsTable(os.path.join(workdir, "results.csv"))
-    ids = {t.id for t in sweep.trials}
+    ids = {t.id for t in sweep.trials if t.budget is not None}  # a cooldown fork's stable run is no IsoFLOP point
     rows = table.rows()
     source = table.path
-    if any(r["trial_id"] not in ids for r in rows):  # rows of an earlier design stay out of this fit
+    if any(r["trial_id"] not in ids for r in rows):  # rows of an earlier design (or stable runs) stay out of this fit
         source = os.path.join(workdir, "results_this_sweep.csv")
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -107,7 +110,8 @@ def list_trials(sweep: Sweep, workdir: str) -> None:
         state = r["status"] if r else "pending"
         loss = f"  eval loss {float(r['final_eval_loss']):.4f}" if r and r["final_eval_loss"] else ""
         budget = f"  C={t.budget:.3g}" if t.budget else ""
-        print(f"{state:<9} {t.id}{budget}{loss}")
+        fork = f"  fork of {t.parent} at step {t.fork_step}" if t.parent else ""
+        print(f"{state:<9} {t.id}{budget}{loss}{fork}")
 
 
 def _env_items(items: list[str]) -> dict:

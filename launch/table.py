@@ -19,7 +19,10 @@ from etils import epath
 from t5like.storage import is_remote
 
 COLUMNS = ("trial_id", "budget", "status", "final_eval_loss", "loss", "final_train_loss", "params",
-           "non_embedding_params", "tokens", "flops", "steps", "wall_time_s", "overrides", "error", "finished_at")
+           "non_embedding_params", "tokens", "flops", "steps", "wall_time_s", "overrides", "error", "finished_at",
+           "eval_loss_stderr", "eval_bpb", "eval_bpb_stderr", "seed", "parent", "fork_step")
+# eval_loss_stderr / eval_bpb_stderr: the standard error of the final eval loss (bits-per-byte) over the eval
+# sequences; seed: the trial's seed; parent, fork_step: a cooldown fork's stable run and the step it forked at.
 OK = "ok"
 HEADER = ",".join(COLUMNS)
 

@@ -157,6 +157,10 @@ def finished_summary(tdir: str) -> Optional[dict]:
             summary["final_loss"] = train[-1]
         if not finite(summary.get("final_eval_loss")) and evals:
             summary["final_eval_loss"] = evals[-1]
+        last = [r for r in metrics if "eval_loss" in r and r.get("step") == summary.get("step")]
+        for key in ("eval_loss_stderr", "eval_bpb", "eval_bpb_stderr"):
+            if not finite(summary.get(f"final_{key}")) and last and key in last[-1]:
+                summary[f"final_{key}"] = last[-1][key]
     return summary
 
 
@@ -177,4 +181,6 @@ def row(trial: Trial, status: str, *, summary: Optional[dict] = None, wall: floa
             "tokens": s.get("tokens", trial.tokens), "flops": s.get("flops", trial.flops),
             "steps": s.get("step", trial.steps), "wall_time_s": round(wall, 2) if finite(wall) else None,
             "overrides": json.dumps(list(trial.overrides)), "error": error[-1500:] if error else None,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "eval_loss_stderr": s.get("final_eval_loss_stderr"),
+            "eval_bpb": s.get("final_eval_bpb"), "eval_bpb_stderr": s.get("final_eval_bpb_stderr"),
+            "seed": trial.seed, "parent": trial.parent, "fork_step": trial.fork_step}

@@ -10,6 +10,7 @@ from typing import Sequence
 from t5like.config import Config
 from t5like.eval.plugin import Evaluation
 from t5like.finetune import FineTuning, InitFrom, with_source_settings
+from t5like.fork import Fork
 from t5like.models import abstract_model
 from t5like.parametrization import Parametrization
 from t5like.plugins import Plugin, Plugins
@@ -21,6 +22,8 @@ def plugins_for(cfg: Config, extra: Sequence[Plugin] = ()) -> Plugins:
     plugins: list[Plugin] = [Parametrization(cfg, lambda model: abstract_model(model)[1]), FineTuning(cfg)]
     if cfg.checkpoint.init_from:
         plugins.append(InitFrom(cfg))
+    if cfg.checkpoint.fork_from:
+        plugins.append(Fork(cfg))
     if cfg.data.eval_sets or cfg.eval.tasks:  # after the plugins that add modules: it evaluates their model
         plugins.append(Evaluation(cfg))
     return Plugins([*plugins, *extra])

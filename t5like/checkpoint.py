@@ -1,5 +1,7 @@
 """Checkpoints with orbax: async, atomic, keep-N (+ every M-th), resumable, local or on `gs://`.
 
+`checkpoint.keep_steps` are saved and kept beside the last `keep` (a cooldown fork starts from them).
+
 Each checkpoint step holds three items:
   state   params, optimizer state, step, and every host's data-iterator position (a pytree, saved sharded)
   config  the run's config (JSON)
@@ -66,9 +68,15 @@ class _OneProcessTypeHandlers(ocp.type_handlers.TypeHandlerRegistry):
 
 class Checkpointer:
     def __init__(self, directory: str, cfg: CheckpointConfig):
+        if cfg.keep_steps:  # orbax takes a preservation policy instead of its keep options, not beside them
+            policies = [ocp.checkpoint_managers.LatestN(cfg.keep), ocp.checkpoint_managers.CustomSteps(cfg.keep_steps)]
+            if cfg.keep_period:
+                policies.append(ocp.checkpoint_managers.EveryNSteps(cfg.keep_period))
+            keep = dict(preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+        else:
+            keep = dict(max_to_keep=cfg.keep, keep_period=cfg.keep_period or None)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, keep_period=cfg.keep_period or None, create=True,
-            enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True)
+            **keep, create=True, enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True)
         self.directory = directory
         # One process holds every replica of every array: orbax's replica-parallel saving would only cut each
         # replicated array into per-replica slices (an eager op each) for this same process to write.

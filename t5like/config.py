@@ -330,6 +330,13 @@ SCHEDULES = ("constant", "cosine", "rsqrt", "wsd", "linear")
 DECAY_EXCLUDABLE = ("norm", "bias", "embedding")
 
 
+def wsd_decay_steps(total_steps: int, decay_fraction: float) -> int:
+    """The steps a wsd schedule of `total_steps` decays over: its cooldown, which starts at step
+    total_steps - wsd_decay_steps(...) when the warmup is shorter than the rest (where a cooldown fork of a
+    stable run branches off, t5like/scaling/design.py)."""
+    return max(int(round(total_steps * decay_fraction)), 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     name: str = "adamw"                     # the optimizer
@@ -400,11 +407,27 @@ class CheckpointConfig:
     keep_period: int = 0                    # also keep every M-th step forever; 0 = off
     async_save: bool = True                 # write checkpoints while training continues
     init_from: str = ""                     # another run's workdir: start from its params, with its model and tokenizer
+    keep_steps: tuple[int, ...] = ()        # also save these steps, and keep them forever (a cooldown fork's start)
+    fork_from: str = ""                     # another run's workdir: start from its whole state at fork_step
+    fork_step: int = 0                      # the step of fork_from to start from (t5like/fork.py)
 
     def validate(self) -> "CheckpointConfig":
         _positive("checkpoint.every", self.every)
         _positive("checkpoint.keep", self.keep)
         _non_negative("checkpoint.keep_period", self.keep_period, "0 = off.")
+        for step in self.keep_steps:
+            if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+                raise ValueError(f"checkpoint.keep_steps={self.keep_steps!r} has {step!r}; give positive step "
+                                 "numbers, e.g. checkpoint.keep_steps=800,1600.")
+        _non_negative("checkpoint.fork_step", self.fork_step)
+        if bool(self.fork_from) != bool(self.fork_step):
+            raise ValueError(f"checkpoint.fork_from={self.fork_from!r} and checkpoint.fork_step={self.fork_step} go "
+                             "together: a fork starts from step fork_step of the run in fork_from; set both or "
+                             "neither.")
+        if self.fork_from and self.init_from:
+            raise ValueError(f"checkpoint.fork_from={self.fork_from!r} and checkpoint.init_from={self.init_from!r}: "
+                             "a run starts from one other run; a fork takes its whole state (params, optimizer, "
+                             "step, data position), init_from only its params. Clear one of them.")
         return self
 
 
@@ -538,6 +561,9 @@ class Config:
         if self.data.objective == "classification" and self.model.num_classes < 2:
             raise ValueError(f"data.objective='classification' needs a classification head: model.num_classes="
                              f"{self.model.num_classes}; set model.num_classes to the number of labels.")
+        if self.checkpoint.fork_step and self.checkpoint.fork_step >= self.train.steps:
+            raise ValueError(f"checkpoint.fork_step={self.checkpoint.fork_step} is not below train.steps="
+                             f"{self.train.steps}: a fork trains on from that step; raise train.steps or fork earlier.")
         if not self.workdir:
             raise ValueError("workdir='' : set workdir=DIR, where the run's checkpoints and metrics go.")
         return self

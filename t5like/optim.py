@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5like.config import OptimConfig
+from t5like.config import OptimConfig, wsd_decay_steps
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -41,7 +41,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     elif cfg.schedule == "linear":
         after = optax.linear_schedule(peak, end, rest)
     else:  # wsd
-        decay = max(int(round(total_steps * cfg.wsd_decay_fraction)), 1)
+        decay = wsd_decay_steps(total_steps, cfg.wsd_decay_fraction)
         stable = max(rest - decay, 0)
         after = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, end, decay)],
                                      [stable])
@@ -123,13 +123,16 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, lr_multiplier: Optional[C
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array, *,
-                  label_smoothing: float = 0.0, z_loss: float = 0.0) -> tuple[jax.Array, dict]:
+                  label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  target_bytes_BL: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
     """Weighted token cross-entropy (in float32) with optional label smoothing and z-loss, as SUMS over
     tokens: (objective_sum, {"loss_sum", "correct_sum", "weight"}). Dividing by the weight happens once,
     after every microbatch is summed, so accumulation gives the full batch's token mean exactly.
 
     "loss_sum" is the plain cross-entropy (no smoothing, no z-loss), comparable across settings; the
-    objective adds both.
+    objective adds both. `row_sums` adds the sums over rows (sequences) that the standard error of the mean
+    loss over sequences needs (`losses.ratio_stderr`), and with `target_bytes_BL` the byte count and its
+    sums for bits-per-byte.
     """
     logits = logits_BLV.astype(jnp.float32)
     # logsumexp written out, so that its max also gives the accuracy (an argmax is a second, slower pass
@@ -150,7 +153,20 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
     weights = weights_BL.astype(jnp.float32)
     correct = (target_logit >= max_BL).astype(jnp.float32)  # the target is the top logit (ties count)
     sums = {"loss_sum": (nll * weights).sum(), "correct_sum": (correct * weights).sum(), "weight": weights.sum()}
+    rows = lambda x_BL: x_BL.reshape(x_BL.shape[0], -1).sum(-1)  # [B, L] (or [B]: classification) -> [B]
+    loss_B, weight_B = rows(nll * weights), rows(weights)
+    sums.update(row_sums(loss_B, weight_B, "weight"))
+    if target_bytes_BL is not None:
+        bytes_B = rows(target_bytes_BL.astype(jnp.float32))
+        sums.update(byte_sum=bytes_B.sum(), **row_sums(loss_B, bytes_B, "byte"))
     return (objective * weights).sum(), sums
+
+
+def row_sums(loss_B: jax.Array, count_B: jax.Array, name: str) -> dict:
+    """Per-row sums for the standard error of sum(loss) / sum(count) over rows: sum(loss^2),
+    sum(loss * count), sum(count^2), and the rows that count (count > 0)."""
+    return {"rows_loss_sq": jnp.square(loss_B).sum(), f"rows_loss_{name}": (loss_B * count_B).sum(),
+            f"rows_{name}_sq": jnp.square(count_B).sum(), f"rows_{name}": (count_B > 0).sum().astype(jnp.float32)}
 
 
 def mean_metrics(sums: dict) -> dict:

@@ -112,3 +112,44 @@ def move_tree(src: PathLike, dst: PathLike) -> None:
         epath.Path(f"{root}/{name}").copy(target / name)
     for name in below:
         epath.Path(f"{root}/{name}").unlink()
+
+
+# orbax finalises a checkpoint step locally by renaming its temporary directory to the step number, and on
+# Cloud Storage by writing this marker into the step directory last.
+GCS_COMMIT_MARKER = "commit_success.txt"
+
+
+def step_saved(checkpoints: PathLike, step: int) -> bool:
+    """Whether orbax has finalised `step` in the checkpoint directory `checkpoints` (cheap: no JAX, no orbax;
+    the sweep runner asks it while a cooldown fork waits for its parent)."""
+    step_dir = epath.Path(checkpoints) / str(step)
+    if is_remote(checkpoints):
+        return (step_dir / GCS_COMMIT_MARKER).exists()
+    return step_dir.is_dir()
+
+
+def copy_step(src_checkpoints: PathLike, dst_checkpoints: PathLike, step: int) -> None:
+    """Copy finalised checkpoint `step` from one checkpoint directory to another, so that it appears there
+    finalised only once whole: locally copied to a temporary directory and renamed; on Cloud Storage the
+    commit marker is copied last."""
+    src, dst = epath.Path(src_checkpoints) / str(step), epath.Path(dst_checkpoints) / str(step)
+    if is_remote(src_checkpoints) != is_remote(dst_checkpoints):  # orbax finalises the two differently
+        raise ValueError(f"cannot copy checkpoint step {step} from {src_checkpoints} to {dst_checkpoints}: one is on "
+                         "Cloud Storage and the other local; keep both runs in one place (a sweep's --workdir).")
+    if not is_remote(dst_checkpoints):
+        import shutil
+        tmp = epath.Path(dst_checkpoints) / f".{step}.copy-{uuid.uuid4().hex}.tmp"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(os.fspath(src), os.fspath(tmp))
+        os.rename(tmp, dst)
+        return
+    root = os.fspath(src).rstrip("/")
+    names = []
+    for d, _, files in src.walk():
+        for name in files:
+            full = os.fspath(d / name)
+            names.append(full.split(root.split("://", 1)[-1] + "/", 1)[1])
+    names.sort(key=lambda n: n == GCS_COMMIT_MARKER)  # the marker last: the step counts only once whole
+    for name in names:
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        epath.Path(f"{root}/{name}").copy(dst / name)

@@ -33,7 +33,7 @@ from t5like.checkpoint import Checkpointer, checkpoint_dir, latest_step, read_co
 from t5like.config import Config, apply_overrides, flat_keys, flat_values, key_help, to_dict
 from t5like.data import get_tokenizer, make_iterator
 from t5like.metrics import MetricsWriter, peak_flops_per_device, read_metrics
-from t5like.losses import bits_per_byte, loss_for
+from t5like.losses import bits_per_byte, loss_for, ratio_stderr
 from t5like.models import sharded_init
 from t5like.optim import make_optimizer, mean_metrics
 from t5like.plugins import Plugin, Plugins, optimizer_state_shardings
@@ -319,8 +319,11 @@ def evaluate(setup: Setup, params, eval_iter) -> dict:
     loss = totals["loss_sum"] / max(totals["weight"], 1.0)
     out = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
            "eval_accuracy": totals["correct_sum"] / max(totals["weight"], 1.0), "eval_batches": batches}
+    out["eval_loss_stderr"] = ratio_stderr(totals, "weight")  # over eval sequences
     if "byte_sum" in totals:  # the objectives where bits-per-byte is defined (t5like/losses.py)
         out["eval_bpb"] = bits_per_byte(totals["loss_sum"], totals["byte_sum"])
+        stderr = ratio_stderr(totals, "byte")
+        out["eval_bpb_stderr"] = None if stderr is None else stderr / math.log(2)
     return out
 
 
@@ -476,7 +479,8 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
                 read(*pending, log=True)
                 pending = None
             preempted = preemption.reached(step)
-            save = step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted
+            save = (step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted
+                    or step in cfg.checkpoint.keep_steps)
             log = step % cfg.train.log_every == 0 or step == cfg.train.steps
             if save:
                 read(step, step_metrics, log)
@@ -515,7 +519,8 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
                "tokens": setup.tokens_per_step * step, "flops": setup.flops_per_step * step,
                "final_loss": final_loss, "final_eval_loss": last_eval.get("eval_loss", float("nan")),
                "eval_batches": last_eval.get("eval_batches"),
-               **({"final_eval_bpb": last_eval["eval_bpb"]} if "eval_bpb" in last_eval else {}),
+               **{f"final_{k}": last_eval[k] for k in ("eval_bpb", "eval_loss_stderr", "eval_bpb_stderr")
+                  if k in last_eval},
                "wall_time_s": time.perf_counter() - started, "peak_flops_source": peak_source,
                "preempted": preempted, **plugins.summary(setup.abstract_state["params"])}
     if preempted:

@@ -263,6 +263,8 @@ def test_in_loop_eval_sets_and_tasks_once_per_step_across_resume(tmp_path, tasks
         # A named set read like the run's own eval split gives the trainer's own figures.
         assert r["eval/own/loss"] == pytest.approx(r["eval_loss"], rel=1e-6)
         assert r["eval/own/bpb"] == pytest.approx(r["eval_bpb"], rel=1e-6)
+        for key in ("loss_stderr", "bpb_stderr"):  # the standard errors over sequences (tests/test_forks.py)
+            assert r[f"eval/own/{key}"] == pytest.approx(r[f"eval_{key}"], rel=1e-5) and 0 < r[f"eval_{key}"] < 0.5
     # eval_bpb is the eval loss's sum over the UTF-8 bytes of the same targets, in bits.
     from t5like.data import get_tokenizer, make_iterator
     tokenizer = get_tokenizer(cfg.data, cfg.workdir, cfg.model.vocab_size)

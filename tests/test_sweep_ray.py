@@ -375,3 +375,16 @@ def test_device_count_is_set_and_every_other_xla_flag_kept():
     assert with_device_count("", 4) == "--xla_force_host_platform_device_count=4"
     slots = split(HostDevices("cpu", tuple("01234567"), (0, 1)), 2, {"XLA_FLAGS": flags})
     assert all(s["XLA_FLAGS"] == with_device_count(flags, 4) for s in slots)
+
+
+def test_ray_starts_a_fork_once_its_parent_saved_its_step(sweep, cluster, tmp_path):
+    """tests/test_forks.py's fake stable run and forks, on Ray: the driver holds each fork back until its
+    parent has saved the step (a fork started early fails its own assert), and fails a failed parent's fork."""
+    from test_forks import FAKE_FORKS
+    (tmp_path / "mods" / "fake_forks.py").write_text(FAKE_FORKS)
+    code, out = finish(sweep(tmp_path / "w", *ray_args(cluster), module="fake_forks"), timeout=300)
+    assert code == 1, out
+    got = {r["trial_id"]: r for r in rows(tmp_path / "w")}
+    assert {k: r["status"] for k, r in got.items()} == {"stable": "ok", "late": "ok", "early": "ok",
+                                                        "broken": "failed", "orphan": "failed"}, out
+    assert (got["early"]["parent"], got["early"]["fork_step"]) == ("stable", "2")

@@ -3,6 +3,7 @@ held-out sets (data.eval_sets) and the lm-eval tasks (eval.tasks) add their rows
 
   eval/<set>/loss, eval/<set>/bpb     nats per target token and bits per UTF-8 byte on each named set
                                       (bpb where the objective defines it: t5like/data/objectives.py)
+  eval/<set>/loss_stderr, .../bpb_stderr  their standard errors over the set's sequences (losses.ratio_stderr)
   lm_eval/<task>/<metric>             lm-eval's task metrics (e.g. lm_eval/hellaswag/acc_norm), at the evals
                                       whose step is a multiple of eval.every (0: every eval) and at the last
 
@@ -23,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from t5like.config import Config
-from t5like.losses import bits_per_byte, loss_for
+from t5like.losses import bits_per_byte, loss_for, ratio_stderr
 from t5like.plugins import Plugin
 from t5like.sharding import DEFAULT_RULES, Sharder, batch_sharding, make_mesh, replicated
 
@@ -117,8 +118,11 @@ class Evaluation(Plugin):
             totals = jax.tree.map(float, totals)
             loss = totals["loss_sum"] / max(totals["weight"], 1.0)
             rows[f"eval/{name}/loss"] = loss
+            rows[f"eval/{name}/loss_stderr"] = ratio_stderr(totals, "weight")  # over the set's sequences
             if "byte_sum" in totals:
                 rows[f"eval/{name}/bpb"] = bits_per_byte(totals["loss_sum"], totals["byte_sum"])
+                stderr = ratio_stderr(totals, "byte")
+                rows[f"eval/{name}/bpb_stderr"] = None if stderr is None else stderr / math.log(2)
             if not math.isfinite(loss):
                 print(f"warning: eval set {name!r} gave loss={loss}", file=sys.stderr)
         return rows

@@ -34,6 +34,14 @@ tokens that C buys it (Hoffmann et al. 2022, approach 2). The rules, all in `Iso
   `warmup_fraction` of the steps; the base schedule (cosine) then decays to the end of each run, as
   Chinchilla found matters.
 
+- Cooldown forks (`cooldown_forks=True`; Hägele et al. 2024). Each size picked at any budget trains
+  once, as a stable run at constant lr. Each budget becomes a wsd run whose cooldown is its last
+  `cooldown_fraction` of steps, forked from the stable run where that cooldown starts (Trial.parent,
+  Trial.fork_step; t5like/fork.py). A size keeps one batch and warmup at all its budgets: see
+  `_fork_trials`. The stable run has no budget: it is no IsoFLOP point.
+- Seeds. `seeds=(1, 2)` repeats every trial with each seed (Trial.seed; ids get -s1, -s2), to measure
+  seed noise beside the eval's standard error over sequences.
+
 A target that cannot be met (below the smallest shape, above the largest, too few steps) is skipped with
 the reason in `Plan.skipped`; a budget left with fewer than `min_sizes_per_budget` distinct sizes is a
 ValueError naming the budget and each reason, raised before anything trains.
@@ -57,7 +65,7 @@ import numpy as np
 
 from t5like import storage
 from t5like.accounting import param_counts, training_flops
-from t5like.config import Config, ModelConfig, apply_overrides, to_dict
+from t5like.config import Config, ModelConfig, apply_overrides, to_dict, wsd_decay_steps
 from t5like.scaling.data import check_out_file
 
 GATED = ("gated_gelu", "swiglu")
@@ -83,6 +91,12 @@ class Trial:
     flops_6n: Optional[float] = None          # 6 · N_non_embedding · tokens
     tokens_6n: Optional[float] = None         # the tokens the 6N convention would give for the budget
     lr_rule: Optional[str] = None             # how this trial's learning rate was set
+    seed: Optional[int] = None                # the run's seed (design.seeds repeats trials with others)
+    # A cooldown fork: the id of the stable run it starts from, and the step of it. The runner starts the
+    # fork once the parent has saved that step, adding checkpoint.fork_from=DIR/trials/PARENT and
+    # checkpoint.fork_step=STEP to its overrides (t5like/fork.py).
+    parent: Optional[str] = None
+    fork_step: Optional[int] = None
 
 
 def trial_id(prefix: str, overrides: Sequence[str], salt: str = "") -> str:
@@ -93,10 +107,12 @@ def trial_id(prefix: str, overrides: Sequence[str], salt: str = "") -> str:
     return f"{prefix}-{digest}" if prefix else digest
 
 
-def config_trial_id(prefix: str, base: Config, overrides: Sequence[str], where: str = "") -> tuple[str, Config]:
+def config_trial_id(prefix: str, base: Config, overrides: Sequence[str], where: str = "",
+                    parent: str = "") -> tuple[str, Config]:
     """The id of the trial that runs `base` with `overrides`, and that config. Every sweep (IsoFLOP, grid,
     random search) names its trials here: the id hashes the whole resolved config (less workdir), so
-    editing the experiment's config() makes new trials rather than reusing results of the old config."""
+    editing the experiment's config() makes new trials rather than reusing results of the old config.
+    A cooldown fork's id also hashes its `parent`'s id: a new parent makes new forks."""
     try:
         cfg = apply_overrides(base, list(overrides)).validate()
     except ValueError as e:
@@ -104,7 +120,7 @@ def config_trial_id(prefix: str, base: Config, overrides: Sequence[str], where: 
             raise
         raise ValueError(f"{where}: the trial {list(overrides)} is not a valid config: {e}") from None
     salt = json.dumps(to_dict(dataclasses.replace(cfg, workdir="")), sort_keys=True, default=str)
-    return trial_id(prefix, overrides, salt), cfg
+    return trial_id(prefix, overrides, salt + (f"|parent={parent}" if parent else "")), cfg
 
 
 def _value(v) -> str:
@@ -236,6 +252,9 @@ class IsoFlopDesign:
     warmup_fraction: float = 0.05
     checkpoints_per_trial: int = 4            # so an interrupted trial loses at most a quarter of its work
     flops_tolerance: float = 0.01
+    cooldown_forks: bool = False              # one stable run per size; each budget a wsd cooldown forked from it
+    cooldown_fraction: float = 0.2            # a fork's cooldown: this fraction of its steps (Hägele et al. 2024)
+    seeds: tuple[int, ...] = ()               # repeat every trial with each of these seeds too (seed noise)
 
     def validate(self) -> "IsoFlopDesign":
         if not self.budgets:
@@ -281,6 +300,16 @@ class IsoFlopDesign:
         if self.tokens_per_param <= 0 or self.size_tolerance < 0 or self.max_size_miss < 1:
             raise ValueError(f"design.tokens_per_param={self.tokens_per_param} must be > 0, design.size_tolerance="
                              f"{self.size_tolerance} >= 0 and design.max_size_miss={self.max_size_miss} >= 1.")
+        if not 0 < self.cooldown_fraction < 1 - self.warmup_fraction:
+            raise ValueError(f"design.cooldown_fraction={self.cooldown_fraction} must be in (0, 1 - warmup_fraction="
+                             f"{1 - self.warmup_fraction:g}): the cooldown is the end of each fork's steps, after its "
+                             "warmup; Hägele et al. 2024 use 0.2.")
+        for seed in self.seeds:
+            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                raise ValueError(f"design.seeds={self.seeds!r} has {seed!r}; give non-negative integer seeds, e.g. "
+                                 "seeds=(1, 2).")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"design.seeds={self.seeds} repeats a seed; list each once.")
         return self
 
 
@@ -308,13 +337,13 @@ class Plan:
     lr_rule: str = ""                         # how each trial's learning rate was set (see the module docstring)
 
     COLUMNS = ("trial_id", "budget", "params", "non_embedding_params", "tokens", "steps", "batch_size", "flops",
-               "flops_error", "flops_6n", "tokens_6n", "overrides")
+               "flops_error", "flops_6n", "tokens_6n", "seed", "parent", "fork_step", "overrides")
 
     def rows(self) -> list[dict]:
         out = []
         for t in self.trials:
             row = {"trial_id": t.id, **{c: getattr(t, c) for c in self.COLUMNS[1:-1] if c != "flops_error"}}
-            row["flops_error"] = t.flops / t.budget - 1.0
+            row["flops_error"] = None if t.budget is None else t.flops / t.budget - 1.0  # a stable run has none
             row["overrides"] = json.dumps(list(t.overrides))
             out.append(row)
         return out
@@ -337,13 +366,16 @@ class Plan:
         storage.write_atomic(path, text)
 
     def table(self) -> str:
+        forks = any(t.parent for t in self.trials)
         lines = [f"{'trial':<34} {'budget':>8} {'params':>9} {'non-emb':>9} {'L':>3} {'d':>5} {'tokens':>9} "
-                 f"{'steps':>6} {'batch':>5} {'lr':>8} {'flops/C-1':>9}"]
+                 f"{'steps':>6} {'batch':>5} {'lr':>8} {'flops/C-1':>9}" + ("  fork of (at step)" if forks else "")]
         for t in self.trials:
             o = dict(item.split("=", 1) for item in t.overrides)
-            lines.append(f"{t.id:<34} {t.budget:>8.2e} {t.params:>9,} {t.non_embedding_params:>9,} "
+            budget, error = ("stable", "") if t.budget is None else (f"{t.budget:.2e}", f"{t.flops / t.budget - 1:+.2%}")
+            lines.append(f"{t.id:<34} {budget:>8} {t.params:>9,} {t.non_embedding_params:>9,} "
                          f"{o['model.num_layers']:>3} {o['model.d_model']:>5} {t.tokens:>9.3g} {t.steps:>6} "
-                         f"{t.batch_size:>5} {o['optim.learning_rate']:>8} {t.flops / t.budget - 1:>+9.2%}")
+                         f"{t.batch_size:>5} {o['optim.learning_rate']:>8} {error:>9}"
+                         + (f"  {t.parent} ({t.fork_step})" if t.parent else ""))
         return "\n".join(lines)
 
 
@@ -459,7 +491,7 @@ def plan_isoflop(base: Config, design: IsoFlopDesign) -> Plan:
     lo, hi = design.span
     factors = np.geomspace(lo, hi, design.sizes_per_budget) if design.sizes_per_budget > 1 else np.array([1.0])
 
-    trials, skipped = [], []
+    picks, skipped = [], []
     for budget in design.budgets:
         n_opt = math.sqrt(budget / (6.0 * design.tokens_per_param))
         chosen, reasons = {}, []
@@ -487,7 +519,7 @@ def plan_isoflop(base: Config, design: IsoFlopDesign) -> Plan:
                                f"{batch}, fewer than design.min_steps={design.min_steps}")
                 continue
             chosen[float(f)] = shape
-            trials.append(_make_trial(base, design, budget, shape, batch, steps))
+            picks.append((budget, shape, batch, steps))
         skipped += [f"budget {budget:.3g}: {r}" for r in reasons]
         if len(chosen) < design.min_sizes_per_budget:
             why = "; ".join(reasons) or "no target sizes"
@@ -495,11 +527,18 @@ def plan_isoflop(base: Config, design: IsoFlopDesign) -> Plan:
                 f"budget {budget:.3g} FLOPs yields {len(chosen)} distinct model size(s), fewer than "
                 f"design.min_sizes_per_budget={design.min_sizes_per_budget} ({why}). Change the budget, widen "
                 "design.aspect_range/design.max_layers, or lower design.min_steps/design.min_sizes_per_budget.")
+    if design.cooldown_forks:
+        trials = _fork_trials(base, design, picks)
+    else:
+        trials = [_make_trial(base, design, *pick) for pick in picks]
+    trials = _with_seeds(base, design, trials)
     ids = [t.id for t in trials]
     if len(set(ids)) != len(ids):
         raise ValueError(f"two trials share an id ({sorted(i for i in ids if ids.count(i) > 1)[0]}); "
                          "list each budget once.")
-    return Plan(design, tuple(trials), tuple(skipped), lr_rule(model, design))
+    return Plan(design, tuple(trials), tuple(skipped), lr_rule(model, design) + (
+        f"; cooldown forks: one stable (constant-lr) run per size, each budget a wsd fork of it decaying over the "
+        f"last {design.cooldown_fraction:g} of its steps" if design.cooldown_forks else ""))
 
 
 def _lr_law(design: IsoFlopDesign):
@@ -519,17 +558,109 @@ def lr_rule(model: ModelConfig, design: IsoFlopDesign) -> str:
 
 
 def _make_trial(base: Config, design: IsoFlopDesign, budget: float, shape: Shape, batch: int, steps: int) -> Trial:
+    warmup = min(steps - 1, round(design.warmup_fraction * steps))
+    common, rule = _shape_overrides(base, design, shape, batch, warmup, budget)
+    overrides = common + [
+        f"train.steps={steps}", f"checkpoint.every={max(1, math.ceil(steps / design.checkpoints_per_trial))}"]
+    prefix = f"c{_fmt_budget(budget)}-n{_fmt_count(_size(shape, design))}-l{shape.num_layers}d{shape.d_model}"
+    return _trial(base, prefix, overrides, budget, lr_rule=rule)
+
+
+def _trial(base: Config, prefix: str, overrides: list[str], budget: Optional[float], parent: Optional[Trial] = None,
+           fork_step: Optional[int] = None, lr_rule: Optional[str] = None) -> Trial:
+    """The Trial that runs `base` with `overrides`; its numbers come from the config it will actually run,
+    not from the shape search. A fork's FLOPs and tokens are its whole run's, its parent's part included."""
+    tid, cfg = config_trial_id(prefix, base, overrides, parent=f"{parent.id}@{fork_step}" if parent else "")
+    batch, steps = cfg.train.batch_size, cfg.train.steps
+    counts = param_counts(cfg.model)
+    seq, target = sequence_lengths(cfg)
+    flops = training_flops(cfg.model, seq, target).per_sequence * batch * steps
+    tokens = (seq + target) * batch * steps
+    n = counts["non_embedding"]
+    return Trial(id=tid, overrides=tuple(overrides), budget=None if budget is None else float(budget),
+                 params=counts["total"], non_embedding_params=n, tokens=tokens, steps=steps, batch_size=batch,
+                 flops=flops, flops_6n=6.0 * n * tokens, tokens_6n=None if budget is None else budget / (6.0 * n),
+                 seed=cfg.seed, parent=parent.id if parent else None, fork_step=fork_step, lr_rule=lr_rule)
+
+
+def _fork_trials(base: Config, design: IsoFlopDesign, picks: list) -> list[Trial]:
+    """Cooldown forks (Hägele et al. 2024): for each model size the design picked at any budget, one stable
+    run at constant lr after the warmup, and for each budget that picked the size, a wsd run of the budget's
+    steps whose cooldown is its last `cooldown_fraction`, forked from the stable run at the step where that
+    cooldown starts. A fork's learning rate over its first steps equals the stable run's, so starting from
+    the stable run's state there (params, optimizer, step, data position) is the same as training the wsd
+    run from scratch. Every fork of a size shares the stable run's batch and warmup: the batch the rule gives
+    the size's largest budget, halved while its smallest budget would get fewer than min_steps (so the
+    largest may get more than max_steps); the warmup warmup_fraction of the smallest budget's steps."""
+    by_shape: dict[Shape, list] = {}
+    for budget, shape, batch, steps in picks:
+        by_shape.setdefault(shape, []).append((budget, batch, steps))
+    trials = []
+    for shape, runs in by_shape.items():
+        runs.sort()
+        per_seq = training_flops(_shape_model(base.model, design, shape.num_layers, shape.d_model),
+                                 *sequence_lengths(base)).per_sequence
+        # The largest budget's batch (max_steps), halved while the smallest budget gets fewer than min_steps
+        # (it stops at that budget's own batch, which met min_steps when the size was picked).
+        batch = _choose_batch(runs[-1][0] / per_seq, base.train.batch_size, design)[0]
+        while runs[0][0] / (per_seq * batch) < design.min_steps and batch // 2 >= runs[0][1]:
+            batch //= 2
+        steps = [max(1, round(budget / (per_seq * batch))) for budget, _, _ in runs]
+        starts = [t - wsd_decay_steps(t, design.cooldown_fraction) for t in steps]
+        warmup = min(starts[0], round(design.warmup_fraction * steps[0]))
+        common, rule = _shape_overrides(base, design, shape, batch, warmup, None)
+        name = f"n{_fmt_count(_size(shape, design))}-l{shape.num_layers}d{shape.d_model}"
+        longest = max(starts)
+        parent = _trial(base, f"stable-{name}", common + [
+            "optim.schedule=constant", f"train.steps={longest}",
+            f"checkpoint.every={max(1, math.ceil(longest / design.checkpoints_per_trial))}",
+            f"checkpoint.keep_steps={','.join(str(s) for s in sorted(set(starts)))}"], None, lr_rule=rule)
+        trials.append(parent)
+        for (budget, _, _), total, start in zip(runs, steps, starts):
+            cooldown = total - start
+            trials.append(_trial(base, f"c{_fmt_budget(budget)}-{name}", common + [
+                "optim.schedule=wsd", f"optim.wsd_decay_fraction={design.cooldown_fraction:g}",
+                f"train.steps={total}",
+                f"checkpoint.every={max(1, math.ceil(cooldown / design.checkpoints_per_trial))}"],
+                budget, parent, start, lr_rule=rule))
+    return trials
+
+
+def _with_seeds(base: Config, design: IsoFlopDesign, trials: list[Trial]) -> list[Trial]:
+    """`trials`, then each again with every seed of design.seeds (a fork's copy starts from its parent's)."""
+    if base.seed in design.seeds:
+        raise ValueError(f"design.seeds={design.seeds} includes the base config's seed={base.seed}, whose trials the "
+                         "plan has already; list only the other seeds.")
+    out = list(trials)
+    for seed in design.seeds:
+        renamed = {}
+        for t in trials:
+            parent = dataclasses.replace(t, id=renamed[t.parent]) if t.parent else None
+            again = _trial(base, f"{t.id.rsplit('-', 1)[0]}-s{seed}", [*t.overrides, f"seed={seed}"], t.budget,
+                           parent, t.fork_step, lr_rule=t.lr_rule)
+            renamed[t.id] = again.id
+            out.append(again)
+    return out
+
+
+def _shape_overrides(base: Config, design: IsoFlopDesign, shape: Shape, batch: int, warmup: int,
+                     budget: Optional[float]) -> tuple[list[str], str]:
+    """The overrides every run of `shape` has (the shape, the batch, and the lr and warmup the rules give it),
+    and the lr rule used. `budget` is None for a stable run and its forks, which share one lr."""
     model = base.model
     mup = model.parametrization != "sp"
     law = _lr_law(design)
     if law is not None:
+        if law.of == "flops" and budget is None:
+            raise ValueError(f"design.lr_law={design.lr_law} sets the lr by compute, but cooldown forks share one "
+                             "stable run (one lr) across budgets; fit the law --of params, or set "
+                             "cooldown_forks=False.")
         x = budget if law.of == "flops" else _size(shape, design)
         lr = law.lr(x)
         rule = f"{law.rule()} at {'C' if law.of == 'flops' else 'N'} = {x:.4g}"
     else:
         lr = base.optim.learning_rate * (1.0 if mup else (model.d_model / shape.d_model) ** design.lr_exponent)
         rule = lr_rule(model, design)
-    warmup = min(steps - 1, round(design.warmup_fraction * steps))
     eval_steps = max(1, round(base.train.eval_steps * base.train.batch_size / batch))
     overrides = [f"model.d_model={shape.d_model}", f"model.num_layers={shape.num_layers}",
                  f"model.num_heads={shape.num_heads}", f"model.d_ff={shape.d_ff}"]
@@ -542,20 +673,8 @@ def _make_trial(base: Config, design: IsoFlopDesign, budget: float, shape: Shape
     if mup:  # the base shape: the base model's width in this design's shapes (heads grow, head_dim stays)
         overrides += [f"model.base_head_dim={design.head_dim}",
                       f"model.base_d_ff={_shape_model(model, design, model.num_layers, model.base_width).d_ff}"]
-    overrides += [f"train.steps={steps}", f"train.batch_size={batch}", f"train.eval_steps={eval_steps}",
-                  f"optim.learning_rate={_fmt_float(lr)}", f"optim.warmup_steps={warmup}",
-                  f"checkpoint.every={max(1, math.ceil(steps / design.checkpoints_per_trial))}"]
-    prefix = f"c{_fmt_budget(budget)}-n{_fmt_count(_size(shape, design))}-l{shape.num_layers}d{shape.d_model}"
-    # The numbers come from the config the trial will actually run, not from the shape search.
-    tid, cfg = config_trial_id(prefix, base, overrides)
-    counts = param_counts(cfg.model)
-    seq, target = sequence_lengths(cfg)
-    flops = training_flops(cfg.model, seq, target).per_sequence * batch * steps
-    tokens = (seq + target) * batch * steps
-    n = counts["non_embedding"]
-    return Trial(id=tid, overrides=tuple(overrides), budget=float(budget),
-                 params=counts["total"], non_embedding_params=n, tokens=tokens, steps=steps, batch_size=batch,
-                 flops=flops, flops_6n=6.0 * n * tokens, tokens_6n=budget / (6.0 * n), lr_rule=rule)
+    return overrides + [f"train.batch_size={batch}", f"train.eval_steps={eval_steps}",
+                        f"optim.learning_rate={_fmt_float(lr)}", f"optim.warmup_steps={warmup}"], rule
 
 
 # CLI --------------------------------------------------------------------------------------------------
