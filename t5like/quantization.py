@@ -12,7 +12,8 @@ int8 KV cache for decoding.
                                           in the model's dtype), and whose decode cache keeps keys and values
                                           as int8 with one scale per (token, kv head)
 
-Scales are absmax: s = max|x| / 127 over the contracted axes (the head dim for the KV cache). Token embeddings,
+Scales are symmetric absmax, qwix's: s = max|x| / 127.5 over the contracted axes (the head dim for the KV
+cache), q = clip(round(x / s), -128, 127). Token embeddings,
 norms, biases and LoRA/prefix adapters stay in floating point (MaxText quantizes its dense layers only).
 
 The layers call `einsum` and `kv_write` / `kv_read` below only when a weight or cache is quantized or
@@ -66,7 +67,7 @@ def _free_axes(eq: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def int8_einsum(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum(eq, x, w) with x and w quantized to int8 (absmax scales over the contracted axes) and multiplied in
+    """einsum(eq, x, w) with x and w quantized to int8 (absmax scales over the other axes' slices) and multiplied in
     int8; the gradient is that of the float einsum at the quantized x and w (straight-through rounding)."""
     return _int8_forward(eq, x, w)[0]
 
@@ -126,24 +127,23 @@ def quantize_for_decoding(model: nnx.Module, *, weights: str = "int8", kv_cache:
     check_decoding(model.cfg.family, weights, kv_cache)
     qwix = _qwix()
     model = nnx.clone(model)
+    params, free_axes = [], []
     for path, module in nnx.iter_graph(model):
         if not isinstance(module, nnx.Module):
             continue
         if kv_cache != "none" and hasattr(module, "kv_cache_quant"):
             module.kv_cache_quant = kv_cache
-        if weights == "none":
-            continue
-        stacked = "layers" in path  # a scanned stack's params carry a leading layer axis: one scale per layer
+        start = 1 if "layers" in path else 0  # a scanned stack's params lead with the layer axis: a scale per layer
         for name, contracted in KERNELS.items():
             param = getattr(module, name, None)
-            if not isinstance(param, nnx.Param) or not isinstance(param[...], jax.Array):
-                continue
-            w = param[...]
-            start = 1 if stacked else 0
-            free = tuple(i for i in range(w.ndim) if not start <= i < start + contracted)
-            param.set_value(qwix.quantize(w, _qtype(weights), channelwise_axes=free))
+            if weights != "none" and isinstance(param, nnx.Param) and isinstance(param[...], jax.Array):
+                params.append(param)
+                free_axes.append(tuple(i for i in range(param[...].ndim) if not start <= i < start + contracted))
+    quantize = jax.jit(lambda ws: [qwix.quantize(w, _qtype(weights), channelwise_axes=free)
+                                   for w, free in zip(ws, free_axes)])
+    for param, value in zip(params, quantize([p[...] for p in params])):
+        param.set_value(value)
     return model
-
 
 def kv_write(x: jax.Array, like: Any):
     """New keys or values [B, K, T, H] in the form of the cache `like`: its dtype, or an int8 QArray with one
