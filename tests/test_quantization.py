@@ -169,3 +169,38 @@ def test_quantized_decoding_of_an_encoder_or_an_unknown_type_is_refused_before_a
         quantization.quantize_for_decoding(build_model(CFG), weights="fp8")
     with pytest.raises(ValueError, match="kv_cache='int4'"):
         quantization.quantize_for_decoding(build_model(CFG), weights="none", kv_cache="int4")
+
+
+class Chars:
+    """One id per character, inside CFG's vocabulary."""
+    vocab_size, eos_id = VOCAB, 1
+
+    def encode(self, text):
+        return [2 + ord(c) % (VOCAB - 2) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(96 + int(i) % 26) for i in ids if int(i) > 1)
+
+
+def test_generate_cli_decodes_quantized_and_reports_the_memory_saved(monkeypatch, capsys, tmp_path):
+    import t5like.inference
+    from t5like import generate as gen
+    from t5like.config import to_dict
+
+    def workdir(family_cfg):
+        path = tmp_path / family_cfg.family
+        path.mkdir()
+        (path / "config.json").write_text(__import__("json").dumps(to_dict(Config(model=family_cfg))))
+        return str(path)
+
+    # An encoder run is refused from its config.json, before its (absent) checkpoint would load.
+    with pytest.raises(ValueError, match="model.family='encoder'"):
+        gen.main(["--workdir", workdir(model_preset("bert_base", "tiny")), "--prompt", "x = 1",
+                  "--quant-weights", "int8"])
+    monkeypatch.setattr(t5like.inference, "load_for_inference",
+                        lambda workdir: (Config(model=CFG), build_model(CFG, seed=0), Chars()))
+    assert gen.main(["--workdir", workdir(CFG), "--prompt", "def f(x):", "--max-new-tokens", "4",
+                     "--quant-weights", "int8", "--quant-kv-cache", "int8"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("=== prompt") == 1
+    assert "quantized: weights int8, KV cache int8" in out.err and "saved" in out.err
