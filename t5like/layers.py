@@ -514,6 +514,8 @@ def splash_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask: MaskSpec
 
 class Attention(nnx.Module):
     """Multi-head attention with num_kv_heads for GQA/MQA; self- or cross-attention."""
+    # Weight matrices, and how many leading dims each matmul contracts (t5like.quantization scales the others).
+    quantized_kernels = {"query": 1, "key": 1, "value": 1, "out": 2}
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -691,6 +693,7 @@ ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
 
 class MLP(nnx.Module):
     """Feed-forward: act(x W_i) W_o, or the gated form act(x W_i0) * (x W_i1) W_o."""
+    quantized_kernels = {"wi": 1, "wi_gate": 1, "wo": 1}
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, F, pd = cfg.d_model, cfg.d_ff, dtype_of(cfg.param_dtype)
@@ -750,6 +753,7 @@ class Norm(nnx.Module):
 
 class Dense(nnx.Module):
     """A plain projection with named axes (output heads, poolers)."""
+    quantized_kernels = {"kernel": 1}
 
     def __init__(self, d_in: int, d_out: int, names: tuple[str, str], cfg: ModelConfig, *, rngs: nnx.Rngs,
                  use_bias: bool):

@@ -36,9 +36,6 @@ from flax import nnx
 QUANT_MODES = ("none", "int8")                  # model.quant: training
 WEIGHT_TYPES = ("none", "int8", "int4")         # quantize_for_decoding(weights=...)
 KV_CACHE_TYPES = ("none", "int8")               # quantize_for_decoding(kv_cache=...)
-# Each weight matrix a layer multiplies by, and how many of its leading dims (after the stack's layer axis) the
-# matmul contracts: each of the others gets its own scale.
-KERNELS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi": 1, "wi_gate": 1, "wo": 1, "kernel": 1}
 
 
 def _qwix():
@@ -121,7 +118,7 @@ def check_decoding(family: str, weights: str, kv_cache: str) -> None:
 
 
 def quantize_for_decoding(model: nnx.Module, *, weights: str = "int8", kv_cache: str = "none") -> nnx.Module:
-    """A copy of `model` for decoding (t5like.decoding): each kernel of KERNELS stored as a qwix QArray of
+    """A copy of `model` for decoding (t5like.decoding): each layer's `quantized_kernels` stored as a qwix QArray of
     `weights` values with one float scale per output channel (and per layer), and with kv_cache='int8' an int8
     KV cache. The original model is left as it was."""
     check_decoding(model.cfg.family, weights, kv_cache)
@@ -134,7 +131,9 @@ def quantize_for_decoding(model: nnx.Module, *, weights: str = "int8", kv_cache:
         if kv_cache != "none" and hasattr(module, "kv_cache_quant"):
             module.kv_cache_quant = kv_cache
         start = 1 if "layers" in path else 0  # a scanned stack's params lead with the layer axis: a scale per layer
-        for name, contracted in KERNELS.items():
+        # A layer class lists its weight matrices and how many of their leading dims its matmul contracts
+        # (layers.Attention, MLP, Dense): each other dim gets its own scale.
+        for name, contracted in getattr(type(module), "quantized_kernels", {}).items():
             param = getattr(module, name, None)
             if weights != "none" and isinstance(param, nnx.Param) and isinstance(param[...], jax.Array):
                 params.append(param)
