@@ -54,7 +54,8 @@ def run(name: str, steps: int, root: str) -> dict:
     rows = read_metrics(workdir)
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    return {"run": name, "steps": steps, "eval_loss": evals[-1], "train_loss_last50": sum(losses[-50:]) / len(losses[-50:])}
+    last = losses[-50:]
+    return {"run": name, "steps": steps, "eval_loss": evals[-1], "train_loss_last50": sum(last) / len(last)}
 
 
 def main() -> None:

@@ -651,8 +651,8 @@ class Attention(nnx.Module):
         # The new tokens as the cache will hold them (its dtype, or int8): each step sees what later steps will.
         new_k, new_v = (quantization.kv_read(quantization.kv_write(x, c), self.dtype)
                         for c, x in ((k_LBKRH, new_k), (v_LBKRH, new_v)))
-        k_BKSH, v_BKSH = (shard(jnp.concatenate([quantization.kv_read(jax.tree.map(lambda a: a[layer], c), self.dtype),
-                                                 x], axis=2), CACHE_NAMES)
+        ring = lambda c: quantization.kv_read(jax.tree.map(lambda a: a[layer], c), self.dtype)  # [B, K, R, H]
+        k_BKSH, v_BKSH = (shard(jnp.concatenate([ring(c), x], axis=2), CACHE_NAMES)
                           for c, x in ((k_LBKRH, new_k), (v_LBKRH, new_v)))
         k, v, mask, bias = with_prefix(k_BKSH, v_BKSH, mask_B1TS, bias_BNTS, prefix_kv, shard, length_axis=2)
         y_BTD = self.attend_stored(q_BTNH, k, v, mask, bias, shard)
@@ -766,6 +766,6 @@ class Dense(nnx.Module):
         self.quant = cfg.quant
 
     def __call__(self, x: Array) -> Array:
-        eq = "bld,do->blo" if x.ndim == 3 else "bd,do->bo"
-        y = matmul(eq, x, self.kernel[...].astype(self.dtype), self.quant)
+        y_NO = matmul("nd,do->no", x.reshape(-1, x.shape[-1]), self.kernel[...].astype(self.dtype), self.quant)
+        y = y_NO.reshape(*x.shape[:-1], y_NO.shape[-1])
         return y + self.bias[...].astype(self.dtype) if self.use_bias else y

@@ -146,7 +146,7 @@ class Stack(nnx.Module):
         self.probe_name = "decoder" if causal else "encoder"
         self.scan_unroll = cfg.scan_unroll
         self.prefix = None  # prefix tuning (t5like.finetune): a module giving each layer's key/value prefixes
-        self.kv_cache_quant = "none"  # "int8": decode caches hold int8 keys/values (quantization.quantize_for_decoding)
+        self.kv_cache_quant = "none"  # "int8": decode caches of int8 keys/values (quantization.quantize_for_decoding)
 
     def __call__(self, x_BTD, *, mask, positions, shard: Sharder, rng=None, encoded_BSD=None, cross_mask=None):
         bias = None if self.relative_bias is None else self.relative_bias(positions, positions)

@@ -84,7 +84,7 @@ def test_int8_weight_only_decoding_agrees_with_full_precision_and_saves_memory()
     state = nnx.to_flat_state(nnx.state(q8))
     names = {"query", "key", "value", "out", "wi", "wi_gate", "wo", "kernel"}  # every matrix in a layer
     kernels = {path: v for path, v in state if path[-1] in names}
-    assert len(kernels) == 4 + 3  # attention's four, the gated MLP's three (tied embeddings: no head)
+    assert len(kernels) == 4 + 3 + (not CFG.tie_embeddings)  # attention's four, the gated MLP's three, a head
     assert kernels and all(v.get_value().qvalue.dtype == jnp.int8 for v in kernels.values())
     assert all(isinstance(v.get_value(), jax.Array) for path, v in nnx.to_flat_state(nnx.state(model)))
     report = quantization.memory_report(model, q8)
