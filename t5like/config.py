@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from typing import Optional
 
@@ -140,6 +141,9 @@ class ModelConfig:
         _choice("model.dtype", self.dtype, DTYPES)
         _choice("model.param_dtype", self.param_dtype, DTYPES)
         _choice("model.quant", self.quant, QUANT_MODES)
+        if self.quant != "none" and importlib.util.find_spec("qwix") is None:
+            raise ValueError(f"model.quant={self.quant!r} trains through qwix, which is not installed; "
+                             "pip install 'qwix>=0.1.8,<0.2' (the t5like[quant] extra), or set model.quant=none.")
         for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers", "max_len"):
             _positive(f"model.{name}", getattr(self, name))
         if self.scan_unroll is not None:

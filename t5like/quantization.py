@@ -13,15 +13,14 @@ int8 KV cache for decoding.
                                           as int8 with one scale per (token, kv head)
 
 Scales are symmetric absmax, qwix's: s = max|x| / 127.5 over the contracted axes (the head dim for the KV
-cache), q = clip(round(x / s), -128, 127). Token embeddings,
-norms, biases and LoRA/prefix adapters stay in floating point (MaxText quantizes its dense layers only).
+cache), q = clip(round(x / s), -128, 127). Token embeddings, norms, biases and LoRA/prefix adapters stay in
+floating point (MaxText quantizes its dense layers only).
 
-The layers call `einsum` and `kv_write` / `kv_read` below only when a weight or cache is quantized or
-model.quant is set, so qwix is imported only then: it is the optional `quant` extra (pip install
-'.[quant]'). Weights are quantized by surgery on the model's params (qwix.quantize on each kernel) rather
-than by qwix's interception (qwix.quantize_model): its NNX path replaces a param inside the call that first
-uses it, which our layers run inside lax.scan over nnx.split/merge stacks, and Flax refuses that mutation
-(TraceContextError).
+qwix is imported only when something is quantized (the optional `quant` extra: pip install '.[quant]');
+unquantized weights and caches pass through `einsum`, `kv_write` and `kv_read` as plain arrays. Weights are
+quantized by surgery on the model's params (qwix.quantize on each kernel) rather than by qwix's interception
+(qwix.quantize_model): its NNX path replaces a param inside the call that first uses it, which our layers
+run inside lax.scan over nnx.split/merge stacks, and Flax refuses that mutation (TraceContextError).
 """
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-QUANT_MODES = ("none", "int8")                  # model.quant: training
 WEIGHT_TYPES = ("none", "int8", "int4")         # quantize_for_decoding(weights=...)
 KV_CACHE_TYPES = ("none", "int8")               # quantize_for_decoding(kv_cache=...)
 
