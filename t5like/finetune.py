@@ -187,10 +187,12 @@ def _abstract_params(cfg: Config) -> dict:
 
 
 # ModelConfig fields a fine-tune may set apart from the run it starts from: how it trains and computes
-# (dropout, precision, rematerialisation, the scan, the attention kernel) and a new classification head.
+# (dropout, precision and int8 training, rematerialisation, the scan, the attention kernel) and a new
+# classification head.
 # Every other field is the source's: `with_source_settings` takes it from there unless the command line sets
 # it, and `init_from_plan` refuses a value that changes the function the source's parameters define.
-FINETUNE_FREE_FIELDS = ("dropout", "num_classes", "dtype", "param_dtype", "remat", "scan_unroll", "attention_impl")
+FINETUNE_FREE_FIELDS = ("dropout", "num_classes", "dtype", "param_dtype", "quant", "remat", "scan_unroll",
+                        "attention_impl")
 
 
 def function_settings(m: ModelConfig) -> dict:

@@ -5,7 +5,11 @@ Command line (loads WORKDIR's latest checkpoint and tokenizer; one block per pro
     python -m t5like.generate --workdir RUN (--prompt TEXT ... | --prompts-file F)
         [--strategy greedy|beam|sample] [--num-beams K] [--num-return N] [--length-penalty A]
         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--max-new-tokens N]
+        [--quant-weights int8|int4] [--quant-kv-cache int8]
 
+  --quant-weights stores the weight matrices as int8 or int4 (weight-only: activations stay in the model's
+  dtype) and --quant-kv-cache int8 keeps the KV cache in int8, both through qwix (t5like/quantization.py,
+  docs/quantization.md); the parameter bytes saved are printed to stderr.
   --prompt may be repeated. --prompts-file holds one prompt per line, or, for a .jsonl file, one JSON
   string (or object with a "prompt" field) per line, so prompts may contain newlines.
   Decoder-only runs continue each prompt. Encoder-decoder runs feed it to the encoder: as in T5, write
@@ -204,6 +208,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--mask-marker", default=MASK_MARKER, help="encoder-only runs: the missing-token marker")
+    ap.add_argument("--quant-weights", default="none", choices=("none", "int8", "int4"),
+                    help="decode with weight-only quantized matrices (qwix; needs the t5like[quant] extra)")
+    ap.add_argument("--quant-kv-cache", default="none", choices=("none", "int8"),
+                    help="decode with an int8 KV cache (one scale per token and kv head)")
     return ap.parse_args(argv)
 
 
@@ -215,7 +223,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        top_k=args.top_k, top_p=args.top_p).validate()  # bad flags fail before loading
     prompts = read_prompts(args)
     from t5like.inference import load_for_inference
+    quantized = args.quant_weights != "none" or args.quant_kv_cache != "none"
+    if quantized:  # a family that cannot decode quantized is refused before the checkpoint loads
+        from t5like import quantization
+        from t5like.checkpoint import read_config
+        quantization.check_decoding(read_config(args.workdir).model.family, args.quant_weights, args.quant_kv_cache)
     run_cfg, model, tokenizer = load_for_inference(args.workdir)
+    if quantized:
+        full, model = model, quantization.quantize_for_decoding(model, weights=args.quant_weights,
+                                                                kv_cache=args.quant_kv_cache)
+        r = quantization.memory_report(full, model)
+        print(f"quantized: weights {args.quant_weights}, KV cache {args.quant_kv_cache}; parameters "
+              f"{r['param_bytes'] / 2**20:.2f} MiB -> {r['quantized_param_bytes'] / 2**20:.2f} MiB "
+              f"({r['saved_fraction']:.0%} saved)", file=sys.stderr)
     # A model trained as a prefix-LM reads its prompt bidirectionally, as it did in training.
     cfg = dataclasses.replace(cfg, prefix_lm=getattr(getattr(run_cfg, "data", None), "objective", "") == "prefix_lm")
     if run_cfg.model.family == "encoder":

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from t5like import parametrization
+from t5like import parametrization, quantization
 from t5like.config import ModelConfig
 from t5like.sharding import Sharder
 
@@ -33,6 +33,26 @@ CACHE_NAMES = ("batch", "act_kv_heads", "length", None)  # a decode cache's [B, 
 
 def dtype_of(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def matmul(eq: str, x: Array, w, quant: str = "none") -> Array:
+    """A weight matmul: jnp.einsum, or through t5like.quantization when the weight is quantized (decoding) or
+    model.quant trains in int8."""
+    if quant == "none" and isinstance(w, jax.Array):
+        return jnp.einsum(eq, x, w)
+    return quantization.einsum(eq, x, w, quant)
+
+
+def on_cache(shard: "Sharder", c, names):
+    """A sharding constraint on a cache: an array, or a quantized one's values and scales alike."""
+    return jax.tree.map(lambda a: shard(a, names), c)
+
+
+def cache_update(c, x_BKTH: Array, at: tuple):
+    """The stack's cache c [layers, B, K, S, H] (an array, or int8 values and scales) with new keys or values
+    [B, K, T, H] written at `at`."""
+    return jax.tree.map(lambda a, n: jax.lax.dynamic_update_slice(a, n[None], at), c,
+                        quantization.kv_write(x_BKTH, c))
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype, stddev: float = 1.0,
@@ -494,6 +514,8 @@ def splash_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask: MaskSpec
 
 class Attention(nnx.Module):
     """Multi-head attention with num_kv_heads for GQA/MQA; self- or cross-attention."""
+    # Weight matrices, and how many leading dims each matmul contracts (t5like.quantization scales the others).
+    quantized_kernels = {"query": 1, "key": 1, "value": 1, "out": 2}
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -513,6 +535,7 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.dtype = dtype_of(cfg.dtype)
         self.impl = cfg.attention_impl
+        self.quant = cfg.quant
         # None: dot_product_attention's 1/sqrt(H); T5 folds it into the init (1.0); µP's 1/H (parametrization).
         self.logit_scale = parametrization.attention_scale(cfg)
 
@@ -520,7 +543,8 @@ class Attention(nnx.Module):
         return p[...].astype(self.dtype)
 
     def project_query(self, x_BTD: Array, positions_BT: Optional[Array], shard: Sharder, rng=None) -> Array:
-        q_BTNH = adapted(self, "query", x_BTD, jnp.einsum("btd,dnh->btnh", x_BTD, self._w(self.query)), rng)
+        q_BTNH = matmul("btd,dnh->btnh", x_BTD, self._w(self.query), self.quant)
+        q_BTNH = adapted(self, "query", x_BTD, q_BTNH, rng)
         if self.use_bias:
             q_BTNH = q_BTNH + self._w(self.query_bias)
         if self.rope_theta is not None:
@@ -529,8 +553,9 @@ class Attention(nnx.Module):
 
     def project_kv(self, x_BSD: Array, positions_BS: Optional[Array], shard: Sharder,
                    rng=None) -> tuple[Array, Array]:
-        k_BSKH = adapted(self, "key", x_BSD, jnp.einsum("bsd,dkh->bskh", x_BSD, self._w(self.key)), rng)
-        v_BSKH = adapted(self, "value", x_BSD, jnp.einsum("bsd,dkh->bskh", x_BSD, self._w(self.value)), rng)
+        k_BSKH = adapted(self, "key", x_BSD, matmul("bsd,dkh->bskh", x_BSD, self._w(self.key), self.quant), rng)
+        v_BSKH = matmul("bsd,dkh->bskh", x_BSD, self._w(self.value), self.quant)
+        v_BSKH = adapted(self, "value", x_BSD, v_BSKH, rng)
         if self.use_bias:
             k_BSKH, v_BSKH = k_BSKH + self._w(self.key_bias), v_BSKH + self._w(self.value_bias)
         if self.rope_theta is not None:
@@ -542,7 +567,7 @@ class Attention(nnx.Module):
         runs faster on CPU (1.08x a gpt2-bench step) and transposes x once for the three weight gradients.
         The weights stay three parameters, stacked on a new leading axis so every shard stays aligned."""
         w_CDNH = jnp.stack([self._w(self.query), self._w(self.key), self._w(self.value)])
-        qkv_BTCNH = jnp.einsum("btd,cdnh->btcnh", x_BTD, w_CDNH)
+        qkv_BTCNH = matmul("btd,cdnh->btcnh", x_BTD, w_CDNH, self.quant)
         if self.use_bias:
             qkv_BTCNH = qkv_BTCNH + jnp.stack([self._w(self.query_bias), self._w(self.key_bias),
                                                self._w(self.value_bias)])
@@ -571,7 +596,8 @@ class Attention(nnx.Module):
 
     def project_out(self, o_BTNH: Array, shard: Sharder, rng=None) -> Array:
         o_BTNH = shard(o_BTNH, ("batch", "length", "act_heads", None))
-        y_BTD = adapted(self, "out", o_BTNH, jnp.einsum("btnh,nhd->btd", o_BTNH, self._w(self.out)), rng)
+        y_BTD = adapted(self, "out", o_BTNH, matmul("btnh,nhd->btd", o_BTNH, self._w(self.out), self.quant),
+                        rng)
         if self.use_bias:
             y_BTD = y_BTD + self._w(self.out_bias)
         return shard(y_BTD, ("batch", "length", "act_embed"))
@@ -591,12 +617,12 @@ class Attention(nnx.Module):
         q_BTNH = self.project_query(x_BTD, positions_BT, shard)
         k_BTKH, v_BTKH = self.project_kv(x_BTD, positions_BT, shard)
         at = (layer, 0, 0, index, 0)
-        k_LBKSH = jax.lax.dynamic_update_slice(k_LBKSH, jnp.swapaxes(k_BTKH, 1, 2).astype(k_LBKSH.dtype)[None], at)
-        v_LBKSH = jax.lax.dynamic_update_slice(v_LBKSH, jnp.swapaxes(v_BTKH, 1, 2).astype(v_LBKSH.dtype)[None], at)
+        k_LBKSH = cache_update(k_LBKSH, jnp.swapaxes(k_BTKH, 1, 2), at)
+        v_LBKSH = cache_update(v_LBKSH, jnp.swapaxes(v_BTKH, 1, 2), at)
 
         def read(length: int) -> Array:
-            k_BKSH, v_BKSH = (shard(c[layer, :, :, :length].astype(self.dtype), CACHE_NAMES)
-                              for c in (k_LBKSH, v_LBKSH))
+            k_BKSH, v_BKSH = (shard(quantization.kv_read(jax.tree.map(lambda a: a[layer, :, :, :length], c),
+                                                         self.dtype), CACHE_NAMES) for c in (k_LBKSH, v_LBKSH))
             bias = None if bias_BNTS is None else bias_BNTS[..., :length]
             # Prefixes are not written into the cache: they are the same at every step, prepended here.
             k, v, mask, bias = with_prefix(k_BKSH, v_BKSH, mask_B1TS[..., :length], bias, prefix_kv, shard,
@@ -621,8 +647,12 @@ class Attention(nnx.Module):
         q_BTNH = self.project_query(x_BTD, positions_BT, shard)
         k_BTKH, v_BTKH = self.project_kv(x_BTD, positions_BT, shard)
         T, R = x_BTD.shape[1], k_LBKRH.shape[3]
-        new_k, new_v = (jnp.swapaxes(x, 1, 2).astype(k_LBKRH.dtype) for x in (k_BTKH, v_BTKH))  # [B, K, T, H]
-        k_BKSH, v_BKSH = (shard(jnp.concatenate([c[layer], x], axis=2).astype(self.dtype), CACHE_NAMES)
+        new_k, new_v = (jnp.swapaxes(x, 1, 2) for x in (k_BTKH, v_BTKH))  # [B, K, T, H]
+        # The new tokens as the cache will hold them (its dtype, or int8): each step sees what later steps will.
+        new_k, new_v = (quantization.kv_read(quantization.kv_write(x, c), self.dtype)
+                        for c, x in ((k_LBKRH, new_k), (v_LBKRH, new_v)))
+        ring = lambda c: quantization.kv_read(jax.tree.map(lambda a: a[layer], c), self.dtype)  # [B, K, R, H]
+        k_BKSH, v_BKSH = (shard(jnp.concatenate([ring(c), x], axis=2), CACHE_NAMES)
                           for c, x in ((k_LBKRH, new_k), (v_LBKRH, new_v)))
         k, v, mask, bias = with_prefix(k_BKSH, v_BKSH, mask_B1TS, bias_BNTS, prefix_kv, shard, length_axis=2)
         y_BTD = self.attend_stored(q_BTNH, k, v, mask, bias, shard)
@@ -630,15 +660,18 @@ class Attention(nnx.Module):
         slots = (index + jnp.arange(T - keep, T)) % R
 
         def write(c, x):
-            ring_BKRH = c[layer].at[:, :, slots].set(x[:, :, T - keep:])
-            return jax.lax.dynamic_update_slice(c, ring_BKRH[None], (layer, 0, 0, 0, 0))
+            def one(a, n):
+                ring_BKRH = a[layer].at[:, :, slots].set(n[:, :, T - keep:])
+                return jax.lax.dynamic_update_slice(a, ring_BKRH[None], (layer, 0, 0, 0, 0))
+            return jax.tree.map(one, c, quantization.kv_write(x, c))
         return y_BTD, write(k_LBKRH, new_k), write(v_LBKRH, new_v)
 
     def __call__(self, x_BTD: Array, context_BSD: Array, *, mask_B1TS: "MaskSpec | Array", shard: Sharder,
                  bias_BNTS: Optional[Array] = None, q_positions_BT: Optional[Array] = None,
                  k_positions_BS: Optional[Array] = None, rng: Optional[Array] = None, prefix_kv=None) -> Array:
         lora_qkv = any(getattr(self, f"{k}_lora", None) is not None for k in ("query", "key", "value"))
-        if x_BTD is context_BSD and self.query.shape == self.key.shape and not lora_qkv:
+        fusable = isinstance(self.query[...], jax.Array)  # weights quantized for decoding are not stacked
+        if x_BTD is context_BSD and self.query.shape == self.key.shape and not lora_qkv and fusable:
             q, k, v = self.project_qkv(x_BTD, q_positions_BT, shard)
         else:
             q = self.project_query(x_BTD, q_positions_BT, shard, rng)
@@ -660,6 +693,7 @@ ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
 
 class MLP(nnx.Module):
     """Feed-forward: act(x W_i) W_o, or the gated form act(x W_i0) * (x W_i1) W_o."""
+    quantized_kernels = {"wi": 1, "wi_gate": 1, "wo": 1}
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, F, pd = cfg.d_model, cfg.d_ff, dtype_of(cfg.param_dtype)
@@ -674,19 +708,22 @@ class MLP(nnx.Module):
             self.wo_bias = param(rngs, (D,), ("embed",), pd, init="zeros")
         self.activation = cfg.activation
         self.dtype = dtype_of(cfg.dtype)
+        self.quant = cfg.quant
 
     def __call__(self, x_BLD: Array, shard: Sharder, rng: Optional[Array] = None) -> Array:
         act = ACTIVATION_FNS[self.activation]
-        h_BLF = adapted(self, "wi", x_BLD, jnp.einsum("bld,df->blf", x_BLD, self.wi[...].astype(self.dtype)), rng)
+        h_BLF = matmul("bld,df->blf", x_BLD, self.wi[...].astype(self.dtype), self.quant)
+        h_BLF = adapted(self, "wi", x_BLD, h_BLF, rng)
         if self.use_bias:
             h_BLF = h_BLF + self.wi_bias[...].astype(self.dtype)
         if self.gated:
-            gate_BLF = jnp.einsum("bld,df->blf", x_BLD, self.wi_gate[...].astype(self.dtype))
+            gate_BLF = matmul("bld,df->blf", x_BLD, self.wi_gate[...].astype(self.dtype), self.quant)
             h_BLF = act(adapted(self, "wi_gate", x_BLD, gate_BLF, rng)) * h_BLF
         else:
             h_BLF = act(h_BLF)
         h_BLF = shard(h_BLF, ("batch", "length", "act_mlp"))
-        y_BLD = adapted(self, "wo", h_BLF, jnp.einsum("blf,fd->bld", h_BLF, self.wo[...].astype(self.dtype)), rng)
+        y_BLD = matmul("blf,fd->bld", h_BLF, self.wo[...].astype(self.dtype), self.quant)
+        y_BLD = adapted(self, "wo", h_BLF, y_BLD, rng)
         if self.use_bias:
             y_BLD = y_BLD + self.wo_bias[...].astype(self.dtype)
         return shard(y_BLD, ("batch", "length", "act_embed"))
@@ -716,6 +753,7 @@ class Norm(nnx.Module):
 
 class Dense(nnx.Module):
     """A plain projection with named axes (output heads, poolers)."""
+    quantized_kernels = {"kernel": 1}
 
     def __init__(self, d_in: int, d_out: int, names: tuple[str, str], cfg: ModelConfig, *, rngs: nnx.Rngs,
                  use_bias: bool):
@@ -725,7 +763,9 @@ class Dense(nnx.Module):
         if use_bias:
             self.bias = param(rngs, (d_out,), (names[1],), pd, init="zeros")
         self.dtype = dtype_of(cfg.dtype)
+        self.quant = cfg.quant
 
     def __call__(self, x: Array) -> Array:
-        y = x @ self.kernel[...].astype(self.dtype)
+        y_NO = matmul("nd,do->no", x.reshape(-1, x.shape[-1]), self.kernel[...].astype(self.dtype), self.quant)
+        y = y_NO.reshape(*x.shape[:-1], y_NO.shape[-1])
         return y + self.bias[...].astype(self.dtype) if self.use_bias else y

@@ -10,14 +10,14 @@ Layers are stacked with `nnx.vmap` and run with `lax.scan`, so program size does
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from t5like import layers as L
-from t5like import parametrization, probe
+from t5like import parametrization, probe, quantization
 from t5like.config import ModelConfig
 from t5like.sharding import Sharder, state_shardings
 
@@ -146,6 +146,7 @@ class Stack(nnx.Module):
         self.probe_name = "decoder" if causal else "encoder"
         self.scan_unroll = cfg.scan_unroll
         self.prefix = None  # prefix tuning (t5like.finetune): a module giving each layer's key/value prefixes
+        self.kv_cache_quant = "none"  # "int8": decode caches of int8 keys/values (quantization.quantize_for_decoding)
 
     def __call__(self, x_BTD, *, mask, positions, shard: Sharder, rng=None, encoded_BSD=None, cross_mask=None):
         bias = None if self.relative_bias is None else self.relative_bias(positions, positions)
@@ -186,8 +187,10 @@ class Stack(nnx.Module):
 
     def empty_cache(self, batch_size: int, length: int, shard: Sharder) -> "KVCache":
         num_layers, _, K, H = self.layers.attn.key.shape  # [layers, D, K, H]
-        zeros = jnp.zeros((num_layers, batch_size, K, length, H), self.layers.attn.dtype)
-        return KVCache(shard(zeros, KV_CACHE_AXES), shard(zeros, KV_CACHE_AXES))
+        shape = (num_layers, batch_size, K, length, H)
+        empty = lambda: L.on_cache(shard, quantization.empty_kv(shape, self.layers.attn.dtype, self.kv_cache_quant),
+                                   KV_CACHE_AXES)
+        return KVCache(empty(), empty())
 
     def cross_kv(self, encoded_BSD: Array, shard: Sharder) -> "KVCache":
         """Every layer's cross-attention keys and values of the encoder output, computed once per prompt."""
@@ -226,7 +229,7 @@ class Stack(nnx.Module):
               None if cross is None else cross.v, self._prefix_kv())
         (x_BTD, k, v), _ = jax.lax.scan(body, (x_BTD, cache.k, cache.v), xs)
         x_BTD = x_BTD if self.final_norm is None else self.final_norm(x_BTD)
-        return x_BTD, KVCache(shard(k, KV_CACHE_AXES), shard(v, KV_CACHE_AXES))
+        return x_BTD, KVCache(L.on_cache(shard, k, KV_CACHE_AXES), L.on_cache(shard, v, KV_CACHE_AXES))
 
 
 def _segments_and_positions(batch: dict, prefix: str, ids_BL: Array):
@@ -247,9 +250,10 @@ KV_CACHE_AXES = ("layers",) + L.CACHE_NAMES
 @struct.dataclass
 class KVCache:
     """Keys and values of every layer of a stack: k, v [layers, B, K, S, H]; each (row, kv head)'s slots are
-    contiguous, so decoding streams them without a transpose."""
-    k: Array
-    v: Array
+    contiguous, so decoding streams them without a transpose. An int8 cache (quantize_for_decoding) holds each
+    as a qwix QArray: int8 values and float32 scales [layers, B, K, S, 1]."""
+    k: Any
+    v: Any
 
 
 @struct.dataclass
@@ -276,7 +280,7 @@ class DecodeCache:
         """Rows `rows_B` of the cache (beam search: expand prompts into beams, reorder beams)."""
         def rows(x, axis):
             return None if x is None else jnp.take(x, rows_B, axis=axis)
-        kv = lambda c: None if c is None else KVCache(rows(c.k, 1), rows(c.v, 1))
+        kv = lambda c: None if c is None else KVCache(*(jax.tree.map(lambda a: rows(a, 1), x) for x in (c.k, c.v)))
         return DecodeCache(kv(self.self_kv), rows(self.start_B, 0), self.index, kv(self.cross_kv),
                            rows(self.encoder_valid_BS, 0), window=self.window)
 

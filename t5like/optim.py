@@ -99,6 +99,23 @@ def scale_by_multiplier(multiplier: Callable[[tuple], float]) -> optax.GradientT
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def with_state_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`inner` with its floating-point state stored in `dtype` (optim.state_dtype): each step casts the state
+    up to float32, updates it there and rounds it back, so only the stored moments lose precision. Integer
+    state (step counts) is left alone. optax's own mu_dtype covers Adam's first moment only."""
+    def cast(tree, to):
+        return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return cast(inner.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int, lr_multiplier: Optional[Callable[[tuple], float]] = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its schedule. `lr_multiplier(path)`, if given (µP: t5like/parametrization.py), scales
@@ -117,6 +134,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, lr_multiplier: Optional[C
             opt = optax.chain(opt, scale_by_multiplier(lr_multiplier))
         if cfg.weight_decay:
             opt = optax.chain(opt, decoupled_weight_decay(schedule, cfg.weight_decay, mask))
+    if cfg.state_dtype is not None:
+        opt = with_state_dtype(opt, jnp.dtype(cfg.state_dtype))
     if cfg.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
     return opt, schedule
