@@ -13,6 +13,7 @@ from t5like.finetune import FineTuning, InitFrom, with_source_settings
 from t5like.models import abstract_model
 from t5like.parametrization import Parametrization
 from t5like.plugins import Plugin, Plugins
+from t5like.preference import PreferenceTuning
 
 
 def plugins_for(cfg: Config, extra: Sequence[Plugin] = ()) -> Plugins:
@@ -21,6 +22,8 @@ def plugins_for(cfg: Config, extra: Sequence[Plugin] = ()) -> Plugins:
     plugins: list[Plugin] = [Parametrization(cfg, lambda model: abstract_model(model)[1]), FineTuning(cfg)]
     if cfg.checkpoint.init_from:
         plugins.append(InitFrom(cfg))
+    if cfg.data.objective == "dpo":  # after init_from: its reference copy is the loaded starting point
+        plugins.append(PreferenceTuning(cfg))
     if cfg.data.eval_sets or cfg.eval.tasks:  # after the plugins that add modules: it evaluates their model
         plugins.append(Evaluation(cfg))
     return Plugins([*plugins, *extra])
