@@ -13,9 +13,9 @@ and one entry in LOSSES.
 DPO (Rafailov et al. 2023; data.objective=dpo, batches of t5like.data.instruct): per pair, with log-probabilities
 summed over the answer tokens under the policy (pi) and the frozen reference (ref),
     h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
-    loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)     (eps = optim.label_smoothing: cDPO)
-    rewards = beta (pi - ref);  accuracy = share of pairs whose chosen reward beats the rejected one
-as TRL's DPOTrainer (loss_type "sigmoid") computes it. The weight is the number of pairs, so the gradient
+    loss = -log sigmoid(beta h);  rewards = beta (pi - ref);  accuracy = share of pairs whose chosen reward
+    beats the rejected one (ties count as wrong)
+as TRL's DPOTrainer (loss_type "sigmoid", its default) computes them. The weight is the number of pairs, so the gradient
 is that of the mean over pairs.
 """
 from __future__ import annotations
@@ -70,12 +70,10 @@ def pair_logprobs(logits_BLV: jax.Array, batch: dict) -> tuple[jax.Array, jax.Ar
     return (token_BL * (seg_BL == 1)).sum(-1), (token_BL * (seg_BL == 2)).sum(-1)
 
 
-def dpo_terms(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
+def dpo_terms(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):
     """(per-pair loss, chosen reward, rejected reward) from summed log-probabilities (see the module docstring)."""
     h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
-    losses = (-jax.nn.log_sigmoid(beta * h) * (1 - label_smoothing)
-              - jax.nn.log_sigmoid(-beta * h) * label_smoothing)
-    return losses, beta * (pi_chosen - ref_chosen), beta * (pi_rejected - ref_rejected)
+    return -jax.nn.log_sigmoid(beta * h), beta * (pi_chosen - ref_chosen), beta * (pi_rejected - ref_rejected)
 
 
 def reference_model(model):
@@ -88,11 +86,12 @@ def reference_model(model):
 def dpo_loss(model, batch: dict, rng=None, *, beta: float, label_smoothing: float = 0.0,
              z_loss: float = 0.0) -> tuple[jax.Array, dict]:
     """DPO's sums over the batch's pairs: the objective, loss_sum, correct_sum (pairs ranked right), weight
-    (pairs), and chosen_reward_sum, rejected_reward_sum, margin_sum. z_loss is refused before training."""
-    del z_loss
+    (pairs), and chosen_reward_sum, rejected_reward_sum, margin_sum. label_smoothing and z_loss are refused
+    before training (t5like/preference.py): TRL's sigmoid loss has neither."""
+    del label_smoothing, z_loss
     pi_c, pi_r = pair_logprobs(model(batch, rng=rng), batch)
     ref_c, ref_r = jax.lax.stop_gradient(pair_logprobs(reference_model(model)(batch), batch))
-    losses, chosen, rejected = dpo_terms(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing)
+    losses, chosen, rejected = dpo_terms(pi_c, pi_r, ref_c, ref_r, beta)
     real = (batch["segment_ids"] > 0).any(-1).astype(jnp.float32)  # padding rows of an eval pass count 0
     total = (losses * real).sum()
     return total, {"loss_sum": total, "correct_sum": ((chosen > rejected) * real).sum(), "weight": real.sum(),

@@ -37,9 +37,11 @@ class PreferenceTuning(Plugin):
             self.trainable = lambda path: str(path[0]) != REFERENCE_MODULE
 
     def check_start(self, resuming: bool) -> None:
-        if self.cfg.optim.z_loss:
-            raise ValueError(f"optim.z_loss={self.cfg.optim.z_loss} has no meaning for data.objective='dpo' (its "
-                             "loss is over answer log-probabilities, not one softmax's normaliser); set optim.z_loss=0.")
+        for key in ("z_loss", "label_smoothing"):
+            if getattr(self.cfg.optim, key):
+                raise ValueError(f"optim.{key}={getattr(self.cfg.optim, key)} does not apply to data.objective='dpo' "
+                                 "(its loss is TRL's sigmoid DPO loss over answer log-probabilities, which has no "
+                                 f"{key.replace('_', ' ')}); set optim.{key}=0.")
         if self.cfg.model.dropout:
             # TRL warns and MaxText sets dropout off: the policy's and the reference's log-probabilities must
             # be comparable, and at the start equal.

@@ -32,6 +32,12 @@ def _records(cfg: DataConfig, split: str):
     return records, keep
 
 
+def records_of(cfg: DataConfig, split: str) -> list[tuple[str, dict]]:
+    """[(where, record)] of a split."""
+    records, keep = _records(cfg, split)
+    return [records[i] for i in keep]
+
+
 def training_texts(cfg: DataConfig):
     """Every text of the records, for fitting a tokenizer when none is given."""
     records, _ = _records(cfg, "all")
