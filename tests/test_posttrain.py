@@ -118,6 +118,29 @@ def test_chat_template_matches_transformers_and_masks_assistant_turns(files, tmp
     assert (rows["weights"][~real] == 0).all() and (rows["positions"][rows["segment_ids"] == 1][:1] == 0).all()
 
 
+def test_preference_rows_of_a_conversational_prompt(files, tmp_path):
+    """A DPO pair whose prompt is a conversation: each half of the row is the template's render of prompt + answer
+    (shifted by one), weighted on the answer's assistant span only, as transformers marks it."""
+    import transformers
+    from t5like.data.instruct import PreferenceTable
+    hf = transformers.AutoTokenizer.from_pretrained(files["gpt2"])
+    prompt = CONVERSATIONS[0][:-1]
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": prompt, "chosen": "It is 6.",
+                                                    "rejected": [{"role": "assistant", "content": "7"}]}])
+    cfg = DataConfig(source="files", format="jsonl", paths=(path,), objective="dpo", seq_len=256,
+                     tokenizer_path=files["gpt2"], validation_fraction=0.0, num_sentinels=0)
+    row = PreferenceTable(cfg, HFTokenizer(files["gpt2"]), "train").rows(np.array([0]))
+    for segment, answer in ((1, "It is 6."), (2, "7")):
+        want = hf.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=True,
+                                      return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = np.asarray(want["input_ids"]), np.asarray(want["assistant_masks"], bool)
+        start = np.flatnonzero(~mask[:np.flatnonzero(mask)[-1]])[-1] + 1  # the last assistant turn only
+        mask[:start] = False
+        seg = row["segment_ids"][0] == segment
+        np.testing.assert_array_equal(row["targets"][0][seg], ids[1:])
+        np.testing.assert_array_equal(row["weights"][0][seg], mask[1:])
+
+
 def test_simple_template_for_sentencepiece(files):
     """t5like's written-down template: [BOS] <|role|>\\n content (\\n | EOS); weights on assistant content + EOS."""
     from t5like.data.tokenizer import Tokenizer

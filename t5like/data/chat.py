@@ -204,7 +204,7 @@ class HFChatTemplate:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.render(messages[:i], at, add_generation_prompt=True) if i else self.render([], at, True)
+            before = self.render(messages[:i], at, add_generation_prompt=True)
             upto = self.render(messages[:i + 1], at)
             if not (upto.startswith(before) and text.startswith(upto)):
                 raise RecordError(f"{at}: {self.name} does not render this conversation turn by turn (the render of "

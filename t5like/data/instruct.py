@@ -65,7 +65,10 @@ class SFTTable:
             ids, turn = template.encode(conversation(record, at), at)
             if len(ids) < 2:
                 raise RecordError(f"{at}: the conversation renders to {len(ids)} token(s); nothing to predict.")
-            inputs.append(ids[:-1]), targets.append(ids[1:]), weights.append(turn[1:] >= 0), lengths.append(len(ids) - 1)
+            inputs.append(ids[:-1])
+            targets.append(ids[1:])
+            weights.append(turn[1:] >= 0)
+            lengths.append(len(ids) - 1)
         if len(keep) == 0:
             raise ValueError(f"the {split} split of data.paths is empty ({len(records)} records, data."
                              f"validation_fraction={cfg.validation_fraction}); add records or change the fraction.")
