@@ -214,9 +214,11 @@ def flat(tree) -> dict:
     return traverse_util.flatten_dict(tree)
 
 
-def test_lora_dpo_starts_at_ln2_and_keeps_the_base_bitwise(files):
+def test_lora_dpo_starts_at_ln2_and_keeps_the_base_bitwise(files, tmp_path, capsys):
     """LoRA DPO: the reference is the model with its adapters off (no copy), so the first loss is ln 2; the base
-    stays bitwise what it started as; the adapters move; eval reports preference accuracy and reward margins."""
+    stays bitwise what it started as; the adapters move; eval reports preference accuracy and reward margins.
+    Then generate --chat answers a conversation from the run with the template."""
+    from t5like import generate
     from t5like.inference import load_for_inference
     from t5like.plugins import Plugin
 
@@ -242,6 +244,9 @@ def test_lora_dpo_starts_at_ln2_and_keeps_the_base_bitwise(files):
         else:
             np.testing.assert_array_equal(v, start[k], err_msg=f"base parameter {k} moved")
     assert moved > 0
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "import os"}]}])
+    assert generate.main(["--workdir", cfg.workdir, "--chat", chat, "--max-new-tokens", "4"]) == 0
+    assert "=== conversation 0 ===\n[user] import os\n[assistant] " in capsys.readouterr().out
 
 
 def test_full_dpo_keeps_a_frozen_copy_and_starts_at_ln2(files):
@@ -271,7 +276,7 @@ def first_batch(files, cfg):
     return {k: jnp.asarray(v) for k, v in next(it).items()}
 
 
-@pytest.mark.parametrize("method", ["full", "prefix"])  # lora: test_sft_run_answers_a_conversation
+@pytest.mark.parametrize("method", ["full", "lora", "prefix"])
 def test_sft_loss_and_gradients_under_each_method(files, method):
     """The SFT loss (assistant tokens only) through the trainer's seam for each finetune.method: the gradient
     reaches the trainable params and only them."""
@@ -291,17 +296,6 @@ def test_sft_loss_and_gradients_under_each_method(files, method):
     assert moved and moved <= trainable
     if method != "full":
         assert all(any(str(p).endswith("_lora") or p == "prefix" for p in k) for k in trainable)
-
-
-def test_sft_run_answers_a_conversation(files, tmp_path, capsys):
-    """A LoRA SFT run trains through the trainer, and generate --chat answers a conversation with the template."""
-    from t5like import generate
-    cfg = tiny_config(files, "sft", "lora", tmp_path / "sft")
-    result = train.train(cfg)
-    assert math.isfinite(result.loss) and math.isfinite(result.eval_loss)
-    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "import os"}]}])
-    assert generate.main(["--workdir", cfg.workdir, "--chat", chat, "--max-new-tokens", "4"]) == 0
-    assert "=== conversation 0 ===\n[user] import os\n[assistant] " in capsys.readouterr().out
 
 
 def test_bad_records_fail_before_compile(files, tmp_path):
