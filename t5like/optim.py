@@ -154,7 +154,8 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
 
 
 def mean_metrics(sums: dict) -> dict:
-    """Token means from `cross_entropy`'s sums: loss, accuracy, and the weight they were taken over."""
+    """Token means from `cross_entropy`'s sums: loss, accuracy, and the weight they were taken over; any other
+    "<name>_sum" a loss returns (DPO's rewards) as its mean, <name>."""
     denom = jnp.maximum(sums["weight"], 1.0)
     extra = {k[:-4]: v / denom for k, v in sums.items() if k.endswith("_sum") and k not in MEAN_METRIC_SUMS}
     return {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom, "weight": sums["weight"],

@@ -323,7 +323,7 @@ def evaluate(setup: Setup, params, eval_iter) -> dict:
         out["eval_bpb"] = bits_per_byte(totals["loss_sum"], totals["byte_sum"])
     for k, v in mean_metrics(totals).items():  # a loss's own sums (DPO's rewards) as means
         if k not in ("loss", "accuracy", "weight"):
-            out[f"eval_{k}"] = v
+            out[f"eval_{k}"] = float(v)
     return out
 
 
