@@ -33,9 +33,14 @@ setup(
         # extra (torch, transformers, accelerate) is what the parity tests compare against; the adapter itself
         # needs only the base package. Tested with 0.4.13.
         "eval": ["lm-eval>=0.4.13,<0.5"],
+        # Chat templates of Hugging Face tokenizers for instruction tuning and DPO (t5like.data.chat); 3.1.6 is
+        # the first without the sandbox escapes that transformers also refuses.
+        "chat": ["jinja2>=3.1.6,<4"],
         "dev": [
             "lm-eval[hf]>=0.4.13,<0.5",           # t5like.eval and its parity tests against lm-eval's hf backend
             "pytest>=8,<10", "pytest-xdist>=3.8,<4",   # pytest.ini runs the suite on 2 workers
+            "jinja2>=3.1.6,<4",                    # the chat extra
+            "trl>=1.16,<1.17",                     # the reference for the DPO loss (tests/test_posttrain.py)
             "torch==2.13.0", "transformers>=5.23,<5.24",   # the reference for Hugging Face parity (CPU torch)
             # Microsoft's µP package (mup==1.0.0, the reference of tests/test_parametrization.py) is installed
             # apart, with --no-deps (README, .ci/run): it declares torchvision, whose PyPI wheels are built for

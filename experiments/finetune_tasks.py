@@ -9,6 +9,9 @@ with the same Python.
   signature_names   input/target         a `def` line -> the function's name (a copy task: harder; it needs
                                          positions the decoder can point with, and more steps)
   line_kind_words   prompt/completion    a stripped source line -> " comment" | " import" | ...
+  line_kind_chats   messages (sft)       a 3-turn chat: two lines, each answered with its kind, then "first?",
+                                         answered with the first line's kind again (it needs the history)
+  line_kind_prefs   prompt/chosen/rejected (dpo)  a line + " #"; chosen: its kind, rejected: another kind
 """
 from __future__ import annotations
 
@@ -92,6 +95,33 @@ def signature_names(path: str, count: int = 2400, max_files: int = 400, seed: in
             rows.append({"input": line, "target": m.group(1)})
     random.Random(seed).shuffle(rows)
     return _write(path, rows[:count])
+
+
+SYSTEM = "Name the kind of each Python line: comment, import, def or other."
+
+
+def line_kind_chats(path: str, count: int = 1200, max_files: int = 400, seed: int = 0) -> str:
+    """SFT: conversations of three user turns; every answer is one of 4 kinds (balanced lines), so always
+    answering the most common kind scores about 25% a turn. Half the conversations carry a system message."""
+    rows = _balanced(max(count // 2, 1), max_files, seed)
+    rng = random.Random(seed + 1)
+    out = []
+    for i in range(min(count, len(rows) // 2)):
+        (a, ka), (b, kb) = rows[2 * i], rows[2 * i + 1]
+        messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.5 else []
+        messages += [{"role": "user", "content": a}, {"role": "assistant", "content": ka},
+                     {"role": "user", "content": b}, {"role": "assistant", "content": kb},
+                     {"role": "user", "content": "first?"}, {"role": "assistant", "content": ka}]
+        out.append({"messages": messages})
+    return _write(path, out)
+
+
+def line_kind_prefs(path: str, per_class: int = 600, max_files: int = 400, seed: int = 0) -> str:
+    """DPO: the right kind is chosen by construction, a wrong one (drawn at random) rejected."""
+    rng = random.Random(seed + 2)
+    return _write(path, [{"prompt": f"{line} #", "chosen": f" {kind}",
+                          "rejected": f" {rng.choice([k for k in KINDS if k != kind])}"}
+                         for line, kind in _balanced(per_class, max_files, seed)])
 
 
 def ensure(path: str, build) -> str:

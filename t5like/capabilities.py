@@ -14,6 +14,7 @@ from t5like.fork import Fork
 from t5like.models import abstract_model
 from t5like.parametrization import Parametrization
 from t5like.plugins import Plugin, Plugins
+from t5like.preference import PreferenceTuning
 
 
 def plugins_for(cfg: Config, extra: Sequence[Plugin] = ()) -> Plugins:
@@ -24,6 +25,8 @@ def plugins_for(cfg: Config, extra: Sequence[Plugin] = ()) -> Plugins:
         plugins.append(InitFrom(cfg))
     if cfg.checkpoint.fork_from:
         plugins.append(Fork(cfg))
+    if cfg.data.objective == "dpo":  # after init_from: its reference copy is the loaded starting point
+        plugins.append(PreferenceTuning(cfg))
     if cfg.data.eval_sets or cfg.eval.tasks:  # after the plugins that add modules: it evaluates their model
         plugins.append(Evaluation(cfg))
     return Plugins([*plugins, *extra])

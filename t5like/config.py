@@ -470,6 +470,7 @@ class FinetuneConfig:
     prefix_mlp: bool = False                # Li & Liang's reparametrisation: prefixes = MLP(embedding)
     prefix_mlp_hidden: int = 512            # width of the prefix MLP
     train_modules: tuple[str, ...] = ()     # top-level modules trained besides the adapters (PEFT modules_to_save)
+    dpo_beta: float = 0.1                   # data.objective=dpo: strength of the pull to the reference (TRL's beta)
 
     def validate(self) -> "FinetuneConfig":
         _choice("finetune.method", self.method, FINETUNE_METHODS)
@@ -479,6 +480,7 @@ class FinetuneConfig:
         _real("finetune.lora_alpha", self.lora_alpha, 0, low_open=True,
               hint="the adapter scale is lora_alpha / lora_rank; Hu et al. use alpha = 2 * rank.")
         _real("finetune.lora_dropout", self.lora_dropout, 0, 1, high_open=True, hint="e.g. 0.05.")
+        _real("finetune.dpo_beta", self.dpo_beta, 0, low_open=True, hint="TRL and Rafailov et al. use 0.1.")
         if not isinstance(self.prefix_mlp, bool):
             raise ValueError(f"finetune.prefix_mlp={self.prefix_mlp!r} must be true or false.")
         for name in ("lora_targets", "train_modules"):
@@ -560,7 +562,8 @@ class Config:
                              f"step. Set eval.every to a multiple of {self.train.eval_every} (or 0: every eval).")
         objective_family = {"lm": "decoder", "prefix_lm": "decoder", "mlm": "encoder",
                             "span_corruption": "encoder_decoder", "completion": "decoder",
-                            "classification": "encoder", "seq2seq": "encoder_decoder"}
+                            "classification": "encoder", "seq2seq": "encoder_decoder", "sft": "decoder",
+                            "dpo": "decoder"}
         if objective_family[self.data.objective] != self.model.family:
             raise ValueError(
                 f"data.objective={self.data.objective!r} trains a {objective_family[self.data.objective]} model, "

@@ -2,7 +2,7 @@
 
 Command line (loads WORKDIR's latest checkpoint and tokenizer; one block per prompt on stdout):
 
-    python -m t5like.generate --workdir RUN (--prompt TEXT ... | --prompts-file F)
+    python -m t5like.generate --workdir RUN (--prompt TEXT ... | --prompts-file F | --chat F)
         [--strategy greedy|beam|sample] [--num-beams K] [--num-return N] [--length-penalty A]
         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--max-new-tokens N]
         [--quant-weights int8|int4] [--quant-kv-cache int8]
@@ -17,7 +17,12 @@ Command line (loads WORKDIR's latest checkpoint and tokenizer; one block per pro
   runs do fill-mask: write `<mask>` (--mask-marker) where a token is missing; each mask gets its
   --top-k (default 5) candidates with their probabilities, and the prompt is printed filled with the best.
 
+  --chat F answers conversations with the run's chat template (t5like.data.chat; decoder-only): F is a .json
+  file holding one conversation (a list of {"role", "content"} messages, or {"messages": [...]}), or a .jsonl
+  file with one a line; each gets the assistant's next turn, printed after the conversation.
+
 Python:
+    chat_completions(model, tokenizer, [[{"role": "user", "content": "hi"}]]) -> per conversation, [Completion]
     generate_text(model, tokenizer, ["def add(a, b):"], strategy="beam", num_beams=4) -> list[str]
     generate_completions(...)   -> per prompt, a list of Completion(text, ids, score), best first
     fill_mask_text(model, tokenizer, ["x = <mask> + 1"], top_k=5) -> per prompt, per mask, [(piece, prob)]
@@ -92,11 +97,16 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], cfg: DecodeCo
     similar lengths share one compiled program. Sampling draws depend on the seed and batch layout.
     EOS and BOS/decoder-start ids left as None in `cfg` are the tokenizer's (a Hugging Face checkpoint's own).
     """
-    # A tokenizer without start_id (not from a checkpoint) follows t5like's convention: BOS = pad = 0.
-    cfg = cfg.validate().with_ids(tokenizer.eos_id, getattr(tokenizer, "start_id", 0))
     if not prompts:
         raise ValueError("no prompts given; pass at least one prompt.")
-    encoded = encode_prompts(tokenizer, prompts)
+    return complete_ids(model, tokenizer, encode_prompts(tokenizer, prompts), cfg, seed=seed, batch_size=batch_size)
+
+
+def complete_ids(model, tokenizer, encoded: list[list[int]], cfg: DecodeConfig = DecodeConfig(), *,
+                 seed: int = 0, batch_size: int = 16) -> list[list[Completion]]:
+    """generate_completions for prompts given as token ids."""
+    # A tokenizer without start_id (not from a checkpoint) follows t5like's convention: BOS = pad = 0.
+    cfg = cfg.validate().with_ids(tokenizer.eos_id, getattr(tokenizer, "start_id", 0))
     check_prompt_lengths(np.array([len(e) for e in encoded]), family=model.cfg.family,
                          max_len=model.cfg.max_len, cfg=cfg)
     batch = min(batch_size, len(encoded))
@@ -114,6 +124,24 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], cfg: DecodeCo
                 beams.append(Completion(tokenizer.decode(kept), kept, float(score)))
             out.append(beams)
     return out
+
+
+def chat_completions(model, tokenizer, conversations: Sequence[list[dict]], cfg: DecodeConfig = DecodeConfig(), *,
+                     seed: int = 0, batch_size: int = 16) -> list[list[Completion]]:
+    """The assistant's next turn for each conversation (a list of {"role", "content"}), rendered with the
+    tokenizer's chat template and its generation prompt (t5like.data.chat). The rendered ids already hold any
+    BOS the template writes, so decoding adds none; it stops at the tokenizer's EOS."""
+    from t5like.data.chat import chat_template, check_messages
+    if not conversations:
+        raise ValueError("no conversations given; pass at least one.")
+    template = chat_template(tokenizer)
+    encoded = []
+    for i, messages in enumerate(conversations):
+        at = f"conversation {i}"
+        ids, _ = template.encode(check_messages(messages, at, need_assistant=False), at, add_generation_prompt=True)
+        encoded.append(ids)
+    return complete_ids(model, tokenizer, encoded, dataclasses.replace(cfg, start_id=-1), seed=seed,
+                        batch_size=batch_size)
 
 
 def generate_text(model, tokenizer, prompts: Sequence[str], *, strategy: str = "greedy", max_new_tokens: int = 64,
@@ -169,6 +197,24 @@ def _jsonl_prompt(path: str, n: int, line: str) -> str:
     return item
 
 
+def read_conversations(path: str) -> list[list]:
+    """The conversations of a --chat file (see the module docstring); their messages are checked later."""
+    if not os.path.exists(path):
+        raise ValueError(f"--chat {path!r} does not exist; pass a .json or .jsonl file of conversations.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        items = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl")
+                 else [json.loads(text)])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--chat {path!r} is not valid JSON ({e.msg}, line {e.lineno}); write a list of "
+                         '{"role", "content"} messages (.json) or one such list a line (.jsonl).') from None
+    out = [item["messages"] if isinstance(item, dict) and "messages" in item else item for item in items]
+    if not out:
+        raise ValueError(f"--chat {path!r} holds no conversations.")
+    return out
+
+
 def read_prompts(args) -> list[str]:
     if args.prompt:
         prompts = list(args.prompt)
@@ -196,6 +242,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text; repeat for several")
     src.add_argument("--prompts-file", help="one prompt per line (.jsonl: one JSON string or {'prompt': ...} per line)")
+    src.add_argument("--chat", help="conversations to answer with the chat template: a .json file with one (a list "
+                                    "of {role, content} messages), or a .jsonl file with one a line")
     ap.add_argument("--strategy", default="greedy", choices=("greedy", "beam", "sample"))
     ap.add_argument("--num-beams", type=int, default=4)
     ap.add_argument("--num-return", type=int, default=1, help="beam: how many beams to print per prompt")
@@ -221,6 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        num_return=args.num_return if args.strategy == "beam" else 1,
                        length_penalty=args.length_penalty, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p).validate()  # bad flags fail before loading
+    if args.chat:
+        return _chat(args, cfg)
     prompts = read_prompts(args)
     from t5like.inference import load_for_inference
     quantized = args.quant_weights != "none" or args.quant_kv_cache != "none"
@@ -255,6 +305,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for rank, c in enumerate(beams):
             ended = "eos" if c.ids and c.ids[-1] == tokenizer.eos_id else "max_new_tokens"
             print(f"--- completion {rank} (score {c.score:.3f}, {len(c.ids)} tokens, stop: {ended}) ---\n{c.text}")
+        print()
+    return 0
+
+
+def _chat(args, cfg: DecodeConfig) -> int:
+    conversations = read_conversations(args.chat)
+    from t5like.inference import load_for_inference
+    run_cfg, model, tokenizer = load_for_inference(args.workdir)
+    if run_cfg.model.family != "decoder":
+        raise ValueError(f"--chat answers with a decoder-only model; {args.workdir} holds a {run_cfg.model.family} "
+                         "model. Use --prompt.")
+    results = chat_completions(model, tokenizer, conversations, cfg, seed=args.seed, batch_size=args.batch_size)
+    for i, (messages, beams) in enumerate(zip(conversations, results)):
+        print(f"=== conversation {i} ===")
+        for m in messages:
+            print(f"[{m['role']}] {m['content']}")
+        for rank, c in enumerate(beams):
+            ended = "eos" if c.ids and c.ids[-1] == tokenizer.eos_id else "max_new_tokens"
+            print(f"[assistant] {c.text}" + ("" if len(beams) == 1 else f"   (beam {rank}, score {c.score:.3f})")
+                  + ("" if ended == "eos" else "   (stopped at --max-new-tokens)"))
         print()
     return 0
 

@@ -467,6 +467,21 @@ class EncoderDecoder(_Base):
 MODEL_CLASSES = {"encoder": EncoderOnly, "decoder": DecoderOnly, "encoder_decoder": EncoderDecoder}
 
 
+def without_adapters(model):
+    """A copy of `model` (sharing its arrays) with fine-tuning's adapters off: no `<kernel>_lora` module (LoRA)
+    and no `prefix` (prefix tuning). PEFT's disable_adapter(): what DPO's reference computes under LoRA/prefix."""
+    copy = nnx.merge(*nnx.split(model))
+    for name in ("encoder", "decoder"):
+        stack = getattr(copy, name, None)
+        if not isinstance(stack, Stack):
+            continue
+        stack.prefix = None
+        for module in (stack.layers.attn, getattr(stack.layers, "cross_attn", None), stack.layers.mlp):
+            for attr in [a for a in vars(module) if a.endswith("_lora")] if module is not None else []:
+                delattr(module, attr)
+    return copy
+
+
 def build_model(cfg: ModelConfig, *, seed: int = 0, shard: Sharder = Sharder()):
     """Build eagerly on the default device (tests, small models)."""
     return MODEL_CLASSES[cfg.validate().family](cfg, rngs=nnx.Rngs(seed), shard=shard)

@@ -189,6 +189,14 @@ def row_sums(loss_B: jax.Array, count_B: jax.Array, name: str) -> dict:
 
 
 def mean_metrics(sums: dict) -> dict:
-    """Token means from `cross_entropy`'s sums: loss, accuracy, and the weight they were taken over."""
+    """Token means from `cross_entropy`'s sums: loss, accuracy, and the weight they were taken over; any other
+    "<name>_sum" a loss returns (DPO's rewards) as its mean, <name>."""
     denom = jnp.maximum(sums["weight"], 1.0)
-    return {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom, "weight": sums["weight"]}
+    extra = {k[:-4]: v / denom for k, v in sums.items() if k.endswith("_sum") and k not in MEAN_METRIC_SUMS}
+    return {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom, "weight": sums["weight"],
+            **extra}
+
+
+# Sums every loss returns, or that have a meaning of their own (bits-per-byte); any other "<name>_sum" of a
+# loss (DPO's rewards) is reported as a mean over the weight, <name>.
+MEAN_METRIC_SUMS = ("loss_sum", "correct_sum", "byte_sum")

@@ -62,7 +62,7 @@ def make_grad_fn(graphdef, cfg: Config, plugins: Optional[Plugins] = None) -> Ca
     however the target tokens are spread over the microbatches.
     """
     plugins = plugins_for(cfg) if plugins is None else plugins
-    loss = loss_for(cfg.data.objective)
+    loss = loss_for(cfg.data.objective, cfg)
 
     def objective_sum(params, batch, rng):
         return loss(nnx.merge(graphdef, params), batch, rng,
@@ -109,7 +109,7 @@ def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformati
 
 
 def make_eval_step(graphdef, cfg: Config):
-    loss = loss_for(cfg.data.objective)
+    loss = loss_for(cfg.data.objective, cfg)
 
     def eval_step(params, batch):
         _, sums = loss(nnx.merge(graphdef, params), batch)
@@ -324,6 +324,9 @@ def evaluate(setup: Setup, params, eval_iter) -> dict:
         out["eval_bpb"] = bits_per_byte(totals["loss_sum"], totals["byte_sum"])
         stderr = ratio_stderr(totals, "byte")
         out["eval_bpb_stderr"] = None if stderr is None else stderr / math.log(2)
+    for k, v in mean_metrics(totals).items():  # a loss's own sums (DPO's rewards) as means
+        if k not in ("loss", "accuracy", "weight"):
+            out[f"eval_{k}"] = float(v)
     return out
 
 
@@ -463,7 +466,8 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
             t_last = now
             row = {"loss": metrics["loss"], "accuracy": metrics["accuracy"], "lr": metrics["lr"],
                    "grad_norm": metrics["grad_norm"], "step_time": dt, "tokens_per_s": setup.tokens_per_step / dt,
-                   "mfu": None if total_peak is None else setup.flops_per_step / dt / total_peak}
+                   "mfu": None if total_peak is None else setup.flops_per_step / dt / total_peak,
+                   **{k: v for k, v in metrics.items() if k not in ("loss", "accuracy", "lr", "grad_norm", "weight")}}
             writer.write(step, row)
             progress.update(step, row)
             plugins.on_log(step, row)

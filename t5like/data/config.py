@@ -8,7 +8,9 @@ import typing
 
 SOURCES = ("stdlib", "files", "hub")
 FORMATS = ("text", "json", "jsonl", "parquet", "csv")
-OBJECTIVES = ("lm", "prefix_lm", "span_corruption", "mlm", "seq2seq", "completion", "classification")
+OBJECTIVES = ("lm", "prefix_lm", "span_corruption", "mlm", "seq2seq", "completion", "classification", "sft", "dpo")
+# Post-training objectives (t5like.data.instruct): JSONL records, read line by line so errors name file:line.
+CHAT_OBJECTIVES = ("sft", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,8 @@ class DataConfig:
 
     # What each row of a batch is.
     # Fine-tuning tasks (t5like.data.tasks) read JSONL examples from data.paths: seq2seq (input/target),
-    # completion (prompt/completion, loss on the completion), classification (text/label).
+    # completion (prompt/completion, loss on the completion), classification (text/label);
+    # sft (chat `messages` or instruction/input/output, loss on assistant turns) and dpo (prompt/chosen/rejected).
     objective: str = "lm"
     seq_len: int = 128  # decoder length (lm, prefix_lm, completion) or encoder length (span_corruption, mlm, seq2seq)
     target_len: int = 0  # decoder length: span_corruption (0 = derive from noise_density as T5 does), seq2seq (0 = seq_len)
@@ -150,6 +153,13 @@ class DataConfig:
             raise ValueError(f"data.objective={self.objective!r} reads labelled examples from files: set "
                              "data.source='files', data.format='jsonl' and data.paths=('train.jsonl',); got "
                              f"data.source={self.source!r}, data.format={self.format!r}")
+        if self.objective in CHAT_OBJECTIVES and (self.source != "files" or self.format != "jsonl"):
+            raise ValueError(f"data.objective={self.objective!r} reads JSONL records: set data.source='files', "
+                             "data.format='jsonl' and data.paths=('train.jsonl',); got "
+                             f"data.source={self.source!r}, data.format={self.format!r}")
+        if self.objective == "dpo" and self.seq_len % 2:
+            raise ValueError(f"data.seq_len={self.seq_len} must be even for data.objective='dpo': a row holds the "
+                             f"chosen and the rejected answer in a half each; set data.seq_len={self.seq_len + 1}.")
         if self.objective == "span_corruption":
             from t5like.data.objectives import span_corruption_lengths  # lazy: objectives imports nothing from here
             span_corruption_lengths(self)  # raises if seq_len/target_len/num_sentinels do not fit together
@@ -169,7 +179,7 @@ class DataConfig:
             if s.split not in ("all", "validation"):
                 raise ValueError(f"{where}.split={s.split!r} is not 'all' (every document of the source) or "
                                  "'validation' (the share the run holds out of it).")
-            if self.objective in ("seq2seq", "completion", "classification"):
+            if self.objective in ("seq2seq", "completion", "classification", *CHAT_OBJECTIVES):
                 raise ValueError(f"data.eval_sets are documents of text, for the text objectives; data.objective="
                                  f"{self.objective!r} reads labelled examples. Remove data.eval_sets.")
             if not isinstance(s.max_batches, int) or s.max_batches < 0:

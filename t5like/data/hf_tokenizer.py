@@ -19,7 +19,9 @@ from typing import Iterable, Optional
 
 SPM_FILES = ("spiece.model", "tokenizer.model")
 FILES = ("tokenizer.json", *SPM_FILES, "tokenizer_config.json", "special_tokens_map.json", "config.json",
-         "generation_config.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
+         "generation_config.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+# The named special tokens a chat template sees as variables (transformers' SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _EXTRA_ID = re.compile(r"^<extra_id_(\d+)>$")
 
 
@@ -81,6 +83,7 @@ class HFTokenizer:
                 vocab[f"<extra_id_{k}>"] = base + len(extra) - 1 - k
             self.vocab_size = base + len(extra)
         self._vocab = vocab
+        self._special = {k: _content(special[k]) for k in SPECIAL_TOKEN_NAMES if _content(special.get(k)) is not None}
 
         def token_id(name: str) -> int:
             value = model_cfg.get(f"{name}_token_id")
@@ -133,6 +136,19 @@ class HFTokenizer:
         if self._tok is not None:
             return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
         return self._sp.encode(list(texts))
+
+    def special_tokens(self) -> dict[str, str]:
+        """{"bos_token": "<s>", ...}: the named special tokens the checkpoint defines, as text."""
+        return dict(self._special)
+
+    def encode_with_offsets(self, text: str):
+        """(ids, offsets [n, 2]): each token's [start, end) characters in `text` (no special tokens added)."""
+        import numpy as np
+        if self._tok is None:
+            raise ValueError(f"the tokenizer in {self.directory!r} has no tokenizer.json, which chat templates need "
+                             "(to map the rendered text's turns to tokens); copy it from the checkpoint.")
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, np.asarray(enc.offsets, np.int64).reshape(-1, 2)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text, without pad/eos/bos; T5 sentinels render as <extra_id_k>."""

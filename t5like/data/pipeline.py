@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from t5like.data import sources
-from t5like.data.config import DataConfig
+from t5like.data.config import CHAT_OBJECTIVES, DataConfig
+from t5like.data.instruct import PreferenceTable, SFTTable
 from t5like.data.objectives import Objective, make_objective
 from t5like.data.packing import PackedTable, StreamPacker
 from t5like.data.tasks import TASK_FIELDS, TaskTable
@@ -67,7 +68,7 @@ class BatchIterator:
     number of steps. A finished eval pass restarts from the beginning on the next iteration.
     """
 
-    def __init__(self, table: PackedTable | TaskTable, objective: Objective | None, *, batch_size: int, seed: int,
+    def __init__(self, table: PackedTable | TaskTable | SFTTable | PreferenceTable, objective: Objective | None, *, batch_size: int, seed: int,
                  shuffle: bool, infinite: bool, num_batches: int | None = None, host: tuple[int, int] = (0, 1)):
         self.table, self.objective = table, objective
         self.batch_size, self.seed = batch_size, seed
@@ -267,6 +268,11 @@ def make_iterator(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, batch_si
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     train = split == "train"
+    if cfg.objective in CHAT_OBJECTIVES:  # conversations (packed) or preference pairs (one a row)
+        table = (SFTTable if cfg.objective == "sft" else PreferenceTable)(cfg, tokenizer, split)
+        return BatchIterator(table, None, batch_size=batch_size * process_count, seed=seed,
+                             shuffle=train and cfg.shuffle, infinite=train, num_batches=num_batches,
+                             host=(process_index, process_count))
     if cfg.objective in TASK_FIELDS:  # labelled examples, one per row (fine-tuning); hosts as for local text
         return BatchIterator(TaskTable(cfg, tokenizer, split), None, batch_size=batch_size * process_count,
                              seed=seed, shuffle=train and cfg.shuffle, infinite=train, num_batches=num_batches,

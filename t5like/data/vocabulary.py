@@ -11,7 +11,7 @@ import tempfile
 from typing import Iterator
 
 from t5like import storage
-from t5like.data import sources, tasks
+from t5like.data import instruct, sources, tasks
 from t5like.data.config import DataConfig
 from t5like.data.hf_tokenizer import HFTokenizer
 from t5like.data.tokenizer import Tokenizer, train_tokenizer
@@ -21,6 +21,8 @@ def training_texts(cfg: DataConfig) -> Iterator[str]:
     """The text a tokenizer is fitted on: a task's text fields, or the training split's documents."""
     if cfg.objective in tasks.TASK_FIELDS:
         return tasks.training_texts(cfg)
+    if cfg.objective in ("sft", "dpo"):
+        return instruct.training_texts(cfg)
     return sources.training_texts(cfg)
 
 

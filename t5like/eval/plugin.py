@@ -96,7 +96,7 @@ class Evaluation(Plugin):
         if self.graphdef is None:  # a caller that never built the model through the plugins
             from t5like.models import abstract_model
             self.graphdef, _ = abstract_model(self.cfg.model, self.sharder)
-        graphdef, loss = self.graphdef, loss_for(self.cfg.data.objective)
+        graphdef, loss = self.graphdef, loss_for(self.cfg.data.objective, self.cfg)
         # The trainer's eval step: the loss's sums (t5like/losses.py), byte_sum included.
         self.eval_step = jax.jit(lambda p, b: loss(nnx.merge(graphdef, p), b)[1],
                                  out_shardings=replicated(self.sharder.mesh))
