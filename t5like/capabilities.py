@@ -21,7 +21,7 @@ def plugins_for(cfg: Config, extra: Sequence[Plugin] = ()) -> Plugins:
     plugins: list[Plugin] = [Parametrization(cfg, lambda model: abstract_model(model)[1]), FineTuning(cfg)]
     if cfg.checkpoint.init_from:
         plugins.append(InitFrom(cfg))
-    if cfg.data.eval_sets or cfg.eval.tasks:  # after the plugins that add modules: it evaluates their model
+    if cfg.data.named_eval_sets() or cfg.eval.tasks:  # after the plugins that add modules: it evaluates their model
         plugins.append(Evaluation(cfg))
     return Plugins([*plugins, *extra])
 

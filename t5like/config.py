@@ -620,8 +620,9 @@ def key_help(cfg, prefix: str = "") -> dict[str, str]:
 @functools.lru_cache(maxsize=None)  # resolving the hints is slow and flat_keys asks per field: a plan took seconds
 def _field_types(cls) -> dict[str, object]:
     import typing
-    from t5like.data.config import EvalSet
-    return typing.get_type_hints(cls, localns={"DataConfig": type(_data_config()), "EvalSet": EvalSet})
+    from t5like.data.config import EvalSet, MixtureSource, MixtureStage
+    return typing.get_type_hints(cls, localns={"DataConfig": type(_data_config()), "EvalSet": EvalSet,
+                                               "MixtureSource": MixtureSource, "MixtureStage": MixtureStage})
 
 
 def flat_keys(cfg, prefix: str = "") -> dict[str, object]:

@@ -134,7 +134,7 @@ def _resume_key(cfg: Config) -> dict:
            "train.batch_size": cfg.train.batch_size, "seed": cfg.seed, "finetune": to_dict(cfg.finetune),
            **{f"data.{k}": v for k, v in to_dict(cfg.data).items()
               if k in ("source", "paths", "format", "text_field", "hub_name", "objective",
-                       "seq_len", "target_len", "max_files", "validation_fraction")}}
+                       "seq_len", "target_len", "max_files", "validation_fraction", "mixture")}}
     if o.schedule in HORIZON_SCHEDULES:
         key["train.steps"] = cfg.train.steps
     return key
@@ -349,12 +349,12 @@ def _data_position(saved: list[dict], cfg: Config, step: int) -> dict:
     hosts = jax.process_count()
     if len(saved) == hosts:
         return saved[jax.process_index()]
-    if cfg.data.source != "hub":
-        # Local sources walk one global order, and every host saved the same position (see make_iterator),
-        # including the GLOBAL batch size: it holds for any host count.
+    if cfg.data.host_count_invariant:
+        # Local sources (a mixture's too) walk one global order, and every host saved the same position (see
+        # make_iterator), including the GLOBAL batch size: it holds for any host count.
         return saved[0]
     raise ValueError(f"checkpoint step {step} was saved by {len(saved)} hosts, and this run has {hosts}. A "
-                     "data.source='hub' stream is split between hosts, so its position cannot be carried over: "
+                     "data.source='hub' stream (alone or in data.mixture) is split between hosts, so its position cannot be carried over: "
                      f"resume with {len(saved)} hosts, or start a new workdir with checkpoint.init_from.")
 
 
