@@ -11,10 +11,13 @@ A capability is a `Plugin`, built from the config. Each hook's default leaves tr
   wrap_optimizer(opt)     wrap the optax optimizer
   init_params(params)     change freshly initialised params (another run's weights, init scales); a
                           resumed run skips it, since its params come from its own checkpoint
-  on_log(step, row)       after a logged step's metrics reach the host
+  on_log(step, row)       after a row of metrics is written: a logged step's, or an eval's (keys eval_*)
   on_eval(step, params)   at each evaluation: more metrics for that step's eval row
   on_save(step)           after a checkpoint save is started
+  phase(name, step)       a context manager around each timed part of the loop: "restore", "data" (the
+                          next batch), "compile" (the first step of a process), "step", "eval", "save"
   summary(abstract)       entries for summary.json
+  on_finish(summary)      once the loop has ended (finished or preempted), with summary.json's entries
 
 The loss is chosen by objective in t5like/losses.py, the other half of the seam. `Plugins` applies a
 list of plugins in order; the trainer holds one and names no capability itself (t5like/capabilities.py
@@ -22,6 +25,7 @@ lists them). `train(cfg, plugins=[...])` adds plugins of your own, as Levanter's
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -67,8 +71,14 @@ class Plugin:
     def on_save(self, step: int) -> None:
         pass
 
+    def phase(self, name: str, step: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
     def summary(self, abstract_params) -> dict:
         return {}
+
+    def on_finish(self, summary: dict) -> None:
+        pass
 
 
 class Plugins:
@@ -159,6 +169,17 @@ class Plugins:
     def on_save(self, step: int) -> None:
         for p in self.plugins:
             p.on_save(step)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, step: int):
+        with contextlib.ExitStack() as stack:
+            for p in self.plugins:
+                stack.enter_context(p.phase(name, step))
+            yield
+
+    def on_finish(self, summary: dict) -> None:
+        for p in self.plugins:
+            p.on_finish(summary)
 
     def summary(self, abstract_params) -> dict:
         """Every plugin's entries, and `trainable_params` (all of them when nothing is frozen), counted as

@@ -391,7 +391,8 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
 
     ckpt = Checkpointer(checkpoint_dir(cfg.workdir), cfg.checkpoint)
     try:
-        start, state, saved_positions = ckpt.restore_latest_readable(setup.abstract_state)
+        with plugins.phase("restore", 0):
+            start, state, saved_positions = ckpt.restore_latest_readable(setup.abstract_state)
     except ValueError as e:  # UnreadableCheckpoint, CheckpointMismatch: before any step, nothing moved
         ckpt.close()
         raise ValueError(str(e)) from None
@@ -471,40 +472,50 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
     pending = None
     try:
         for step in range(start + 1, cfg.train.steps + 1):
-            state, step_metrics = setup.train_step(state, global_batch(setup, next(train_iter)))
-            if pending is not None:
-                read(*pending, log=True)
-                pending = None
-            preempted = preemption.reached(step)
-            save = step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted
-            log = step % cfg.train.log_every == 0 or step == cfg.train.steps
-            if save:
-                read(step, step_metrics, log)
-            elif log:
-                pending = (step, step_metrics)
+            with plugins.phase("data", step):
+                local = next(train_iter)
+            with plugins.phase("compile" if step == start + 1 else "step", step):
+                state, step_metrics = setup.train_step(state, global_batch(setup, local))
+                if pending is not None:
+                    read(*pending, log=True)
+                    pending = None
+                preempted = preemption.reached(step)
+                save = step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted
+                log = step % cfg.train.log_every == 0 or step == cfg.train.steps
+                if save:
+                    read(step, step_metrics, log)
+                elif log:
+                    pending = (step, step_metrics)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                 if pending is not None:  # keep rows in step order: this step's training row first
                     read(*pending, log=True)
                     pending = None
-                last_eval = {**evaluate(setup, state["params"], eval_iter), **plugins.on_eval(step, state["params"])}
+                with plugins.phase("eval", step):
+                    last_eval = {**evaluate(setup, state["params"], eval_iter),
+                                 **plugins.on_eval(step, state["params"])}
                 writer.write(step, last_eval)
                 progress.eval(step, last_eval)
+                plugins.on_log(step, last_eval)
                 t_last = time.perf_counter()
             if save:
-                write_config(cfg)  # describes the checkpoints from now on
-                writer.flush()
-                ckpt.save(step, state, train_iter.state(), to_dict(cfg))
+                with plugins.phase("save", step):
+                    write_config(cfg)  # describes the checkpoints from now on
+                    writer.flush()
+                    ckpt.save(step, state, train_iter.state(), to_dict(cfg))
                 plugins.on_save(step)
             if preempted:
                 break
         if not preempted:
-            last_eval = {**evaluate(setup, state["params"], eval_iter),
-                         **plugins.on_eval(cfg.train.steps, state["params"])}
+            with plugins.phase("eval", cfg.train.steps):
+                last_eval = {**evaluate(setup, state["params"], eval_iter),
+                             **plugins.on_eval(cfg.train.steps, state["params"])}
             writer.write(cfg.train.steps, last_eval)
             progress.eval(cfg.train.steps, last_eval)
+            plugins.on_log(cfg.train.steps, last_eval)
     finally:
         progress.close()
-        ckpt.close()
+        with plugins.phase("save", step):  # close waits for the last checkpoint to be written
+            ckpt.close()
         writer.close()
         preemption.close()
 
@@ -518,6 +529,7 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
                **({"final_eval_bpb": last_eval["eval_bpb"]} if "eval_bpb" in last_eval else {}),
                "wall_time_s": time.perf_counter() - started, "peak_flops_source": peak_source,
                "preempted": preempted, **plugins.summary(setup.abstract_state["params"])}
+    plugins.on_finish(summary)
     if preempted:
         print(f"SIGTERM: saved step {step} to {checkpoint_dir(cfg.workdir)}; rerun the same command to resume.",
               file=sys.stderr)
