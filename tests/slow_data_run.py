@@ -1,6 +1,7 @@
 """An experiment run whose training batches come late: `python tests/slow_data_run.py SECONDS LOG key=value ...`
 runs experiments.gpt2_small with a sleep of SECONDS in every next() of the training iterator, and appends a
-line to LOG per batch (the test's own count of the batches). For the goodput test (tests/test_observability.py)."""
+line to LOG per batch with the seconds that next() took (the test's own measure of the data wait). For the
+goodput test (tests/test_observability.py)."""
 import sys
 import time
 
@@ -17,10 +18,12 @@ class SlowBatches:
         return self
 
     def __next__(self):
+        t = time.perf_counter()
         time.sleep(self.seconds)
+        batch = next(self.it)
         with open(self.log, "a") as f:
-            f.write("batch\n")
-        return next(self.it)
+            f.write(f"{time.perf_counter() - t}\n")
+        return batch
 
     def __getattr__(self, name):
         return getattr(self.it, name)
