@@ -6,15 +6,13 @@ import glob
 import json
 import math
 import os
-import signal
+import shlex
 import struct
-import subprocess
 import sys
-import time
 
 import pytest
 
-from t5like import train
+from t5like import goodput
 from t5like.config import TrainConfig
 from t5like.data import DataConfig, get_tokenizer
 from t5like.metrics import read_metrics
@@ -23,6 +21,7 @@ from xla import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, SLEEP, PAUSE = 10, 4, 0.25, 1.0  # SLEEP: the injected data wait; PAUSE: between kill and resume
+KILL_AT = 8  # the 8th batch read (one before the loop, then steps 1-7): killed before step 7, after step 6
 
 
 def make_shared(root) -> dict:
@@ -32,23 +31,29 @@ def make_shared(root) -> dict:
     return {"root": root, "tokenizer": str(root / "tok" / "tokenizer" / "spm.model"), "mixture": json.dumps(mix)}
 
 
-def command(shared, workdir, sleep: float, *extra) -> tuple[list[str], dict]:
+def command(shared, workdir, sleep: float, kill_at: int, *extra) -> list[str]:
     args = ["size=tiny", "data.seq_len=32", "train.batch_size=8", "train.eval_steps=1", "train.eval_every=0",
             "train.progress=false", "train.peak_flops=1e11", "optim.schedule=constant",
             f"data.tokenizer_path={shared['tokenizer']}", f"data.mixture={shared['mixture']}",
             f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "train.profile_steps=2,3",
             "train.wandb_project=t5like-test", f"workdir={workdir}", *extra]
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_SILENT="true")
     return [sys.executable, os.path.join("tests", "slow_data_run.py"), str(sleep), f"{workdir}.batches",
-            *args], env
+            str(kill_at), *args]
 
 
 def background_runs(background, selected):
-    """The uninterrupted twin (no sleep, no W&B), started before the first test (tests/background.py)."""
-    if any("twin" in fixtures for fixtures in selected.values()):
+    """Started before the first test (tests/background.py): the uninterrupted twin (no sleep, no W&B), and the
+    run that SIGKILLs itself at KILL_AT, then (after PAUSE s) resumes to the end, one shell command."""
+    if any({"twin", "killed"} & fixtures for fixtures in selected.values()):
         shared = background.once("observability", make_shared)
-        cmd, env = command(shared, shared["root"] / "twin", 0, "train.wandb_project=")
-        background.start("observability_twin", cmd, cwd=ROOT, env=env)
+        env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1", WANDB_MODE="offline",
+                   WANDB_SILENT="true")
+        background.start("observability_twin", command(shared, shared["root"] / "twin", 0, 0, "train.wandb_project="),
+                         cwd=ROOT, env=env)
+        w = shared["root"] / "killed"
+        chain = (f"{shlex.join(command(shared, w, SLEEP, KILL_AT))}; cp {w}/metrics.jsonl {w}.at_kill.jsonl; "
+                 f"sleep {PAUSE}; {shlex.join(command(shared, w, SLEEP, 0))}")
+        background.start("observability_killed", ["sh", "-c", chain], cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -68,34 +73,15 @@ def logged(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def batches(workdir) -> list[float]:
-    """The seconds each next() of the training iterator took, in order, as the iterator measured them."""
-    path = f"{workdir}.batches"
-    return [float(x) for x in open(path).read().split()] if os.path.exists(path) else []
-
-
 @pytest.fixture(scope="module")
-def killed(shared):
-    """Killed (SIGKILL) at step 6 or later, after the checkpoint of step 4; rerun to the end after PAUSE s."""
-    from t5like.checkpoint import latest_step
+def killed(background, shared):
+    out = background.wait("observability_killed")
     workdir = shared["root"] / "killed"
-    cmd, env = command(shared, workdir, SLEEP)
-    log = shared["root"] / "killed.log"
-    with open(log, "w") as out:  # a file, not a pipe: nobody reads a pipe while the run goes on
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while max(logged(workdir) if (workdir / "metrics.jsonl").exists() else [], default=0) < 6 \
-            or latest_step(str(workdir)) != EVERY:
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first = {"batches": len(batches(workdir)), "logged": max(logged(workdir))}
-    time.sleep(PAUSE)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return {"workdir": workdir, "first": first, "batches": batches(workdir), "out": proc.stdout}
+    at_kill = [json.loads(line) for line in open(f"{workdir}.at_kill.jsonl")]
+    # The seconds each next() of the training iterator took, in order, as the iterator measured them.
+    waits = [float(x) for x in open(f"{workdir}.batches").read().split()]
+    return {"workdir": workdir, "out": out, "waits": waits,
+            "logged_at_kill": max(r["step"] for r in at_kill if "loss" in r)}
 
 
 def test_a_killed_mixture_run_resumes_bitwise_and_reports_each_source(killed, twin):
@@ -171,17 +157,19 @@ def test_wandb_offline_run_is_read_back_and_the_resume_continues_it(killed):
     assert any("eval/web/loss" in row for attempt, row in history if attempt == 1)
 
 
-def test_goodput_accounts_for_the_injected_wait_and_the_steps_redone(killed):
+def test_goodput_accounts_for_the_injected_wait_and_the_steps_redone(killed, capsys):
     summary = json.loads((killed["workdir"] / "summary.json").read_text())
-    seconds, first = summary["time_s"], killed["first"]
+    seconds, waits = summary["time_s"], killed["waits"]
     assert summary["attempts"] == 2
-    # Every batch slept SLEEP s. The trainer reads one more per attempt before its loop (start-up).
-    waits = killed["batches"]
-    loop = waits[1:first["batches"]] + waits[first["batches"] + 1:]
+    # Every batch slept SLEEP s. The trainer reads one more per attempt before its loop (start-up); the killed
+    # attempt's last read never returned.
+    assert len(waits) == (KILL_AT - 1) + (STEPS - EVERY + 1)
+    loop = waits[1:KILL_AT - 1] + waits[KILL_AT:]
     assert seconds["data"] >= SLEEP * len(loop)
     assert seconds["data"] == pytest.approx(sum(loop), rel=0.03)
-    # Steps past the checkpoint of step 4 ran twice: at least those the killed run logged, at most those it read.
-    assert first["logged"] - EVERY <= summary["lost_steps"] <= first["batches"] - 1 - EVERY
+    # Steps 5 and 6 ran before the kill, after the checkpoint of step 4: they were run twice.
+    assert killed["logged_at_kill"] in (KILL_AT - 3, KILL_AT - 2)  # the killed run logged them (one step late)
+    assert summary["lost_steps"] == KILL_AT - 2 - EVERY
     assert 0 < seconds["lost"] < seconds["step"]
     assert seconds["downtime"] >= PAUSE and seconds["restore"] > 0 and seconds["save"] > 0
     assert seconds["compile"] > 0 and seconds["startup"] > 0 and seconds["eval"] > 0
@@ -190,8 +178,8 @@ def test_goodput_accounts_for_the_injected_wait_and_the_steps_redone(killed):
     assert summary["goodput"] == pytest.approx((seconds["step"] - seconds["lost"]) / seconds["total"])
     rows = [r for r in read_metrics(str(killed["workdir"])) if "goodput" in r]
     assert rows and rows[-1]["time/lost_s"] > 0  # the metrics carry it too
-    out = subprocess.run([sys.executable, "-m", "t5like.goodput", str(killed["workdir"])], cwd=ROOT, text=True,
-                         capture_output=True, check=True).stdout
+    goodput.main([str(killed["workdir"])])  # python -m t5like.goodput WORKDIR
+    out = capsys.readouterr().out
     assert "over 2 attempt(s)" in out and f"({summary['lost_steps']} steps redone)" in out
 
 
