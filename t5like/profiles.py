@@ -4,7 +4,8 @@ On each host in train.profile_hosts, a jax.profiler trace runs from the start of
 LAST and is written under WORKDIR/profile (gs:// included: the profiler writes through TSL's file systems).
 Each step is a StepTraceAnnotation named "train" with its step number, so the profile plugin's step views
 and the trace viewer show one box per step around the jitted train_step. Open the trace with
-`tensorboard --logdir WORKDIR/profile` (tensorboard-plugin-profile) or `xprof WORKDIR/profile`.
+`python -m xprof.server --logdir WORKDIR/profile` (tensorboard-plugin-profile brings XProf) or
+`tensorboard --logdir WORKDIR/profile`.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class Profile(Plugin):
         jax.profiler.stop_trace()
         self.active = False
         print(f"profile of steps {self.first}..{self.last} written to {profile_dir(self.workdir)} (open it with "
-              f"tensorboard --logdir {profile_dir(self.workdir)}, or xprof)", file=sys.stderr)
+              f"python -m xprof.server --logdir {profile_dir(self.workdir)})", file=sys.stderr)
 
     def on_finish(self, summary: dict) -> None:
         if self.active:  # preempted inside the range: keep what was traced
