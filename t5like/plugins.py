@@ -11,8 +11,9 @@ A capability is a `Plugin`, built from the config. Each hook's default leaves tr
   wrap_optimizer(opt)     wrap the optax optimizer
   init_params(params)     change freshly initialised params (another run's weights, init scales); a
                           resumed run skips it, since its params come from its own checkpoint
-  on_log(step, row)       after a row of metrics is written: a logged step's, or an eval's (keys eval_*)
+  on_log(step, row)       after a logged step's metrics reach the host
   on_eval(step, params)   at each evaluation: more metrics for that step's eval row
+  on_eval_row(step, row)  after an eval row is written, with every plugin's additions (a writer logs it)
   on_save(step)           after a checkpoint save is started
   phase(name, step)       a context manager around each timed part of the loop: "restore", "data" (the
                           next batch), "compile" (the first step of a process), "step", "eval", "save"
@@ -67,6 +68,9 @@ class Plugin:
 
     def on_eval(self, step: int, params) -> dict:
         return {}
+
+    def on_eval_row(self, step: int, row: dict) -> None:
+        pass
 
     def on_save(self, step: int) -> None:
         pass
@@ -165,6 +169,10 @@ class Plugins:
         for p in self.plugins:
             rows.update(p.on_eval(step, params))
         return rows
+
+    def on_eval_row(self, step: int, row: dict) -> None:
+        for p in self.plugins:
+            p.on_eval_row(step, row)
 
     def on_save(self, step: int) -> None:
         for p in self.plugins:

@@ -495,7 +495,7 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
                                  **plugins.on_eval(step, state["params"])}
                 writer.write(step, last_eval)
                 progress.eval(step, last_eval)
-                plugins.on_log(step, last_eval)
+                plugins.on_eval_row(step, last_eval)
                 t_last = time.perf_counter()
             if save:
                 with plugins.phase("save", step):
@@ -511,7 +511,7 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
                              **plugins.on_eval(cfg.train.steps, state["params"])}
             writer.write(cfg.train.steps, last_eval)
             progress.eval(cfg.train.steps, last_eval)
-            plugins.on_log(cfg.train.steps, last_eval)
+            plugins.on_eval_row(cfg.train.steps, last_eval)
     finally:
         progress.close()
         with plugins.phase("save", step):  # close waits for the last checkpoint to be written

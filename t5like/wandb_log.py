@@ -52,6 +52,8 @@ class WandB(Plugin):
         if self.run is not None:
             self.run.log({k: v for k, v in row.items() if v is not None}, step=step)
 
+    on_eval_row = on_log  # eval rows go to W&B as the training rows do
+
     def on_finish(self, summary: dict) -> None:
         if self.run is not None:
             self.run.summary.update(summary)

@@ -119,6 +119,7 @@ def test_a_hub_stream_in_a_mixture_resumes_on_the_same_hosts(corpus):
 @pytest.mark.parametrize("change, message", [
     ({"weight": -1.0}, r"data.mixture\[1\].weight=-1.0 must be a finite number >= 0"),
     ({"weight": math.nan}, r"data.mixture\[1\].weight=nan must be a finite number >= 0"),
+    ({"source": "wiki"}, r"data.mixture\[1\].source='wiki' is not one of \('stdlib', 'files', 'hub'\)"),
     ("zero", r"data.mixture's weights are all zero"),
     ("unknown", r"data.mixture_stages\[0\].weights names 'wiki', which is no source of data.mixture"),
     ("order", r"data.mixture_stages\[1\].start=5 must be an integer step after 9"),

@@ -258,7 +258,7 @@ class DataConfig:
             try:
                 s.data_config(self).validate()
             except (ValueError, FileNotFoundError) as e:
-                raise type(e)(f"{where} (name={s.name!r}): {str(e).replace('data.', 'source ')}") from None
+                raise type(e)(f"{where} (name={s.name!r}): {str(e).replace('data.', where + '.')}") from None
         if sum(s.weight for s in self.mixture) <= 0:
             raise ValueError(f"data.mixture's weights are all zero ({[s.weight for s in self.mixture]}); give at "
                              "least one source a positive weight, e.g. weight=1.")
