@@ -301,7 +301,7 @@ def job_goodput(workdir: str) -> None:
     from t5like.goodput import account, read_attempts, report
     try:
         print(f"job {report(account(read_attempts(workdir)))}", file=sys.stderr)
-    except (OSError, ValueError) as e:  # the account is a report: an unreadable workdir does not stop the job
+    except Exception as e:  # noqa: BLE001  a report: an unreadable workdir must not stop the restart loop
         print(f"goodput: cannot read {workdir}/goodput ({type(e).__name__}: {e})", file=sys.stderr)
 
 
