@@ -138,7 +138,8 @@ class DataConfig:
     # A weighted mixture of named sources (MixtureSource) instead of data.source; on the command line a JSON
     # list, data.mixture='[{"name": "code", "source": "files", "paths": ["x/*.py"], "weight": 3}, ...]'.
     mixture: tuple[MixtureSource, ...] = ()
-    # Weights that change during training (MixtureStage, by step), e.g. '[{"start": 1000, "weights": {"code": 1}}]'.
+    # Weights that change from a given step on (MixtureStage); a JSON list,
+    # data.mixture_stages='[{"start": 1000, "weights": {"code": 1, "web": 3}}]'.
     mixture_stages: tuple[MixtureStage, ...] = ()
     # Processes for datasets.map when tokenising local data. SentencePiece already encodes each batch on
     # all cores, and >1 forks a process that may have JAX running, so raise it only for big corpora.
