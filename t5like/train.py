@@ -354,7 +354,8 @@ def _data_position(saved: list[dict], cfg: Config, step: int) -> dict:
         # make_iterator), including the GLOBAL batch size: it holds for any host count.
         return saved[0]
     raise ValueError(f"checkpoint step {step} was saved by {len(saved)} hosts, and this run has {hosts}. A "
-                     "data.source='hub' stream (alone or in data.mixture) is split between hosts, so its position cannot be carried over: "
+                     "data.source='hub' stream (alone or in data.mixture) is split between hosts, so its position "
+                     "cannot be carried over: "
                      f"resume with {len(saved)} hosts, or start a new workdir with checkpoint.init_from.")
 
 

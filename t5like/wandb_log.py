@@ -33,8 +33,8 @@ class WandB(Plugin):
         try:
             import wandb
         except ImportError:
-            raise ValueError(f"train.wandb_project={self.cfg.train.wandb_project!r} needs the wandb package: "
-                             "pip install 't5like[wandb]' (or set train.wandb_project='' to log without W&B).") from None
+            raise ValueError(f"train.wandb_project={self.cfg.train.wandb_project!r} needs the wandb package: pip "
+                             "install 't5like[wandb]' (or set train.wandb_project='' to log without W&B).") from None
         if jax.process_index() != 0:
             return
         workdir = self.cfg.workdir

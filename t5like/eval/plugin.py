@@ -1,5 +1,6 @@
 """In-loop evaluation, as a plugin of the trainer's seam (t5like/plugins.py): at every eval, the named
-held-out sets (data.eval_sets, and each data.mixture source with eval=true) and the lm-eval tasks (eval.tasks) add their rows to the eval row.
+held-out sets (data.eval_sets, and each data.mixture source with eval=true) and the lm-eval tasks
+(eval.tasks) add their rows to the eval row.
 
   eval/<set>/loss, eval/<set>/bpb     nats per target token and bits per UTF-8 byte on each named set
                                       (bpb where the objective defines it: t5like/data/objectives.py)
