@@ -135,11 +135,13 @@ def test_wandb_offline_run_is_read_back_and_the_resume_continues_it(killed):
     run_id = (workdir / "wandb_run_id").read_text()
     files = sorted(glob.glob(str(workdir / "wandb" / "offline-run-*" / "run-*.wandb")))
     assert [os.path.basename(f) for f in files] == [f"run-{run_id}.wandb"] * 2  # two attempts, one run
-    history, configs = [], []
+    history, configs, summary = [], [], {}
     for attempt, path in enumerate(files):
         for r in wandb_records(path):
             kind = r.WhichOneof("record_type")
-            if kind == "run":
+            if kind == "summary" and attempt == 1:
+                summary.update({u.key or ".".join(u.nested_key): json.loads(u.value_json) for u in r.summary.update})
+            elif kind == "run":
                 assert r.run.run_id == run_id
                 configs.append({u.key: json.loads(u.value_json) for u in r.run.config.update})
             elif kind == "history":
@@ -155,6 +157,8 @@ def test_wandb_offline_run_is_read_back_and_the_resume_continues_it(killed):
     resumed = [row["_step"] for attempt, row in history if attempt == 1 and "loss" in row]
     assert resumed == list(range(EVERY + 1, STEPS + 1))  # the second attempt continues from the checkpoint on
     assert any("eval/web/loss" in row for attempt, row in history if attempt == 1)
+    expected = json.loads((workdir / "summary.json").read_text())  # summary.json's entries, in the run's summary
+    assert summary["final_loss"] == expected["final_loss"] and summary["goodput"] == expected["goodput"]
 
 
 def test_goodput_accounts_for_the_injected_wait_and_the_steps_redone(killed, capsys):
