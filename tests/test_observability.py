@@ -158,7 +158,8 @@ def test_wandb_offline_run_is_read_back_and_the_resume_continues_it(killed):
     assert resumed == list(range(EVERY + 1, STEPS + 1))  # the second attempt continues from the checkpoint on
     assert any("eval/web/loss" in row for attempt, row in history if attempt == 1)
     expected = json.loads((workdir / "summary.json").read_text())  # summary.json's entries, in the run's summary
-    assert summary["final_loss"] == expected["final_loss"] and summary["goodput"] == expected["goodput"]
+    assert summary["final_loss"] == expected["final_loss"] and summary["final_eval/web/loss"] == \
+        expected["final_eval/web/loss"] and summary["attempts"] == expected["attempts"] == 2
 
 
 def test_goodput_accounts_for_the_injected_wait_and_the_steps_redone(killed, capsys):
