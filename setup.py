@@ -36,6 +36,11 @@ setup(
         # Chat templates of Hugging Face tokenizers for instruction tuning and DPO (t5like.data.chat); 3.1.6 is
         # the first without the sandbox escapes that transformers also refuses.
         "chat": ["jinja2>=3.1.6,<4"],
+        # Weights & Biases as a writer beside TensorBoard (train.wandb_project). Tested with 0.31.0.
+        "wandb": ["wandb>=0.31,<0.32"],
+        # TensorBoard's profile plugin / XProf, to open train.profile_steps traces (and the test that parses
+        # one with XProf's converter). Tested with 2.24.2.
+        "profile": ["tensorboard-plugin-profile>=2.24,<2.25"],
         "dev": [
             "lm-eval[hf]>=0.4.13,<0.5",           # t5like.eval and its parity tests against lm-eval's hf backend
             "pytest>=8,<10", "pytest-xdist>=3.8,<4",   # pytest.ini runs the suite on 2 workers
@@ -50,6 +55,8 @@ setup(
             "ray>=2.60,<2.61",                     # launch.sweep --backend ray
             "qwix>=0.1.8,<0.2",                    # t5like.quantization
             "jax[tpu]>=0.10.2,<0.11",              # libtpu: ahead-of-time compiles for TPU topologies
+            "wandb>=0.31,<0.32",                   # the W&B writer's test reads its offline run back
+            "tensorboard-plugin-profile>=2.24,<2.25",   # XProf's converter parses the profile test's trace
         ],
         # Qwix (Google's JAX quantization library) for t5like.quantization: model.quant=int8, quantized decoding.
         # Tested with 0.1.8; it needs only jax and flax, installed already.

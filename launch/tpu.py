@@ -295,12 +295,24 @@ def plan(s: Slice, wheel: str, command: list[str], log_dir: str, local_logs: str
     return steps
 
 
-def run_loop(pod, command: list[str], max_restarts: int, keep: bool) -> int:
+def job_goodput(workdir: str) -> None:
+    """The whole job's time account so far, from the workdir's records (t5like/goodput.py): every attempt, the
+    steps redone after each restart, and the downtime between attempts."""
+    from t5like.goodput import account, read_attempts, report
+    try:
+        print(f"job {report(account(read_attempts(workdir)))}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  a report: an unreadable workdir must not stop the restart loop
+        print(f"goodput: cannot read {workdir}/goodput ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def run_loop(pod, command: list[str], max_restarts: int, keep: bool, workdir: str = "") -> int:
     attempt, fresh = 0, True
     try:
         while True:
             pod.up(fresh)
             codes = pod.run(command, attempt)
+            if workdir:
+                job_goodput(workdir)
             if all(c == 0 for c in codes):
                 print(f"run finished (attempt {attempt})", file=sys.stderr)
                 return 0
@@ -341,7 +353,8 @@ def cmd_run(args) -> int:
         if tpu is not None and not args.skip_compile_check:
             compile_check(args.experiment, overrides, tpu)
         pod = LocalPod(args.local_pod, args.local_devices, local_logs, log_dir)
-        return run_loop(pod, worker_command(args.experiment, overrides, sys.executable), args.max_restarts, args.keep)
+        return run_loop(pod, worker_command(args.experiment, overrides, sys.executable), args.max_restarts, args.keep,
+                        args.workdir)
     zone = args.zone or gcloud_default("--zone", "compute/zone")
     project = args.project or gcloud_default("--project", "project", PROJECT_PLACEHOLDER if args.dry_run else None)
     if args.any_zone:
@@ -374,7 +387,7 @@ def cmd_run(args) -> int:
         raise RuntimeError(f"the wheel build did not produce {wheel}")
     timeout = args.ready_timeout or (86400.0 if queued else 1800.0)
     pod = CloudPod(s, wheel, log_dir, local_logs, timeout)
-    return run_loop(pod, command, args.max_restarts, args.keep)
+    return run_loop(pod, command, args.max_restarts, args.keep, args.workdir)
 
 
 def queued_for(args) -> bool:

@@ -11,10 +11,13 @@ from t5like.config import Config
 from t5like.eval.plugin import Evaluation
 from t5like.finetune import FineTuning, InitFrom, with_source_settings
 from t5like.fork import Fork
+from t5like.goodput import Goodput
 from t5like.models import abstract_model
 from t5like.parametrization import Parametrization
 from t5like.plugins import Plugin, Plugins
 from t5like.preference import PreferenceTuning
+from t5like.profiles import Profile
+from t5like.wandb_log import WandB
 
 
 def plugins_for(cfg: Config, extra: Sequence[Plugin] = ()) -> Plugins:
@@ -27,8 +30,13 @@ def plugins_for(cfg: Config, extra: Sequence[Plugin] = ()) -> Plugins:
         plugins.append(Fork(cfg))
     if cfg.data.objective == "dpo":  # after init_from: its reference copy is the loaded starting point
         plugins.append(PreferenceTuning(cfg))
-    if cfg.data.eval_sets or cfg.eval.tasks:  # after the plugins that add modules: it evaluates their model
+    if cfg.data.named_eval_sets() or cfg.eval.tasks:  # after the plugins that add modules: it evaluates their model
         plugins.append(Evaluation(cfg))
+    plugins.append(Goodput(cfg))  # every run accounts for its time
+    if cfg.train.profile_steps:
+        plugins.append(Profile(cfg))
+    if cfg.train.wandb_project:  # last: it logs the rows and summary the others made
+        plugins.append(WandB(cfg))
     return Plugins([*plugins, *extra])
 
 

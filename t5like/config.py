@@ -407,6 +407,12 @@ class TrainConfig:
     # data-sheet table, or on CPU one matmul measured at start. Set it where the table is wrong for your part
     # (H100 PCIe) or to make CPU runs' MFU comparable without the measurement's noise.
     peak_flops: float = 0.0
+    # A jax.profiler trace of steps FIRST..LAST (train.profile_steps=FIRST,LAST) into WORKDIR/profile, on the
+    # hosts in profile_hosts; open it with TensorBoard's profile plugin or XProf (docs/observability.md).
+    profile_steps: tuple[int, ...] = ()
+    profile_hosts: tuple[int, ...] = (0,)   # process indices that write a trace
+    # Weights & Biases project to log config, metrics and summary to (host 0; needs the `wandb` extra); "" = off.
+    wandb_project: str = ""
 
     def validate(self) -> "TrainConfig":
         _positive("train.steps", self.steps)
@@ -416,6 +422,19 @@ class TrainConfig:
         _non_negative("train.eval_every", self.eval_every, "0 = only at the end.")
         _real("train.peak_flops", self.peak_flops, 0, hint="FLOP/s per device, e.g. 756e12 for an H100 PCIe; "
               "0 = the data-sheet table (a measured matmul on CPU).")
+        p = self.profile_steps
+        if p and (len(p) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+                  or not 1 <= p[0] <= p[1]):
+            raise ValueError(f"train.profile_steps={p!r} must be two steps FIRST,LAST with 1 <= FIRST <= LAST, e.g. "
+                             "train.profile_steps=10,12 (skip the first steps: they compile).")
+        if p and p[1] > self.steps:
+            raise ValueError(f"train.profile_steps={p[0]},{p[1]} goes beyond train.steps={self.steps}; profile steps "
+                             f"up to {self.steps}, e.g. train.profile_steps={max(1, self.steps - 2)},{self.steps}.")
+        if not isinstance(self.profile_hosts, tuple) or not all(
+                isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in self.profile_hosts):
+            raise ValueError(f"train.profile_hosts={self.profile_hosts!r} must be process indices >= 0, e.g. 0,1.")
+        if not isinstance(self.wandb_project, str):
+            raise ValueError(f"train.wandb_project={self.wandb_project!r} must be a project name, or '' for off.")
         return self
 
 
@@ -668,8 +687,9 @@ def key_help(cfg, prefix: str = "") -> dict[str, str]:
 @functools.lru_cache(maxsize=None)  # resolving the hints is slow and flat_keys asks per field: a plan took seconds
 def _field_types(cls) -> dict[str, object]:
     import typing
-    from t5like.data.config import EvalSet
-    return typing.get_type_hints(cls, localns={"DataConfig": type(_data_config()), "EvalSet": EvalSet})
+    from t5like.data.config import EvalSet, MixtureSource, MixtureStage
+    return typing.get_type_hints(cls, localns={"DataConfig": type(_data_config()), "EvalSet": EvalSet,
+                                               "MixtureSource": MixtureSource, "MixtureStage": MixtureStage})
 
 
 def flat_keys(cfg, prefix: str = "") -> dict[str, object]:

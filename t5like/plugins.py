@@ -13,8 +13,12 @@ A capability is a `Plugin`, built from the config. Each hook's default leaves tr
                           resumed run skips it, since its params come from its own checkpoint
   on_log(step, row)       after a logged step's metrics reach the host
   on_eval(step, params)   at each evaluation: more metrics for that step's eval row
+  on_eval_row(step, row)  after an eval row is written, with every plugin's additions (a writer logs it)
   on_save(step)           after a checkpoint save is started
+  phase(name, step)       a context manager around each timed part of the loop: "restore", "data" (the
+                          next batch), "compile" (the first step of a process), "step", "eval", "save"
   summary(abstract)       entries for summary.json
+  on_finish(summary)      once the loop has ended (finished or preempted), with summary.json's entries
 
 The loss is chosen by objective in t5like/losses.py, the other half of the seam. `Plugins` applies a
 list of plugins in order; the trainer holds one and names no capability itself (t5like/capabilities.py
@@ -22,6 +26,7 @@ lists them). `train(cfg, plugins=[...])` adds plugins of your own, as Levanter's
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -64,11 +69,20 @@ class Plugin:
     def on_eval(self, step: int, params) -> dict:
         return {}
 
+    def on_eval_row(self, step: int, row: dict) -> None:
+        pass
+
     def on_save(self, step: int) -> None:
         pass
 
+    def phase(self, name: str, step: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
     def summary(self, abstract_params) -> dict:
         return {}
+
+    def on_finish(self, summary: dict) -> None:
+        pass
 
 
 class Plugins:
@@ -156,9 +170,24 @@ class Plugins:
             rows.update(p.on_eval(step, params))
         return rows
 
+    def on_eval_row(self, step: int, row: dict) -> None:
+        for p in self.plugins:
+            p.on_eval_row(step, row)
+
     def on_save(self, step: int) -> None:
         for p in self.plugins:
             p.on_save(step)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, step: int):
+        with contextlib.ExitStack() as stack:
+            for p in self.plugins:
+                stack.enter_context(p.phase(name, step))
+            yield
+
+    def on_finish(self, summary: dict) -> None:
+        for p in self.plugins:
+            p.on_finish(summary)
 
     def summary(self, abstract_params) -> dict:
         """Every plugin's entries, and `trainable_params` (all of them when nothing is frozen), counted as

@@ -134,7 +134,7 @@ def _resume_key(cfg: Config) -> dict:
            "train.batch_size": cfg.train.batch_size, "seed": cfg.seed, "finetune": to_dict(cfg.finetune),
            **{f"data.{k}": v for k, v in to_dict(cfg.data).items()
               if k in ("source", "paths", "format", "text_field", "hub_name", "objective",
-                       "seq_len", "target_len", "max_files", "validation_fraction")}}
+                       "seq_len", "target_len", "max_files", "validation_fraction", "mixture")}}
     if o.schedule in HORIZON_SCHEDULES:
         key["train.steps"] = cfg.train.steps
     return key
@@ -355,12 +355,13 @@ def _data_position(saved: list[dict], cfg: Config, step: int) -> dict:
     hosts = jax.process_count()
     if len(saved) == hosts:
         return saved[jax.process_index()]
-    if cfg.data.source != "hub":
-        # Local sources walk one global order, and every host saved the same position (see make_iterator),
-        # including the GLOBAL batch size: it holds for any host count.
+    if cfg.data.host_count_invariant:
+        # Local sources (a mixture's too) walk one global order, and every host saved the same position (see
+        # make_iterator), including the GLOBAL batch size: it holds for any host count.
         return saved[0]
     raise ValueError(f"checkpoint step {step} was saved by {len(saved)} hosts, and this run has {hosts}. A "
-                     "data.source='hub' stream is split between hosts, so its position cannot be carried over: "
+                     "data.source='hub' stream (alone or in data.mixture) is split between hosts, so its position "
+                     "cannot be carried over: "
                      f"resume with {len(saved)} hosts, or start a new workdir with checkpoint.init_from.")
 
 
@@ -397,7 +398,8 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
 
     ckpt = Checkpointer(checkpoint_dir(cfg.workdir), cfg.checkpoint)
     try:
-        start, state, saved_positions = ckpt.restore_latest_readable(setup.abstract_state)
+        with plugins.phase("restore", 0):
+            start, state, saved_positions = ckpt.restore_latest_readable(setup.abstract_state)
     except ValueError as e:  # UnreadableCheckpoint, CheckpointMismatch: before any step, nothing moved
         ckpt.close()
         raise ValueError(str(e)) from None
@@ -478,41 +480,51 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
     pending = None
     try:
         for step in range(start + 1, cfg.train.steps + 1):
-            state, step_metrics = setup.train_step(state, global_batch(setup, next(train_iter)))
-            if pending is not None:
-                read(*pending, log=True)
-                pending = None
-            preempted = preemption.reached(step)
-            save = (step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted
-                    or step in cfg.checkpoint.keep_steps)
-            log = step % cfg.train.log_every == 0 or step == cfg.train.steps
-            if save:
-                read(step, step_metrics, log)
-            elif log:
-                pending = (step, step_metrics)
+            with plugins.phase("data", step):
+                local = next(train_iter)
+            with plugins.phase("compile" if step == start + 1 else "step", step):
+                state, step_metrics = setup.train_step(state, global_batch(setup, local))
+                if pending is not None:
+                    read(*pending, log=True)
+                    pending = None
+                preempted = preemption.reached(step)
+                save = (step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted
+                        or step in cfg.checkpoint.keep_steps)
+                log = step % cfg.train.log_every == 0 or step == cfg.train.steps
+                if save:
+                    read(step, step_metrics, log)
+                elif log:
+                    pending = (step, step_metrics)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                 if pending is not None:  # keep rows in step order: this step's training row first
                     read(*pending, log=True)
                     pending = None
-                last_eval = {**evaluate(setup, state["params"], eval_iter), **plugins.on_eval(step, state["params"])}
+                with plugins.phase("eval", step):
+                    last_eval = {**evaluate(setup, state["params"], eval_iter),
+                                 **plugins.on_eval(step, state["params"])}
                 writer.write(step, last_eval)
                 progress.eval(step, last_eval)
+                plugins.on_eval_row(step, last_eval)
                 t_last = time.perf_counter()
             if save:
-                write_config(cfg)  # describes the checkpoints from now on
-                writer.flush()
-                ckpt.save(step, state, train_iter.state(), to_dict(cfg))
+                with plugins.phase("save", step):
+                    write_config(cfg)  # describes the checkpoints from now on
+                    writer.flush()
+                    ckpt.save(step, state, train_iter.state(), to_dict(cfg))
                 plugins.on_save(step)
             if preempted:
                 break
         if not preempted:
-            last_eval = {**evaluate(setup, state["params"], eval_iter),
-                         **plugins.on_eval(cfg.train.steps, state["params"])}
+            with plugins.phase("eval", cfg.train.steps):
+                last_eval = {**evaluate(setup, state["params"], eval_iter),
+                             **plugins.on_eval(cfg.train.steps, state["params"])}
             writer.write(cfg.train.steps, last_eval)
             progress.eval(cfg.train.steps, last_eval)
+            plugins.on_eval_row(cfg.train.steps, last_eval)
     finally:
         progress.close()
-        ckpt.close()
+        with plugins.phase("save", step):  # close waits for the last checkpoint to be written
+            ckpt.close()
         writer.close()
         preemption.close()
 
@@ -527,6 +539,7 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
                   if k in last_eval},
                "wall_time_s": time.perf_counter() - started, "peak_flops_source": peak_source,
                "preempted": preempted, **plugins.summary(setup.abstract_state["params"])}
+    plugins.on_finish(summary)
     if preempted:
         print(f"SIGTERM: saved step {step} to {checkpoint_dir(cfg.workdir)}; rerun the same command to resume.",
               file=sys.stderr)

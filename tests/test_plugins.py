@@ -1,5 +1,7 @@
 """The trainer's seam (t5like/plugins.py): a plugin of the caller's own sees every hook at the right steps,
 adds metrics and summary entries, freezes what it says, and a resumed run skips fresh-init hooks."""
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -52,21 +54,38 @@ class Recorder(Plugin):
         self.events.append(("eval", step))
         return {"recorder/step_seen": float(step)}
 
+    def on_eval_row(self, step, row):
+        self.events.append(("eval_row", step, "recorder/step_seen" in row))
+
     def on_save(self, step):
         self.events.append(("save", step))
 
+    @contextlib.contextmanager
+    def phase(self, name, step):
+        self.events.append(("phase", name, step))
+        yield
+
     def summary(self, abstract_params):
         return {"recorder": "was here"}
+
+    def on_finish(self, summary):
+        self.events.append(("finish", summary["recorder"]))
 
 
 def test_a_plugin_sees_every_hook_and_freezes_what_it_says(tok_path, tmp_path):
     workdir = tmp_path / "run"
     first = Recorder()
     result = train.train(config(tok_path, workdir, 6), plugins=[first])
-    assert first.events[:3] == [("check_start", False), ("check_data",), ("init_params",)]
+    hooks = [e for e in first.events if e[0] != "phase"]
+    assert hooks[:3] == [("check_start", False), ("check_data",), ("init_params",)]
     assert [e[1] for e in first.events if e[0] == "log"] == [1, 2, 3, 4, 5, 6]
     assert [e[1] for e in first.events if e[0] == "eval"] == [2, 4, 6]
     assert [e[1] for e in first.events if e[0] == "save"] == [3, 6]
+    assert [e[1:] for e in first.events if e[0] == "eval_row"] == [(2, True), (4, True), (6, True)]
+    phases = [e[1:] for e in first.events if e[0] == "phase"]
+    assert phases[:3] == [("restore", 0), ("data", 1), ("compile", 1)] and ("step", 2) in phases
+    assert {("save", 3), ("save", 6), ("eval", 2), ("eval", 6)} <= set(phases)
+    assert first.events[-1] == ("finish", "was here")
     evals = [r for r in read_metrics(str(workdir)) if "eval_loss" in r]
     assert [(r["step"], r["recorder/step_seen"]) for r in evals] == [(2, 2.0), (4, 4.0), (6, 6.0)]
     assert result.summary["recorder"] == "was here"

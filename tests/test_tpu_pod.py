@@ -103,6 +103,7 @@ def test_a_killed_worker_restarts_the_pod_and_the_run_ends_with_the_same_losses(
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     assert "a worker failed" in err and "restart 1/1" in err and "run finished (attempt 1)" in err
+    assert "job goodput" in err and "over 2 attempt(s)" in err  # the restart loop's view of the whole job
     assert "resumed from" in (logs / "worker-0.log").read_text()
     uninterrupted = request.getfixturevalue("uninterrupted")
     killed = losses(env, f"gs://{gcs_server.bucket}/tpu-pod-killed")

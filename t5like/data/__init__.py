@@ -8,9 +8,9 @@
 """
 from t5like.data.config import DataConfig
 from t5like.data.objectives import Objective, batch_shapes, make_objective
-from t5like.data.pipeline import BatchIterator, StreamingBatchIterator, make_iterator
+from t5like.data.pipeline import BatchIterator, MixtureIterator, StreamingBatchIterator, make_iterator
 from t5like.data.tokenizer import Tokenizer, train_tokenizer
 from t5like.data.vocabulary import get_tokenizer
 
 __all__ = ["DataConfig", "Tokenizer", "get_tokenizer", "train_tokenizer", "make_iterator", "BatchIterator",
-           "StreamingBatchIterator", "Objective", "make_objective", "batch_shapes"]
+           "StreamingBatchIterator", "MixtureIterator", "Objective", "make_objective", "batch_shapes"]

@@ -38,7 +38,8 @@ class EvalSet:
         """The run's data config (tokenizer, objective, lengths) reading this set's documents."""
         return dataclasses.replace(data, source=self.source, paths=self.paths, format=self.format,
                                    text_field=self.text_field, hub_name=self.hub_name, hub_config=self.hub_config,
-                                   hub_validation_split=self.hub_split, max_files=self.max_files, eval_sets=())
+                                   hub_validation_split=self.hub_split, max_files=self.max_files, eval_sets=(),
+                                   mixture=(), mixture_stages=())
 
     def iterator_split(self) -> str:
         """The split make_iterator reads: a hub set's hub_split is its "validation"; local sources "all" or it."""
@@ -46,6 +47,53 @@ class EvalSet:
 
 
 _EVAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSource:
+    """One named source of a weighted mixture (data.mixture), in any form a single source takes.
+
+    Its share of the training rows is weight / (the sum of the weights) until a stage (data.mixture_stages)
+    changes it. With eval=True its held-out documents are also an eval set: eval/<name>/loss, eval/<name>/bpb."""
+
+    name: str                      # letters, digits, _ . -
+    weight: float = 1.0            # >= 0; relative to the other sources' weights
+    source: str = "stdlib"         # stdlib | files | hub
+    paths: tuple[str, ...] = ()
+    format: str = "text"
+    text_field: str = "text"
+    hub_name: str = ""
+    hub_config: str = ""
+    hub_split: str = "train"
+    hub_validation_split: str = "validation"
+    max_files: int = 0
+    eval: bool = True              # also report this source's held-out documents by name
+
+    def __post_init__(self):
+        if isinstance(self.paths, (list, str)):
+            object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
+
+    def data_config(self, data: "DataConfig") -> "DataConfig":
+        """The run's data config (tokenizer, objective, lengths, split) reading this source alone."""
+        return dataclasses.replace(data, source=self.source, paths=self.paths, format=self.format,
+                                   text_field=self.text_field, hub_name=self.hub_name, hub_config=self.hub_config,
+                                   hub_split=self.hub_split, hub_validation_split=self.hub_validation_split,
+                                   max_files=self.max_files, eval_sets=(), mixture=(), mixture_stages=())
+
+    def eval_set(self) -> EvalSet:
+        """This source's held-out share as a named eval set (a hub source: its validation split)."""
+        return EvalSet(name=self.name, source=self.source, paths=self.paths, format=self.format,
+                       text_field=self.text_field, hub_name=self.hub_name, hub_config=self.hub_config,
+                       hub_split=self.hub_validation_split, split="validation", max_files=self.max_files)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureStage:
+    """From training step `start` on, the mixture's weights are `weights` (source name -> weight; a source
+    not named gets 0)."""
+
+    start: int
+    weights: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -90,6 +138,12 @@ class DataConfig:
     # Named held-out sets (EvalSet), each with its own eval/<name>/loss and eval/<name>/bpb rows at every eval.
     # On the command line: a JSON list, data.eval_sets='[{"name": "code", "source": "files", "paths": ["x/*.py"]}]'.
     eval_sets: tuple[EvalSet, ...] = ()
+    # A weighted mixture of named sources (MixtureSource) instead of data.source; on the command line a JSON
+    # list, data.mixture='[{"name": "code", "source": "files", "paths": ["x/*.py"], "weight": 3}, ...]'.
+    mixture: tuple[MixtureSource, ...] = ()
+    # Weights that change from a given step on (MixtureStage); a JSON list,
+    # data.mixture_stages='[{"start": 1000, "weights": {"code": 1, "web": 3}}]'.
+    mixture_stages: tuple[MixtureStage, ...] = ()
     # Processes for datasets.map when tokenising local data. SentencePiece already encodes each batch on
     # all cores, and >1 forks a process that may have JAX running, so raise it only for big corpora.
     num_proc: int = 1
@@ -100,6 +154,26 @@ class DataConfig:
             self.paths = tuple(self.paths)
         if isinstance(self.eval_sets, (list, tuple)):  # from JSON (config.json, the command line): dicts
             self.eval_sets = tuple(EvalSet(**s) if isinstance(s, dict) else s for s in self.eval_sets)
+        if isinstance(self.mixture, (list, tuple)):
+            self.mixture = tuple(MixtureSource(**s) if isinstance(s, dict) else s for s in self.mixture)
+        if isinstance(self.mixture_stages, (list, tuple)):
+            self.mixture_stages = tuple(MixtureStage(**s) if isinstance(s, dict) else s for s in self.mixture_stages)
+
+    @property
+    def host_count_invariant(self) -> bool:
+        """Every host reads every document (local sources), so the saved position holds on any host count."""
+        return all(s.source != "hub" for s in self.mixture) if self.mixture else self.source != "hub"
+
+    def named_eval_sets(self) -> tuple[EvalSet, ...]:
+        """data.eval_sets, then the held-out share of each mixture source with eval=True."""
+        return self.eval_sets + tuple(s.eval_set() for s in self.mixture if s.eval)
+
+    def stage_weights(self) -> list[tuple[int, tuple[float, ...]]]:
+        """[(first step, the normalised weight of every mixture source in order)], the sources' own from step 1."""
+        names = [s.name for s in self.mixture]
+        stages = [(1, [float(s.weight) for s in self.mixture])]
+        stages += [(st.start, [float(st.weights.get(n, 0.0)) for n in names]) for st in self.mixture_stages]
+        return [(start, tuple(w / sum(ws) for w in ws)) for start, ws in stages]
 
     def validate(self) -> "DataConfig":
         """Raise ValueError/FileNotFoundError naming the first bad field; return self so calls chain."""
@@ -112,21 +186,23 @@ class DataConfig:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             elif want in (str, bool):
                 ok = isinstance(value, want)
-            elif f.name == "eval_sets":
-                ok = isinstance(value, tuple) and all(isinstance(s, EvalSet) for s in value)
+            elif f.name in ("eval_sets", "mixture", "mixture_stages"):
+                kind = {"eval_sets": EvalSet, "mixture": MixtureSource, "mixture_stages": MixtureStage}[f.name]
+                ok = isinstance(value, tuple) and all(isinstance(s, kind) for s in value)
             else:  # tuple[str, ...]
                 ok = isinstance(value, tuple) and all(isinstance(p, str) for p in value)
             if not ok:
                 fix = "a tuple of path strings, e.g. ('data/*.txt',)" if f.name == "paths" else want.__name__
                 raise ValueError(f"data.{f.name}={value!r} has the wrong type; expected {fix}")
 
+        self._validate_mixture()  # first: a mixture replaces data.source and its fields
         _one_of("source", self.source, SOURCES)
         _one_of("format", self.format, FORMATS)
         _one_of("objective", self.objective, OBJECTIVES)
-        if self.source == "files" and not self.paths:
+        if self.source == "files" and not self.paths and not self.mixture:
             raise ValueError("data.paths is empty but data.source='files'; set data.paths=('corpus/*.txt',) "
                              "or use data.source='stdlib'")
-        if self.source == "hub" and not self.hub_name:
+        if self.source == "hub" and not self.hub_name and not self.mixture:
             raise ValueError("data.hub_name is empty but data.source='hub'; set it, e.g. data.hub_name='allenai/c4'")
         if not self.text_field:
             raise ValueError("data.text_field is empty; set it to the column holding the text, e.g. 'text'")
@@ -166,6 +242,61 @@ class DataConfig:
         self._validate_eval_sets()
         return self
 
+    def _validate_mixture(self) -> None:
+        if not self.mixture:
+            if self.mixture_stages:
+                raise ValueError("data.mixture_stages is set but data.mixture is empty; stages change the weights "
+                                 "of a mixture's sources. Set data.mixture or remove data.mixture_stages.")
+            return
+        if self.paths or self.hub_name or self.source != "stdlib":
+            raise ValueError(f"data.mixture is set, and so is data.source={self.source!r} / data.paths / "
+                             "data.hub_name: a mixture names its own sources. Move the source into data.mixture as "
+                             "one more named entry and leave data.source, data.paths and data.hub_name unset.")
+        if self.objective in ("seq2seq", "completion", "classification"):
+            raise ValueError(f"data.mixture mixes documents of text, for the text objectives; data.objective="
+                             f"{self.objective!r} reads labelled examples. Remove data.mixture.")
+        names = []
+        for i, s in enumerate(self.mixture):
+            where = f"data.mixture[{i}]"
+            if not isinstance(s.name, str) or not _EVAL_SET_NAME.match(s.name):
+                raise ValueError(f"{where}.name={s.name!r} must be letters, digits, '_', '.' or '-', e.g. 'code'.")
+            if s.name in names:
+                raise ValueError(f"{where}.name={s.name!r} is used twice; give every mixture source its own name.")
+            names.append(s.name)
+            _weight(f"{where}.weight", s.weight)
+            if not isinstance(s.eval, bool):
+                raise ValueError(f"{where}.eval={s.eval!r} must be true or false.")
+            try:
+                s.data_config(self).validate()
+            except (ValueError, FileNotFoundError) as e:
+                raise type(e)(f"{where} (name={s.name!r}): {str(e).replace('data.', where + '.')}") from None
+        if sum(s.weight for s in self.mixture) <= 0:
+            raise ValueError(f"data.mixture's weights are all zero ({[s.weight for s in self.mixture]}); give at "
+                             "least one source a positive weight, e.g. weight=1.")
+        last = 1
+        for i, st in enumerate(self.mixture_stages):
+            where = f"data.mixture_stages[{i}]"
+            if not isinstance(st.start, int) or isinstance(st.start, bool) or st.start <= last:
+                raise ValueError(f"{where}.start={st.start!r} must be an integer step after {last} (the previous "
+                                 "stage's start; the sources' own weights hold from step 1): list stages in order "
+                                 "of their start step.")
+            last = st.start
+            if not isinstance(st.weights, dict) or not st.weights:
+                raise ValueError(f"{where}.weights={st.weights!r} must map source names to weights, e.g. "
+                                 f"{{{names[0]!r}: 1.0}}.")
+            for name, w in st.weights.items():
+                if name not in names:
+                    raise ValueError(f"{where}.weights names {name!r}, which is no source of data.mixture "
+                                     f"(its sources are {names}); fix the name or add the source.")
+                _weight(f"{where}.weights[{name!r}]", w)
+            if sum(st.weights.values()) <= 0:
+                raise ValueError(f"{where}.weights are all zero ({st.weights}); give a source a positive weight.")
+        clash = set(names) & {s.name for s in self.eval_sets}
+        if clash and any(s.eval for s in self.mixture if s.name in clash):
+            raise ValueError(f"data.eval_sets and data.mixture both name {sorted(clash)[0]!r}, so eval/"
+                             f"{sorted(clash)[0]}/loss would mean two things; rename one, or set eval=false on the "
+                             "mixture source.")
+
     def _validate_eval_sets(self) -> None:
         names = set()
         for i, s in enumerate(self.eval_sets):
@@ -188,6 +319,12 @@ class DataConfig:
                 s.data_config(self).validate()
             except (ValueError, FileNotFoundError) as e:
                 raise type(e)(f"{where} (name={s.name!r}): {str(e).replace('data.', 'eval set ')}") from None
+
+
+def _weight(where: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{where}={value!r} must be a finite number >= 0 (NaN, infinite and negative weights "
+                         "have no share); e.g. 1.0.")
 
 
 def _is_hf_tokenizer(path: str) -> bool:

@@ -5,6 +5,9 @@ into a flat `PackedTable`. An epoch visits its rows in a permutation seeded by (
 objectives draw from a Generator seeded by (seed, epoch, row). A batch is therefore a pure function of
 the iterator position, and the whole state is two ints: {"epoch", "index"}.
 
+A mixture (data.mixture) draws each global row from one of several such sources by weight
+(MixtureIterator); its state is a row count plus each source's own state.
+
 The hub source streams: documents are tokenised as they arrive and packed through a carry-over buffer.
 Its state is the IterableDataset's own `state_dict()` plus that buffer and a row counter.
 """
@@ -110,6 +113,33 @@ class BatchIterator:
     def __iter__(self) -> Iterator[Batch]:
         return self
 
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next `n` rows of the global order and their epochs (a mixture draws its share this way)."""
+        rows, epochs, have = [], [], 0
+        while have < n:
+            if self._index >= self.num_rows:
+                if not self.infinite:  # pad the end of an eval pass
+                    rows.append(np.full(n - have, -1))
+                    epochs.append(np.full(n - have, self._epoch))
+                    break
+                self._epoch, self._index = self._epoch + 1, 0
+            count = min(n - have, self.num_rows - self._index)
+            rows.append(self._order(self._epoch)[self._index:self._index + count])
+            epochs.append(np.full(count, self._epoch))
+            self._index += count
+            have += count
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(rows), np.concatenate(epochs)
+
+    def make(self, row_ids: np.ndarray, row_epochs: np.ndarray) -> Batch:
+        """The batch of these rows (global ids; -1 = padding), the objective's draws keyed on (seed, epoch, row)."""
+        if self.objective is None:  # a TaskTable: rows are whole, already-built examples
+            return self.table.rows(row_ids)
+        tokens, segment_ids, positions = self.table.rows(row_ids)
+        rngs = _row_rngs(self.seed, row_epochs, row_ids) if self.objective.is_random else None
+        return self.objective(tokens, segment_ids, positions, rngs)
+
     def __next__(self) -> Batch:
         B = self.batch_size
         if not self.infinite:
@@ -118,27 +148,11 @@ class BatchIterator:
             if done:
                 self.reset()  # so the next `for batch in it` is a fresh pass
                 raise StopIteration
-        rows, epochs = [], []
-        while sum(map(len, rows)) < B:
-            if self._index >= self.num_rows:
-                if not self.infinite:  # pad the end of an eval pass
-                    rows.append(np.full(B - sum(map(len, rows)), -1))
-                    epochs.append(np.full(len(rows[-1]), self._epoch))
-                    break
-                self._epoch, self._index = self._epoch + 1, 0
-            take = min(B - sum(map(len, rows)), self.num_rows - self._index)
-            rows.append(self._order(self._epoch)[self._index:self._index + take])
-            epochs.append(np.full(take, self._epoch))
-            self._index += take
+        row_ids, row_epochs = self.take(B)
         self._emitted += 1
         share = B // self.host_count
         mine = slice(self.host_index * share, (self.host_index + 1) * share)
-        row_ids, row_epochs = np.concatenate(rows)[mine], np.concatenate(epochs)[mine]
-        if self.objective is None:  # a TaskTable: rows are whole, already-built examples
-            return self.table.rows(row_ids)
-        tokens, segment_ids, positions = self.table.rows(row_ids)
-        rngs = _row_rngs(self.seed, row_epochs, row_ids) if self.objective.is_random else None
-        return self.objective(tokens, segment_ids, positions, rngs)
+        return self.make(row_ids[mine], row_epochs[mine])
 
 
 class StreamingBatchIterator:
@@ -219,26 +233,135 @@ class StreamingBatchIterator:
     def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def __next__(self) -> Batch:
-        B, row_len = self.batch_size, self.objective.row_len
-        while self._packer.num_tokens < B * row_len and not self._exhausted:
+    def _fill(self, num_rows: int) -> None:
+        row_len = self.objective.row_len
+        while self._packer.num_tokens < num_rows * row_len and not self._exhausted:
             # Read about as many documents as the batch still needs (by the mean length so far), so the
             # carry-over buffer, which is saved in every checkpoint, stays small.
-            missing = B * row_len - self._packer.num_tokens
+            missing = num_rows * row_len - self._packer.num_tokens
             mean = self._tokens_read / self._docs_read if self._docs_read else float("inf")
             self._read_documents(min(self.read_ahead, max(1, int(missing / mean))))
+
+    def take_batch(self, num_rows: int) -> Batch:
+        """The next `num_rows` rows of this host's stream, as a batch (a mixture draws its share this way)."""
+        self._fill(num_rows)
+        tokens, segment_ids, positions = self._packer.pop_rows(num_rows)
+        rows = np.arange(self._rows, self._rows + num_rows)
+        self._rows += num_rows
+        rngs = _row_rngs(self.seed, np.zeros_like(rows), rows) if self.objective.is_random else None
+        return self.objective(tokens, segment_ids, positions, rngs)
+
+    def __next__(self) -> Batch:
+        self._fill(self.batch_size)
         if not self.infinite:
             done = (self._emitted >= self.num_batches if self.num_batches is not None
                     else self._exhausted and self._packer.num_tokens == 0)
             if done:
                 self.reset()
                 raise StopIteration
-        tokens, segment_ids, positions = self._packer.pop_rows(B)
-        rows = np.arange(self._rows, self._rows + B)
+        self._emitted += 1
+        return self.take_batch(self.batch_size)
+
+
+# Weyl sequence step: 2**64 / golden ratio, odd. Its fractional parts are the most evenly spread of any
+# rotation, so every stretch of rows gets each source's share to within a few rows.
+_WEYL = 0x9E3779B97F4A7C15
+_MIX = 2
+
+
+class MixtureIterator:
+    """Batches drawn from several sources by weight (data.mixture), with stages (data.mixture_stages).
+
+    Global row g (counted over the whole run, on every host alike) goes to the source whose slice of [0, 1),
+    cut by the current stage's cumulative weights, holds u_g = frac(phase + g * golden ratio); phase comes
+    from the seed. Each source then gives its next rows in its own order (a local source's epoch permutation,
+    a hub source's stream). Host h takes rows [h*B/n, (h+1)*B/n) of each global batch, as BatchIterator does,
+    so the assignment, the local sources' positions and the saved state do not depend on the host count.
+    The state is the global row count, the batch count, and each source's own state.
+    """
+
+    def __init__(self, names: list[str], parts: list, stages: list[tuple[int, tuple[float, ...]]], *,
+                 batch_size: int, seed: int, infinite: bool, num_batches: int | None = None,
+                 host: tuple[int, int] = (0, 1)):
+        self.names, self.parts, self.stages = names, parts, stages
+        self.batch_size, self.infinite, self.num_batches = batch_size, infinite, num_batches
+        self.host_index, self.host_count = host
+        if batch_size % self.host_count:
+            raise ValueError(f"global batch_size={batch_size} does not divide over {self.host_count} hosts")
+        self.phase = int(np.random.default_rng([_seed_words(seed), _MIX]).integers(0, 2 ** 63)) * 2 + 1
+        self.last_sources: np.ndarray | None = None  # the source index of every row of the last global batch
+        self._rows, self._emitted = 0, 0
+
+    def state(self) -> dict[str, Any]:
+        return {"mixture": list(self.names), "rows": self._rows, "emitted": self._emitted,
+                "batch_size": self.batch_size, "sources": {n: p.state() for n, p in zip(self.names, self.parts)}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state.get("mixture") != list(self.names) or state.get("batch_size") != self.batch_size:
+            raise ValueError(f"cannot resume data iterator: the checkpoint's mixture is {state.get('mixture')} with "
+                             f"batch_size={state.get('batch_size')}, this run's {list(self.names)} with "
+                             f"{self.batch_size}; the mixture's sources or the batch size changed")
+        for name, part in zip(self.names, self.parts):
+            try:
+                part.restore(state["sources"][name])
+            except ValueError as e:
+                raise ValueError(f"mixture source {name!r}: {e}") from None
+        self._rows, self._emitted = int(state["rows"]), int(state["emitted"])
+
+    def reset(self) -> None:
+        for p in self.parts:
+            p.reset()
+        self._rows, self._emitted = 0, 0
+
+    def weights(self, step: int) -> tuple[float, ...]:
+        """The normalised weights in force at training step `step` (1-based)."""
+        return [w for start, w in self.stages if start <= step][-1]
+
+    def sources(self, first_row: int, num_rows: int, step: int) -> np.ndarray:
+        """The source index of global rows [first_row, first_row + num_rows) at `step`."""
+        w = np.asarray(self.weights(step))
+        cuts = np.cumsum(w)
+        cuts[np.flatnonzero(w > 0)[-1]:] = 2.0  # the last source with weight takes what rounding leaves
+        g = np.arange(first_row, first_row + num_rows, dtype=np.uint64)
+        with np.errstate(over="ignore"):  # arithmetic mod 2**64, exactly the same on every host
+            u = (np.uint64(self.phase) + g * np.uint64(_WEYL)) >> np.uint64(11)
+        return np.searchsorted(cuts, u.astype(np.float64) / 2.0 ** 53, side="right")
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        B = self.batch_size
+        if not self.infinite and self._emitted >= self.num_batches:
+            self.reset()
+            raise StopIteration
+        src = self.sources(self._rows, B, self._emitted + 1)
+        share = B // self.host_count
+        mine = slice(self.host_index * share, (self.host_index + 1) * share)
+        out: dict[str, np.ndarray] = {}
+        for s, part in enumerate(self.parts):
+            rows_s = np.flatnonzero(src == s)
+            if isinstance(part, BatchIterator):  # every host walks every local source's global order
+                ids, epochs = part.take(len(rows_s))
+                local = (rows_s >= mine.start) & (rows_s < mine.stop)
+                if not local.any():
+                    continue
+                batch = part.make(ids[local], epochs[local])
+            else:  # a hub stream: this host's own share, for its own rows only
+                local_count = int(((rows_s >= mine.start) & (rows_s < mine.stop)).sum())
+                if not local_count:
+                    continue
+                batch = part.take_batch(local_count)
+                local = (rows_s >= mine.start) & (rows_s < mine.stop)
+            at = rows_s[local] - mine.start
+            for k, v in batch.items():
+                if k not in out:
+                    out[k] = np.zeros((share, *v.shape[1:]), v.dtype)
+                out[k][at] = v
+        self.last_sources = src
         self._rows += B
         self._emitted += 1
-        rngs = _row_rngs(self.seed, np.zeros_like(rows), rows) if self.objective.is_random else None
-        return self.objective(tokens, segment_ids, positions, rngs)
+        return out
 
 
 def make_iterator(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, batch_size: int, seed: int,
@@ -278,6 +401,9 @@ def make_iterator(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, batch_si
                              seed=seed, shuffle=train and cfg.shuffle, infinite=train, num_batches=num_batches,
                              host=(process_index, process_count))
     objective = make_objective(cfg, tokenizer)
+    if cfg.mixture:
+        return _mixture(cfg, tokenizer, objective, split, batch_size, seed, process_index, process_count,
+                        num_batches)
 
     if cfg.source == "hub":
         ds = sources.open_stream(cfg, split, process_index, process_count, shuffle=train and cfg.shuffle, seed=seed)
@@ -289,3 +415,44 @@ def make_iterator(cfg: DataConfig, tokenizer: Tokenizer, split: str, *, batch_si
     return BatchIterator(table, objective, batch_size=batch_size * process_count, seed=seed,
                          shuffle=train and cfg.shuffle, infinite=train, num_batches=num_batches,
                          host=(process_index, process_count))
+
+
+def _source_seed(seed: int, index: int) -> int:
+    """Mixture source `index`'s own seed: its order and draws do not repeat another source's."""
+    return int(np.random.SeedSequence([_seed_words(seed), _MIX, index]).generate_state(2, np.uint64)[0])
+
+
+def _mixture(cfg: DataConfig, tokenizer: Tokenizer, objective: Objective, split: str, batch_size: int, seed: int,
+             process_index: int, process_count: int, num_batches: int | None) -> MixtureIterator:
+    """data.mixture: every source as an endless iterator of its own, drawn from by weight. A validation split
+    is the same mixture (at the sources' own weights) over their held-out documents: num_batches batches,
+    the same ones at every eval."""
+    if split == "all":
+        raise ValueError("split='all' reads one named source; a mixture's sources are read as their own eval sets")
+    train = split == "train"
+    parts = []
+    for i, src in enumerate(cfg.mixture):
+        sub, sub_seed = src.data_config(cfg), _source_seed(seed, i)
+        try:
+            if src.source == "hub":
+                ds = sources.open_stream(sub, split, process_index, process_count, shuffle=train and cfg.shuffle,
+                                         seed=sub_seed)
+                parts.append(StreamingBatchIterator(ds, tokenizer, objective, batch_size=1, seed=sub_seed,
+                                                    infinite=True))
+            else:
+                tokens, lengths = tokenize_documents(sources.load_documents(sub, split, 0, 1), tokenizer,
+                                                     cfg.num_proc)
+                table = PackedTable.from_lengths(tokens, lengths, objective.row_len)
+                parts.append(BatchIterator(table, objective, batch_size=1, seed=sub_seed,
+                                           shuffle=train and cfg.shuffle, infinite=True))
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"data.mixture source {src.name!r}: {e}") from None
+    if not train and num_batches is None:
+        local = [p.num_rows for p in parts if isinstance(p, BatchIterator)]
+        if len(local) < len(parts):
+            raise ValueError("a mixture with hub sources needs num_batches for its validation split "
+                             "(train.eval_steps)")
+        num_batches = -(-sum(local) // (batch_size * process_count))
+    stages = cfg.stage_weights() if train else cfg.stage_weights()[:1]
+    return MixtureIterator([s.name for s in cfg.mixture], parts, stages, batch_size=batch_size * process_count,
+                           seed=seed, infinite=train, num_batches=num_batches, host=(process_index, process_count))

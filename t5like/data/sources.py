@@ -295,7 +295,17 @@ def training_texts(cfg: DataConfig) -> Iterator[str]:
     A fine-tuning task's texts come from tasks.training_texts (t5like.data.vocabulary picks).
 
     The caller stops reading once it has enough characters, so only that much of a stream is fetched.
+    A mixture's sources take turns, one document each, so the vocabulary sees all of them.
     """
+    if cfg.mixture:
+        streams = [training_texts(s.data_config(cfg)) for s in cfg.mixture]
+        while streams:
+            for it in list(streams):
+                try:
+                    yield next(it)
+                except StopIteration:
+                    streams.remove(it)
+        return
     if cfg.source == "hub":
         for example in open_stream(cfg, "train", 0, 1, shuffle=False, seed=0):
             if example["text"]:

@@ -1,5 +1,6 @@
 """In-loop evaluation, as a plugin of the trainer's seam (t5like/plugins.py): at every eval, the named
-held-out sets (data.eval_sets) and the lm-eval tasks (eval.tasks) add their rows to the eval row.
+held-out sets (data.eval_sets, and each data.mixture source with eval=true) and the lm-eval tasks
+(eval.tasks) add their rows to the eval row.
 
   eval/<set>/loss, eval/<set>/bpb     nats per target token and bits per UTF-8 byte on each named set
                                       (bpb where the objective defines it: t5like/data/objectives.py)
@@ -29,12 +30,18 @@ from t5like.plugins import Plugin
 from t5like.sharding import DEFAULT_RULES, Sharder, batch_sharding, make_mesh, replicated
 
 
+def _where(cfg: Config, i: int) -> str:
+    """The config key of the i-th named eval set: data.eval_sets[i], or the mixture source it comes from."""
+    n = len(cfg.data.eval_sets)
+    return f"data.eval_sets[{i}]" if i < n else f"data.mixture (eval set {i - n + 1} of its sources)"
+
+
 class Evaluation(Plugin):
     """Named eval sets and lm-eval tasks at each of the trainer's evals."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.sets, self.tasks = cfg.data.eval_sets, cfg.eval.tasks
+        self.sets, self.tasks = cfg.data.named_eval_sets(), cfg.eval.tasks  # mixture sources' included
         self.graphdef = None
         self.iterators: dict = {}
         self.last: dict = {}
@@ -48,7 +55,7 @@ class Evaluation(Plugin):
                 try:
                     sources.resolve_paths(s.paths, s.max_files)
                 except (ValueError, FileNotFoundError) as e:
-                    raise ValueError(f"data.eval_sets[{i}] (name={s.name!r}): {e}") from None
+                    raise ValueError(f"{_where(self.cfg, i)} (name={s.name!r}): {e}") from None
         if self.tasks:
             from t5like.eval.tasks import load_tasks
             self.manager, _ = load_tasks(self.tasks, self.cfg.eval.include_path)
@@ -72,7 +79,7 @@ class Evaluation(Plugin):
                                                        batch_size=per_host, seed=cfg.seed,
                                                        num_batches=s.max_batches or cfg.train.eval_steps)
             except (ValueError, FileNotFoundError) as e:
-                raise ValueError(f"data.eval_sets[{i}] (name={s.name!r}): {e}") from None
+                raise ValueError(f"{_where(self.cfg, i)} (name={s.name!r}): {e}") from None
 
     def on_eval(self, step: int, params) -> dict:
         rows = {}
