@@ -11,9 +11,17 @@ run could miss jax.distributed's heartbeats.
 """
 from __future__ import annotations
 
+import ctypes
+import signal
 import subprocess
 from pathlib import Path
 from typing import Callable
+
+
+def _die_with_parent() -> None:
+    """A run ends with the pytest process that started it, even one killed before it could clean up: an
+    orphaned run would go on using a core."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class Background:
@@ -38,7 +46,7 @@ class Background:
         assert name not in self.procs, f"background run {name!r} started twice"
         with open(self.log(name), "w") as log:
             self.procs[name] = subprocess.Popen(["nice", "-n", "19", *cmd], stdout=log, stderr=subprocess.STDOUT,
-                                                **popen)
+                                                preexec_fn=_die_with_parent, **popen)
 
     def wait(self, name: str, timeout: float = 900) -> str:
         """Wait for a run to end -> its output; a failed run fails the test that waits for it."""
