@@ -27,8 +27,13 @@ from background import Background  # noqa: E402
 
 # The suite runs on two pytest-xdist workers, a test file at a time (pytest.ini: `-n 2 --dist loadfile`). Files
 # are handed out in collection order, so the longest go first and the two workers end together; the rest keep
-# pytest's order. Measured per-file times: docs/benchmarks.md#test-suite.
+# pytest's order. The order is by each file's CPU time in a one-process run of 2026-12-02 (docs/benchmarks.md).
 LONGEST_FIRST = [
+    "test_train.py", "test_finetune.py", "test_multihost.py", "test_observability.py",  # with background runs
+    "test_parametrization.py", "test_resume.py", "test_generate.py", "test_scaling_fit.py", "test_hardening.py",
+    "test_posttrain.py", "test_quantization.py", "test_sharding.py", "test_tpu_pod.py", "test_sweep_ray.py",
+    "test_forks.py", "test_eval.py", "test_hf.py", "test_tpu_launch.py", "test_sweep.py", "test_models.py",
+    "test_context.py", "test_tpu_compile.py",
 ]
 
 
