@@ -127,7 +127,7 @@ def _resume_key(cfg: Config) -> dict:
     part of it when the schedule's horizon is built from it, so a resumed run follows the curve it started
     on; an explicit change of learning-rate settings on resume (e.g. a lower peak after a spike) is allowed."""
     o = cfg.optim
-    key = {"model": to_dict(cfg.model), "optim.name": o.name,
+    key = {"model": to_dict(cfg.model), "optim.name": o.name, "optim.state_dtype": o.state_dtype,
            "optim.grad_clip": "on" if o.grad_clip > 0 else "off",  # on/off changes the optimizer state's tree
            # as does Adafactor's weight decay, a transformation of its own (AdamW's is always there)
            **({"optim.weight_decay": "on" if o.weight_decay else "off"} if o.name == "adafactor" else {}),

@@ -296,6 +296,7 @@ def test_broken_data_is_a_clear_error_and_touches_no_checkpoint(shared, existing
 @pytest.mark.parametrize("change, words", [
     (["model.d_model=256"], ["incompatible", "model.d_model: 128 -> 256", "Nothing was overwritten"]),
     (["train.batch_size=16"], ["incompatible", "train.batch_size: 8 -> 16"]),
+    (["optim.state_dtype=bfloat16"], ["incompatible", "optim.state_dtype: None -> 'bfloat16'"]),
 ])
 def test_incompatible_config_is_a_clear_error_and_touches_nothing(shared, existing_run, capsys, change, words):
     workdir, _, args = existing_run
