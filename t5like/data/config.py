@@ -31,8 +31,7 @@ class EvalSet:
     max_batches: int = 0           # batches per eval (of train.batch_size rows); 0 = train.eval_steps
 
     def __post_init__(self):
-        if isinstance(self.paths, (list, str)):
-            object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
+        _paths_as_tuple(self)
 
     def data_config(self, data: "DataConfig") -> "DataConfig":
         """The run's data config (tokenizer, objective, lengths) reading this set's documents."""
@@ -44,6 +43,12 @@ class EvalSet:
     def iterator_split(self) -> str:
         """The split make_iterator reads: a hub set's hub_split is its "validation"; local sources "all" or it."""
         return "validation" if self.source == "hub" else self.split
+
+
+def _paths_as_tuple(source) -> None:
+    """A frozen source's `paths` as a tuple (a config file or override may give one string or a list)."""
+    if isinstance(source.paths, (list, str)):
+        object.__setattr__(source, "paths", (source.paths,) if isinstance(source.paths, str) else tuple(source.paths))
 
 
 _EVAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -70,8 +75,7 @@ class MixtureSource:
     eval: bool = True              # also report this source's held-out documents by name
 
     def __post_init__(self):
-        if isinstance(self.paths, (list, str)):
-            object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
+        _paths_as_tuple(self)
 
     def data_config(self, data: "DataConfig") -> "DataConfig":
         """The run's data config (tokenizer, objective, lengths, split) reading this source alone."""
