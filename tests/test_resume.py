@@ -155,14 +155,14 @@ MH_STEPS = 9
 MH_ARGS = ("mesh.data=1", "mesh.fsdp=-1", "checkpoint.every=3")  # fsdp: each host writes its own shards
 
 
-def start(tok, workdir, steps, *, processes=1, devices=4, env=None):
+def start(tok, workdir, steps, *, processes=1, devices=4, env=None, extra=()):
     """`processes` copies of the experiment, wired as hosts of one run; returns the Popen objects."""
     port = free_port()
     procs = []
     for i in range(processes):
         flags = ["--coordinator", f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(i)]
-        cmd = [sys.executable, "-m", "experiments.gpt2_small", *run_args(tok, workdir, *MH_ARGS, f"train.steps={steps}"),
-               *(flags if processes > 1 else [])]
+        cmd = [sys.executable, "-m", "experiments.gpt2_small",
+               *run_args(tok, workdir, *MH_ARGS, f"train.steps={steps}", *extra), *(flags if processes > 1 else [])]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env=dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONUNBUFFERED="1",
                                                **(env or {}))))
@@ -218,6 +218,7 @@ def hosts(tok, gcs_server):
       more   ref's workdir as it stood at step 3 (a one-host run), resumed on two hosts to 9"""
     root = tok["root"]
     gs = f"gs://{gcs_server.bucket}/resume_dmg"
+    mix = mixture_args(root)
     first = wait_all({"ref": start(tok, root / "ref", MH_STEPS),
                       "dmg": start(tok, root / "dmg", 6, processes=2, devices=2)})
     for name in first:
@@ -228,7 +229,8 @@ def hosts(tok, gcs_server):
         with open(torn / f, "r+b") as fh:
             fh.truncate(os.path.getsize(torn / f) // 2)
     second = wait_all({"dmg": start(tok, root / "dmg", MH_STEPS, processes=2, devices=2),
-                       "gs_first": start(tok, gs, 6, env=gcs_server.env)})
+                       "gs_first": start(tok, gs, 6, env=gcs_server.env),
+                       "mix_ref": start(tok, root / "mix_ref", MH_STEPS, extra=mix)})
     check_ok(second["gs_first"])
     victims = gcs_server.list_objects("resume_dmg/checkpoints/6/state/ocdbt.process_0/d/")
     assert victims
@@ -240,8 +242,22 @@ def hosts(tok, gcs_server):
         shutil.rmtree(more / "checkpoints" / step)
     (more / "summary.json").unlink()
     third = wait_all({"gs": start(tok, gs, MH_STEPS, env=gcs_server.env),
-                      "more": start(tok, more, MH_STEPS, processes=2, devices=2)})
-    return {"ref": losses(root / "ref"), "root": root, "gs": gs, "second": {**second, **third}}
+                      "more": start(tok, more, MH_STEPS, processes=2, devices=2),
+                      "mix_two": start(tok, root / "mix", 3, processes=2, devices=2, extra=mix)})
+    check_ok(third["mix_two"])
+    fourth = wait_all({"mix_one": start(tok, root / "mix", MH_STEPS, extra=mix)})
+    return {"ref": losses(root / "ref"), "root": root, "gs": gs, "second": {**second, **third, **fourth}}
+
+
+def mixture_args(root) -> tuple[str, ...]:
+    """A two-source mixture: the standard library's source and a folder of generated text files."""
+    docs = root / "mix_docs"
+    docs.mkdir()
+    for i in range(12):
+        (docs / f"doc{i}.txt").write_text("".join(f"river {j} stone {i * j} quartz lantern\n" for j in range(60)))
+    sources = [{"name": "py", "source": "stdlib", "max_files": 40, "weight": 3},
+               {"name": "docs", "source": "files", "paths": [str(docs / "*.txt")], "weight": 1}]
+    return (f"data.mixture={json.dumps(sources)}",)
 
 
 def assert_matches_reference(got, ref):
@@ -277,3 +293,15 @@ def test_damaged_checkpoint_on_gs_is_set_aside_and_the_run_resumes(hosts, gcs_se
     # Orbax no longer saw the damaged step 6: the rerun saved it afresh, and it reads back.
     assert "resume_dmg/checkpoints/6/commit_success.txt" in objects
     assert_matches_reference(losses(hosts["gs"]), hosts["ref"])
+
+
+def test_mixture_run_on_two_hosts_resumes_on_one_with_the_same_batches(hosts):
+    """Issue 27: a weighted mixture keeps the one-source promise. Two hosts train it to step 3; one host
+    resumes at step 3 and ends with the losses of an uninterrupted one-host run of the same mixture."""
+    [out] = check_ok(hosts["second"]["mix_one"])
+    assert "resumed from" in out and "at step 3" in out, out[-2000:]
+    ref = losses(hosts["root"] / "mix_ref")
+    got = losses(hosts["root"] / "mix")
+    assert sorted(got) == list(range(1, MH_STEPS + 1)) and ref != hosts["ref"]  # a mixture, not the one source
+    for step in ref:  # two hosts then one vs one: the same batches, summed in another order
+        assert got[step] == pytest.approx(ref[step], abs=1e-5), step
