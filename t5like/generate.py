@@ -330,8 +330,5 @@ def _chat(args, cfg: DecodeConfig) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from t5like.cli import run
+    run(main)

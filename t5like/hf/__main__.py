@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 HF_CONFIG = "hf_config.json"  # the imported checkpoint's config.json, kept for its special ids on export
@@ -115,8 +114,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from t5like.cli import run
+    run(main)
