@@ -118,7 +118,27 @@ def initialize(cluster: Cluster) -> None:
                                    process_id=cluster.process_id, initialization_timeout=cluster.timeout_s)
     elif managed_cluster():
         jax.distributed.initialize(initialization_timeout=cluster.timeout_s)
+    else:
+        return
+    barrier("joined")  # the first collective (gloo on CPU) then finds every host at most seconds apart
 
 
 def is_primary() -> bool:
     return jax.process_index() == 0
+
+
+# Hosts compile at different speeds; a host that reaches a collective first waits there, and on CPU the gloo
+# rendezvous of a run's first collective gives up after 30 s (a fixed deadline in XLA). Hosts meet here,
+# in the coordination service, whose wait we set, before their first collective.
+BARRIER_TIMEOUT_S = 30 * 60
+_barriers = 0
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Wait until every process of the run reaches this barrier (no-op for one process)."""
+    global _barriers
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client orbax's barriers use; jax is pinned
+    _barriers += 1  # a barrier id is used once; every host calls barriers in the same order
+    jax_distributed.global_state.client.wait_at_barrier(f"t5like/{_barriers}/{name}", int(timeout_s * 1000))

@@ -8,9 +8,10 @@ attempt's time after its last record counts as downtime. The categories:
 
   startup   from the trainer's start to its loop, less restore: tokenizer, data, model set-up
   restore   reading the checkpoint
-  compile   the first step of the attempt (jit compiles it; its run is in here too)
+  compile   compiling the train and eval steps before the first step (on several hosts, with the wait
+            for the slowest to compile)
   data      waiting for the next batch
-  step      the other training steps: dispatch, and waiting for the device to finish them
+  step      the training steps: dispatch, and waiting for the device to finish them
   eval      evaluations
   save      checkpoint saves, and waiting for the last one at the end
   other     the rest of the attempt (logging, the summary)
@@ -107,13 +108,13 @@ class Goodput(Plugin):
     def phase(self, name: str, step: int):
         t = time.time()
         if name != "restore" and self.loop_started is None:
-            self.loop_started, self.start_step = t, step - 1
+            self.loop_started, self.start_step, self.last_step = t, step - 1, step - 1
             self.seconds["startup"] = t - self.start - self.seconds["restore"]
         try:
             yield
         finally:
             self.seconds[name] += time.time() - t
-            if name in ("compile", "step"):
+            if name == "step":
                 self.last_step = step
             elif name == "save":
                 self.saves.append([step, self.seconds["step"]])

@@ -212,6 +212,7 @@ class Setup:
     train_step: Callable          # jitted, donates the state
     eval_step: Callable
     batch_shardings: dict
+    abstract_batch: dict          # the global batch's ShapeDtypeStructs, with shardings
     flops_per_step: float
     tokens_per_step: int
 
@@ -244,6 +245,8 @@ def build(cfg: Config, example_batch: dict, devices=None, plugins: Optional[Plug
     global_example = {k: np.zeros((np.shape(v)[0] * hosts, *np.shape(v)[1:]), np.asarray(v).dtype)
                       for k, v in example_batch.items()}
     batch_shardings = batch_sharding(sharder, global_example)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
+                      for k, v in global_example.items()}
     train_step = jax.jit(make_train_step(graphdef, cfg, optimizer, schedule, plugins), donate_argnums=0,
                          in_shardings=(shardings, batch_shardings), out_shardings=(shardings, repl))
     eval_step = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(shardings["params"], batch_shardings),
@@ -252,7 +255,7 @@ def build(cfg: Config, example_batch: dict, devices=None, plugins: Optional[Plug
     target = example_batch["targets"].shape[1] if cfg.model.family == "encoder_decoder" else 0
     flops = training_flops(cfg.model, seq, target)
     return Setup(cfg, plugins, sharder, graphdef, abstract_state, init_state, train_step, eval_step, batch_shardings,
-                 flops.per_sequence * cfg.train.batch_size, cfg.train.batch_size * (seq + target))
+                 abstract_batch, flops.per_sequence * cfg.train.batch_size, cfg.train.batch_size * (seq + target))
 
 
 def check_state_fits(setup: Setup) -> None:
@@ -479,10 +482,14 @@ def _train(cfg: Config, plugins: Plugins) -> Result:
     # that saves is read at once: a non-finite state is never checkpointed.
     pending = None
     try:
+        with plugins.phase("compile", start + 1):  # jit caches what this compiles
+            setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+            setup.eval_step.lower(setup.abstract_state["params"], setup.abstract_batch).compile()
+            distributed.barrier("steps compiled")
         for step in range(start + 1, cfg.train.steps + 1):
             with plugins.phase("data", step):
                 local = next(train_iter)
-            with plugins.phase("compile" if step == start + 1 else "step", step):
+            with plugins.phase("step", step):
                 state, step_metrics = setup.train_step(state, global_batch(setup, local))
                 if pending is not None:
                     read(*pending, log=True)

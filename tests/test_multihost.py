@@ -207,3 +207,43 @@ def test_bad_multihost_input_is_a_clear_error(tok, gcs_server):
     assert code == 2 and "--process-id=2 must be in [0, --num-processes=2)" in err, err
     code, err = result(no_bucket)
     assert code == 2 and "bucket gs://no-such-bucket does not exist" in err, err
+
+
+SLOW_HOST = '''
+import contextlib, sys, time
+import jax
+from experiments.gpt2_small import config
+from t5like import distributed, train
+from t5like.plugins import Plugin
+
+class SlowHost(Plugin):
+    """Host 1 reaches its first step 35 s after host 0, as a host that compiles slower does."""
+    def phase(self, name, step):
+        if name == "compile" and jax.process_index() == 1:
+            time.sleep(35)
+        return contextlib.nullcontext()
+
+coordinator, process_id, *keys = sys.argv[1:]
+distributed.initialize(distributed.Cluster(coordinator, 2, int(process_id)).validate())
+train.train(train.parse_args(config, keys), [SlowHost()])
+'''
+
+
+def test_a_host_that_compiles_35_s_later_does_not_fail_the_run(tok, tmp_path):
+    """On CPU the first collective's gloo rendezvous gives up after 30 s; hosts now meet in a barrier once their
+    steps are compiled. Before: host 0 failed its first step ("Gloo context initialization failed")."""
+    script = tmp_path / "slow_host.py"
+    script.write_text(SLOW_HOST)
+    port = free_port()
+    keys = run_args(tmp_path / "w", f"data.tokenizer_path={tok['path']}", "mesh.data=1", "mesh.fsdp=-1")
+    keys = [k for k in keys if not k.startswith("train.steps=")] + ["train.steps=2"]
+    procs = [subprocess.Popen([sys.executable, str(script), f"localhost:{port}", str(i), *keys], cwd=ROOT,
+                              env=dict(os.environ, XLA_FLAGS=xla_flags(2), PYTHONUNBUFFERED="1",
+                                       PYTHONPATH=ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        finish(procs, timeout=180)
+    finally:
+        for p in procs:
+            p.kill()
+    assert sorted(losses(tmp_path / "w")) == [1, 2]

@@ -83,7 +83,7 @@ def test_a_plugin_sees_every_hook_and_freezes_what_it_says(tok_path, tmp_path):
     assert [e[1] for e in first.events if e[0] == "save"] == [3, 6]
     assert [e[1:] for e in first.events if e[0] == "eval_row"] == [(2, True), (4, True), (6, True)]
     phases = [e[1:] for e in first.events if e[0] == "phase"]
-    assert phases[:3] == [("restore", 0), ("data", 1), ("compile", 1)] and ("step", 2) in phases
+    assert phases[:4] == [("restore", 0), ("compile", 1), ("data", 1), ("step", 1)] and ("step", 2) in phases
     assert {("save", 3), ("save", 6), ("eval", 2), ("eval", 6)} <= set(phases)
     assert first.events[-1] == ("finish", "was here")
     evals = [r for r in read_metrics(str(workdir)) if "eval_loss" in r]
