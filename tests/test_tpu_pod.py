@@ -16,7 +16,7 @@ from t5like.data import DataConfig, get_tokenizer
 from xla import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 60
+STEPS = 30
 pytestmark = pytest.mark.slow   # three 2-process runs
 
 
@@ -32,7 +32,7 @@ def overrides(shared):
     # train.progress=true: worker 0's progress bar is how the test knows the run is under way.
     return ["size=tiny", "data.max_files=60", "data.seq_len=32", "train.batch_size=8", "train.eval_steps=2",
             "train.eval_every=0", "train.progress=true", f"data.tokenizer_path={shared['tokenizer']}",
-            f"train.steps={STEPS}", "checkpoint.every=20", "model.num_layers=1", "model.d_model=32",
+            f"train.steps={STEPS}", "checkpoint.every=10", "model.num_layers=1", "model.d_model=32",
             "model.d_ff=64", "model.num_heads=2", "train.peak_flops=1e11"]  # a given peak: no matmul timed at start
 
 
@@ -96,7 +96,7 @@ def test_a_killed_worker_restarts_the_pod_and_the_run_ends_with_the_same_losses(
                                                                                  straight, request):
     proc, logs, env = start_pod(shared, gcs_server, "tpu-pod-killed", max_restarts=1)
     deadline = time.monotonic() + 600
-    while progress(logs / "worker-0.log") < 30:   # past the first checkpoint (20), well before the end
+    while progress(logs / "worker-0.log") < 15:   # past the first checkpoint (10), well before the end
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.2)
     os.kill(int((logs / "worker-1.pid").read_text()), signal.SIGKILL)   # the fake preemption

@@ -333,7 +333,7 @@ def unigram_baseline(cfg: Config, batches: int = 40) -> tuple[float, float]:
 
 
 # MLM supervises only 15% of tokens and sits on a unigram plateau first, so it gets more steps.
-LEARN_STEPS = {"decoder": 150, "encoder_decoder": 150, "encoder": 600}
+LEARN_STEPS = {"decoder": 100, "encoder_decoder": 80, "encoder": 600}
 
 
 def learn_args(family):
