@@ -11,7 +11,7 @@ Rules (issue 28's causes of the earlier +14% miss, each answered):
 - One batch (16) for every trial and for the held-out run: max_steps is high enough that the batch rule
   never doubles it, so batch is no confound between budgets.
 - Cooldown forks (Hägele et al. 2024): one constant-lr run per size, each budget a wsd cooldown (last 20%)
-  forked from it. Sizes are sqrt(2) apart and budgets 2x apart, so each size serves several budgets.
+  forked from it, so a size that several budgets pick costs one run plus short cooldowns.
 - lr = 3e-3 · (64 / d_model)^0.5 (the design's default sp rule), warmup 5% of the size's smallest budget.
 - Sizes: 6 targets over 0.45-2.2x sqrt(C / (6 · 60)) per budget (sizes repeating a neighbour's shape
   are dropped), wide enough to bracket each budget's optimum; the optimum moves faster than sqrt(C) here.
