@@ -6,8 +6,8 @@ above the top one at the predicted optimal size, and print each approach's error
 1. The sweep: `python -m launch.sweep experiments.scaling_demo --workdir W --parallel 2 --no-fit`
    (cooldown forks over 4 budgets 2x apart, 2.5e11-2e12 FLOPs; the design's rules are in
    experiments/scaling_demo.py).
-2. The fit: every approach of t5like.scaling on the sweep's IsoFLOP points (W/fit.json, with --bootstrap
-   resamples), and N_opt at the held-out budget C = 4 x 2e12 = 8e12 from `--size-from` (default isoflop:
+2. The fit: `python -m t5like.scaling fit` (every approach) and `plot` on the sweep's IsoFLOP points
+   (W/fit.json, W/plots/, with --bootstrap resamples), and N_opt at the held-out budget C = 4 x 2e12 = 8e12 from `--size-from` (default isoflop:
    Approach 2's parabola minima, the usual estimator of the optimal size).
 3. The held-out run: `experiments.scaling_demo.holdout_design(C, N_opt)`, i.e. the sweep's own rules (shape
    rule, batch 16, lr rule, warmup, a stable run and its wsd fork) at one budget and one size, run by the
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     from launch.runner import run_sweep
     from t5like.scaling.data import load_csv
     from t5like.scaling.design import plan_isoflop
-    from t5like.scaling.fit import run_fit, save_fits
+    from t5like.scaling.fit import load_fits
     from t5like.scaling.validate import format_report, validate
 
     wd = os.path.abspath(args.workdir)
@@ -173,26 +173,28 @@ def main(argv=None) -> int:
     times["sweep"] = {"wall_s": time.time() - t0, "cpu_s": _cpu_children() - c0}
 
     # 2. The fit, on the sweep's IsoFLOP points.
-    t0, c0 = time.time(), _cpu_self()
+    t0, c0 = time.time(), _cpu_children()
     sweep = load_sweep(EXPERIMENT)
     ids = {t.id for t in sweep.trials if t.budget is not None}
     points = isoflop_points(os.path.join(wd, "results.csv"), ids, os.path.join(wd, "sweep_points.csv"))
-    opts = dict(stderr_column="eval_loss_stderr")
+    opts = dict(stderr_column="eval_loss_stderr")  # the runner's column (the fits weight by it)
+    fit_json = os.path.join(wd, "fit.json")
+    for cli in (["fit", points, "--approach", "all", "--bootstrap", str(args.bootstrap), "--stderr-column",
+                 opts["stderr_column"], "--out", fit_json],
+                ["plot", points, "--fit", fit_json, "--out", os.path.join(wd, "plots")]):
+        print("$ python -m t5like.scaling " + " ".join(cli), file=sys.stderr, flush=True)
+        if subprocess.run([sys.executable, "-m", "t5like.scaling", *cli], cwd=REPO).returncode != 0:
+            print(f"error: `python -m t5like.scaling {cli[0]}` failed on {points}.", file=sys.stderr)
+            return 1
+    fits, _ = load_fits(fit_json)
     data = load_csv(points, **opts)
     top = max(t.budget for t in sweep.trials if t.budget is not None)
     C = args.factor * top
-    fits = {}
-    for name in ("powerlaw", "envelope", "isoflop", "parametric"):
-        try:
-            fits[name] = run_fit(data, name, bootstrap=args.bootstrap, seed=0)
-        except ValueError as e:
-            fits[name] = str(e)
-    save_fits(os.path.join(wd, "fit.json"), fits, {"source": points, "bootstrap": args.bootstrap, **opts})
-    if not hasattr(fits[args.size_from], "predict"):
-        print(f"error: --size-from {args.size_from}: that fit failed ({fits[args.size_from]}).", file=sys.stderr)
+    if args.size_from not in fits:
+        print(f"error: --size-from {args.size_from}: that fit failed (see {fit_json}).", file=sys.stderr)
         return 1
     n_opt = float(fits[args.size_from].predict(C)["N_opt"])
-    times["fit"] = {"wall_s": time.time() - t0, "cpu_s": _cpu_self() - c0}
+    times["fit"] = {"wall_s": time.time() - t0, "cpu_s": _cpu_children() - c0}
     print(f"fit on {len(data)} runs; {args.size_from} predicts N_opt {n_opt:.4g} at C = {C:.3g}", file=sys.stderr)
 
     # 3. The held-out run: the design's rules at one budget, one size centred on the predicted N_opt.
@@ -235,8 +237,7 @@ def main(argv=None) -> int:
               "held_out_trials": sorted(t.id for t in plan.trials), "errors": summary, "best": best, "times": times,
               "validate": report, "command": " ".join(["python", "benchmarks/scaling_demo.py", *sys.argv[1:]])}
     storage.write_atomic(os.path.join(wd, "scaling_demo.json"), json.dumps(result, indent=1) + "\n")
-    plot(os.path.join(wd, "scaling_demo.png"), data, {k: v for k, v in fits.items() if hasattr(v, "predict")}, held,
-         report)
+    plot(os.path.join(wd, "scaling_demo.png"), data, fits, held, report)
     print(f"wrote {wd}/scaling_demo.json and {wd}/scaling_demo.png", file=sys.stderr)
     return 0
 
