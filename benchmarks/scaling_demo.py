@@ -1,14 +1,15 @@
 """The CPU scaling-law demo that predicts (issue 28): sweep small budgets, fit, run the held-out budget 4x
 above the top one at the predicted optimal size, and print each approach's error.
 
-    python benchmarks/scaling_demo.py --workdir runs/scaling_demo            # about 45 min on 2 CPU cores
+    python benchmarks/scaling_demo.py --workdir runs/scaling_demo            # 28 min on the loaded 2-core CPU
 
 1. The sweep: `python -m launch.sweep experiments.scaling_demo --workdir W --parallel 2 --no-fit`
-   (cooldown forks over 4 budgets 2x apart, 2.5e11-2e12 FLOPs; the design's rules are in
+   (cooldown forks over 5 budgets sqrt(2) apart, 5e11-2e12 FLOPs; the design's rules are in
    experiments/scaling_demo.py).
 2. The fit: `python -m t5like.scaling fit` (every approach) and `plot` on the sweep's IsoFLOP points
-   (W/fit.json, W/plots/, with --bootstrap resamples), and N_opt at the held-out budget C = 4 x 2e12 = 8e12 from `--size-from` (default isoflop:
-   Approach 2's parabola minima, the usual estimator of the optimal size).
+   (W/fit.json, W/plots/, with --bootstrap resamples). N_opt at the held-out budget C = 4 x 2e12 = 8e12
+   (--factor) comes from `--size-from` (default isoflop: Approach 2's parabola minima, the usual
+   estimator of the optimal size).
 3. The held-out run: `experiments.scaling_demo.holdout_design(C, N_opt)`, i.e. the sweep's own rules (shape
    rule, batch 16, lr rule, warmup, a stable run and its wsd fork) at one budget and one size, run by the
    sweep runner into W/holdout.
@@ -19,7 +20,9 @@ above the top one at the predicted optimal size, and print each approach's error
 
 Nothing is chosen by looking at the held-out result: the design is fixed before the sweep, the held-out
 size comes from the fit alone. Reruns resume: finished trials are skipped (launch.sweep's table), so a
-rerun after a finished demo only refits and reprints. A benchmark: it asserts nothing.
+rerun after a finished demo only refits and reprints. A benchmark: it asserts nothing. Measured figures
+(every approach about 6% high at 8e12, so the issue's 2% bar is not met) and why: docs/scaling.md,
+"CPU demo: predicting a held-out 4x run".
 """
 from __future__ import annotations
 
