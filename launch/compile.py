@@ -87,7 +87,6 @@ def _oom_bytes(message: str) -> int | None:
 
 def check(cfg, tpu: TpuType, num_slices: int = 1) -> dict:
     """Compile cfg's train step for `num_slices` slices of `tpu` and report its per-device memory."""
-    import jax
     import numpy as np
     from t5like.data import batch_shapes
     from t5like.train import build
@@ -107,10 +106,8 @@ def check(cfg, tpu: TpuType, num_slices: int = 1) -> dict:
            "num_devices": len(devices)}
     start = time.perf_counter()
     setup = build(cfg, batch, devices=devices)
-    abstract_batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype,
-                                              sharding=setup.batch_shardings[k]) for k, v in batch.items()}
     try:
-        compiled = setup.train_step.lower(setup.abstract_state, abstract_batch).compile()
+        compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
     except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED at compile time means it does not fit
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

@@ -89,8 +89,7 @@ def test_train_step_with_splash_compiles_ahead_of_time_for_tpu():
                "weights": np.zeros((B, T), np.float32), "segment_ids": np.zeros((B, T), np.int32),
                "positions": np.zeros((B, T), np.int32)}
     setup = train.build(cfg, example, devices=devices)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_shardings[k]) for k, v in example.items()}
-    compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
+    compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
     text = compiled.as_text()
     assert "tpu_custom_call" in text and "splash" in text
     assert compiled.memory_analysis() is not None

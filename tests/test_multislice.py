@@ -37,9 +37,7 @@ def test_only_the_gradient_reduction_crosses_slices():
     mesh = setup.sharder.mesh
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     assert all(len({d.slice_index for d in row.flat}) == 1 for row in mesh.devices)  # a data index = a slice
-    abstract = {k: jax.ShapeDtypeStruct((8, *v.shape[1:]), v.dtype, sharding=setup.batch_shardings[k])
-                for k, v in batch.items()}
-    compiled = setup.train_step.lower(setup.abstract_state, abstract).compile()
+    compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
     text = compiled.as_text()
     sends = [line for line in text.splitlines() if "send(" in line and "megascale_transfer_type" in line]
     kinds = {re.search(r'megascale_transfer_type="(\w+)"', line).group(1) for line in sends}
