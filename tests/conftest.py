@@ -43,6 +43,15 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 @pytest.fixture(scope="session")
+def tok_path(tmp_path_factory) -> str:
+    """The small SentencePiece model (stdlib source, 2048 pieces) that most runs here share, trained once."""
+    from t5like.data import DataConfig, get_tokenizer
+    root = tmp_path_factory.mktemp("tok")
+    get_tokenizer(DataConfig(source="stdlib", max_files=40, tokenizer_train_chars=200_000), str(root), 2048)
+    return str(root / "tokenizer" / "spm.model")
+
+
+@pytest.fixture(scope="session")
 def background(tmp_path_factory):
     """The session's background runs (tests/background.py)."""
     runs = Background(tmp_path_factory.mktemp("background"))

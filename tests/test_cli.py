@@ -14,13 +14,6 @@ KEYS = ("size=tiny", "data.max_files=40", "data.seq_len=32", "train.batch_size=8
         "mesh.data=1", "mesh.fsdp=-1", "optim.schedule=constant", "optim.warmup_steps=0", "checkpoint.async_save=false")
 
 
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    get_tokenizer(DataConfig(source="stdlib", max_files=40, tokenizer_train_chars=200_000), str(root / "tok"), 2048)
-    return str(root / "tok" / "tokenizer" / "spm.model")
-
-
 def error_of(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         train.main(EXPERIMENT.config, argv)

@@ -1,10 +1,7 @@
 """Cooldown forks (issue 28): a fork's schedule is the wsd run's, a fork resumes exactly after a kill, the
 runner waits for the parent's step; and the eval loss's standard error over sequences."""
 import dataclasses
-import json
 import os
-import sys
-import textwrap
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +9,6 @@ import pytest
 
 from t5like import train
 from t5like.config import OptimConfig, apply_overrides
-from t5like.data import DataConfig, get_tokenizer
 from t5like.losses import ratio_stderr
 from t5like.metrics import read_metrics
 from t5like.optim import cross_entropy, make_schedule
@@ -59,10 +55,8 @@ def test_fork_schedule_equals_the_wsd_run_of_its_tokens():
 # A fork trains exactly as the wsd run from scratch, and resumes exactly after a kill --------------------
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    root = tmp_path_factory.mktemp("forks")
-    get_tokenizer(DataConfig(source="stdlib", max_files=40, tokenizer_train_chars=200_000), str(root / "tok"), 2048)
-    return {"path": str(root / "tok" / "tokenizer" / "spm.model"), "root": root}
+def tok(tmp_path_factory, tok_path):
+    return {"path": tok_path, "root": tmp_path_factory.mktemp("forks")}
 
 
 def config(tok, workdir, *extra):

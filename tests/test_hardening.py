@@ -27,13 +27,6 @@ from xla import xla_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hardening")
-    get_tokenizer(DataConfig(source="stdlib", max_files=40, tokenizer_train_chars=200_000), str(root / "tok"), 2048)
-    return str(root / "tok" / "tokenizer" / "spm.model")
-
-
 def args(tok_path, workdir, *extra):
     return ["size=tiny", "data.max_files=40", "data.seq_len=32", "train.batch_size=8", "train.eval_steps=1",
             "train.eval_every=0", "train.progress=false", f"data.tokenizer_path={tok_path}", "mesh.data=1",

@@ -13,15 +13,7 @@ from flax import nnx, traverse_util
 from t5like import finetune, train
 from t5like.checkpoint import read_config
 from t5like.inference import load_for_inference
-from t5like.data import DataConfig, get_tokenizer
 
-
-
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("init_from")
-    get_tokenizer(DataConfig(source="stdlib", max_files=40, tokenizer_train_chars=200_000), str(root / "tok"), 2048)
-    return str(root / "tok" / "tokenizer" / "spm.model")
 
 
 # Data and run keys only: no model.* key anywhere.

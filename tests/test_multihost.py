@@ -11,7 +11,6 @@ import time
 import pytest
 
 from gcs import free_port
-from t5like.data import DataConfig, get_tokenizer
 from t5like.metrics import read_metrics
 from xla import xla_flags
 
@@ -23,10 +22,8 @@ TWO_SLICES = ("mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=-1")
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multihost")
-    get_tokenizer(DataConfig(source="stdlib", max_files=40, tokenizer_train_chars=200_000), str(root / "tok"), 2048)
-    return {"path": str(root / "tok" / "tokenizer" / "spm.model"), "root": root}
+def tok(tmp_path_factory, tok_path):
+    return {"path": tok_path, "root": tmp_path_factory.mktemp("multihost")}
 
 
 def run_args(workdir, *extra):

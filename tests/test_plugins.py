@@ -4,21 +4,12 @@ import contextlib
 
 import jax
 import numpy as np
-import pytest
 
 from t5like import train
 from t5like.checkpoint import load_params
-from t5like.data import DataConfig, get_tokenizer
 from t5like.metrics import read_metrics
 from t5like.models import abstract_model
 from t5like.plugins import Plugin
-
-
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plugins")
-    get_tokenizer(DataConfig(source="stdlib", max_files=40, tokenizer_train_chars=200_000), str(root / "tok"), 2048)
-    return str(root / "tok" / "tokenizer" / "spm.model")
 
 
 def config(tok_path, workdir, steps):

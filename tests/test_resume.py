@@ -14,7 +14,6 @@ import pytest
 
 from gcs import free_port
 from t5like import train
-from t5like.data import DataConfig, get_tokenizer
 from t5like.metrics import read_metrics
 from xla import xla_flags
 
@@ -22,10 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    get_tokenizer(DataConfig(source="stdlib", max_files=40, tokenizer_train_chars=200_000), str(root / "tok"), 2048)
-    return {"path": str(root / "tok" / "tokenizer" / "spm.model"), "root": root}
+def tok(tmp_path_factory, tok_path):
+    return {"path": tok_path, "root": tmp_path_factory.mktemp("resume")}
 
 
 def run_args(tok, workdir, *extra):
