@@ -22,15 +22,33 @@ budgets of the 3 it needs. This design is the second, changed on the sweep alone
 been made).
 The held-out run follows the same rules: `holdout_design(C, N)` is this design at one budget with one size
 centred on N (a stable run plus its fork, like every size here).
+
+The third version (this one), fixed before its sweep ran, after the second missed by about 6% (docs/scaling.md):
+- The demo's answer is stated in advance: Approach 2's loss law, L_opt(C) = E + (C0/C)^alpha through the
+  IsoFLOP parabolas' minima, with E pinned at 0.001 (a pure power law; PREDICTION below). The parabola
+  minimum of a budget averages its 6 runs, where the frontier power law takes its single best run; a free E
+  fitted the second sweep's noise as curvature. Every other approach is still printed.
+- seed=1 (a fresh sweep: the pinned-E rule was chosen after seeing seed 0's held-out runs).
+- eval_steps=64: 1024 eval sequences (131K tokens) instead of 256, so each run's eval loss depends less on a
+  few files of the held-out split.
 """
 import dataclasses
 
-from experiments.scaling_tiny import config, prepare  # noqa: F401  (the same family, tokenizer and data)
+from experiments import scaling_tiny
+from experiments.scaling_tiny import prepare  # noqa: F401  (the same family, tokenizer and data)
 from t5like import train
+from t5like.config import Config
 from t5like.scaling.design import IsoFlopDesign, Trial, plan_isoflop
 
 BUDGETS = (5e11, 7.07e11, 1e12, 1.41e12, 2e12)
 HOLDOUT = 4 * BUDGETS[-1]
+PREDICTION = {"approach": "isoflop", "E_fixed": 0.001}  # the demo's answer, fixed before the sweep ran
+
+
+def config() -> Config:
+    base = scaling_tiny.config()
+    return dataclasses.replace(base, seed=1, train=dataclasses.replace(base.train, eval_steps=64),
+                               workdir="runs/scaling_demo")
 
 
 def design() -> IsoFlopDesign:
