@@ -15,14 +15,15 @@ above the top one at the predicted optimal size, and print each approach's error
    sweep runner into W/holdout.
 4. The error: `t5like.scaling.validate` on the sweep's points plus the held-out run, holding out C; per
    approach the predicted loss, its interval, the error against the measured loss and whether the measured
-   loss is inside. Printed, and written to W/scaling_demo.json with the stages' wall and CPU times; the plot
+   loss is inside. The demo's answer is the one stated in experiments/scaling_demo.py before its sweep ran
+   (PREDICTION: Approach 2's loss law with E pinned), printed first as PREDICTION; every approach with a
+   free E follows as an ERROR line. Printed, and written to W/scaling_demo.json with the stages' wall and CPU times; the plot
    (loss against compute, the fitted curves, the sweep points, the held-out point) is W/scaling_demo.png.
 
 Nothing is chosen by looking at the held-out result: the design is fixed before the sweep, the held-out
 size comes from the fit alone. Reruns resume: finished trials are skipped (launch.sweep's table), so a
-rerun after a finished demo only refits and reprints. A benchmark: it asserts nothing. Measured figures
-(every approach about 6% high at 8e12, so the issue's 2% bar is not met) and why: docs/scaling.md,
-"CPU demo: predicting a held-out 4x run".
+rerun after a finished demo only refits and reprints. A benchmark: it asserts nothing. Measured figures and
+why the earlier designs missed: docs/scaling.md, "CPU demo: predicting a held-out 4x run".
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 EXPERIMENT = "experiments.scaling_demo"
-APPROACH_LABELS = {"powerlaw": "compute-frontier power law", "isoflop": "Approach 2 (IsoFLOP parabolas)",
+APPROACH_LABELS = {"powerlaw": "compute-frontier power law", "isoflop": "Approach 2's loss law (IsoFLOP minima)",
                    "envelope": "Approach 1 (envelope)", "parametric": "Approach 3, Huber",
                    "parametric_vpnls": "Approach 3, VPNLS"}
 
@@ -69,9 +70,11 @@ def isoflop_points(results: str, trial_ids: set[str], out: str) -> str:
     return out
 
 
-def plot(path: str, sweep_data, fits: dict, held: dict, report: dict) -> None:
-    """Loss against compute: the library's frontier plot of the sweep, plus the held-out run and each
-    approach's prediction (with its interval) at the held-out budget."""
+def plot(path: str, sweep_data, fits: dict, held: dict, report: dict, prediction: dict,
+         prediction_approach: str) -> None:
+    """Loss against compute: the library's frontier plot of the sweep (with the stated prediction's law as
+    `fits[prediction_approach]`), plus the held-out run and each approach's prediction (with its interval)
+    at the held-out budget."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,18 +85,21 @@ def plot(path: str, sweep_data, fits: dict, held: dict, report: dict) -> None:
     C, L = held["flops"], held["loss"]
     ax.plot([C], [L], "*", ms=16, color="gold", mec="k", mew=0.8, zorder=6,
             label=f"held-out run (N {held['N'] / 1e3:.0f}K): {L:.4f}")
-    marks = {"powerlaw": ("C3", "<"), "parametric_vpnls": ("C0", ">"), "parametric": ("C2", "^")}
+    marks = {"prediction": ("C1", "D"), "powerlaw": ("C3", "<"), "parametric_vpnls": ("C0", ">"),
+             "parametric": ("C2", "^")}
     for i, (name, (color, m)) in enumerate(marks.items()):
-        a = report["approaches"].get(name, {})
-        if "holdout" not in a:
+        a = (prediction if name == "prediction" else report)["approaches"].get(
+            prediction_approach if name == "prediction" else name, {})
+        if "holdout" not in a or "loss_error" not in a["holdout"][0]:
             continue
         h = a["holdout"][0]
         ci = h.get("interval_with_stderr") or h["interval"].get("loss")
         x = C * (0.86 + 0.07 * i)
         p = h["predicted"]["loss"]
         yerr = None if not ci else [[p - ci[0]], [ci[1] - p]]
+        label = f"{prediction_approach}, E pinned (the stated prediction)" if name == "prediction" else name
         ax.errorbar([x], [p], yerr=yerr, fmt=m, ms=7, color=color, capsize=3, zorder=5,
-                    label=f"{name} predicted {p:.4f} ({h['loss_error']:+.2%})")
+                    label=f"{label}: {p:.4f} ({h['loss_error']:+.2%})")
     lo = min(sweep_data.loss.min(), L) * 0.97
     ax.set_ylim(lo, ax.get_ylim()[1])
     ax.set_xlim(sweep_data.flops.min() / 2, C * 30)
@@ -113,9 +119,9 @@ def _iv(ci) -> str:
     return f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"
 
 
-def errors(report: dict) -> tuple[dict, str | None]:
-    """Each approach's loss error at the held-out budget, printed one line each (the demo's answer), and the
-    approach with the smallest |error| (named after the fact: every approach's line is printed)."""
+def errors(report: dict, tag: str = "ERROR") -> tuple[dict, str | None]:
+    """Each approach's loss error at the held-out budget, printed one line each (starting with `tag`), and
+    the approach with the smallest |error| (named after the fact: every approach's line is printed)."""
     held, C = report["measured"][0], report["held_out_budgets"][0]
     summary = {}
     for name, a in report["approaches"].items():
@@ -128,14 +134,14 @@ def errors(report: dict) -> tuple[dict, str | None]:
         summary[name] = {"predicted": h["predicted"]["loss"], "error": h["loss_error"], "interval": ci,
                          "in_interval": h.get("loss_in_interval"), "interval_bootstrap": boot,
                          "in_interval_bootstrap": in_boot}
-        print(f"ERROR {name:<17} predicted {h['predicted']['loss']:.4f} vs measured {held['loss']:.4f}: "
+        print(f"{tag} {name:<17} predicted {h['predicted']['loss']:.4f} vs measured {held['loss']:.4f}: "
               f"{h['loss_error']:+.2%}; interval {_iv(ci)} ({'inside' if h.get('loss_in_interval') else 'OUTSIDE'}),"
               f" bootstrap only {_iv(boot)} ({'inside' if in_boot else 'OUTSIDE'})  [{APPROACH_LABELS[name]}]")
     print(f"(held-out run at C = {C:.3g}: N = {held['N']:.4g}, eval loss {held['loss']:.4f} ± "
           f"{held.get('loss_stderr', float('nan')):.3f}, the standard error over eval sequences; intervals at "
           f"{report['level']:.0%}: the bootstrap's, widened in quadrature by that standard error)")
     best = min(summary, key=lambda k: abs(summary[k]["error"])) if summary else None
-    if best:
+    if best and len(summary) > 1:
         print(f"smallest error: {best} {summary[best]['error']:+.2%}")
     return summary, best
 
@@ -189,6 +195,14 @@ def main(argv=None) -> int:
         if subprocess.run([sys.executable, "-m", "t5like.scaling", *cli], cwd=REPO).returncode != 0:
             print(f"error: `python -m t5like.scaling {cli[0]}` failed on {points}.", file=sys.stderr)
             return 1
+    rule = scaling_demo.PREDICTION  # stated before the sweep ran
+    pred_json = os.path.join(wd, "fit_prediction.json")
+    cli = ["fit", points, "--approach", rule["approach"], "--fix-E", str(rule["E_fixed"]), "--bootstrap",
+           str(args.bootstrap), "--stderr-column", opts["stderr_column"], "--out", pred_json]
+    print("$ python -m t5like.scaling " + " ".join(cli), file=sys.stderr, flush=True)
+    if subprocess.run([sys.executable, "-m", "t5like.scaling", *cli], cwd=REPO).returncode != 0:
+        print(f"error: `python -m t5like.scaling fit` failed on {points}.", file=sys.stderr)
+        return 1
     fits, _ = load_fits(fit_json)
     data = load_csv(points, **opts)
     top = max(t.budget for t in sweep.trials if t.budget is not None)
@@ -229,18 +243,26 @@ def main(argv=None) -> int:
     w.writeheader()
     w.writerows(rows)
     storage.write_atomic(both, buf.getvalue())
-    report = validate(load_csv(both, **opts), holdout=[C], bootstrap=args.bootstrap, seed=0)
+    table = load_csv(both, **opts)
+    report = validate(table, holdout=[C], bootstrap=args.bootstrap, seed=0)
+    prediction = validate(table, holdout=[C], variants=(rule["approach"],), E_fixed=rule["E_fixed"],
+                          bootstrap=args.bootstrap, seed=0)
     times["validate"] = {"wall_s": time.time() - t0, "cpu_s": _cpu_self() - c0}
     held = report["measured"][0]
     print(format_report(report))
     print()
+    stated, _ = errors(prediction, "PREDICTION")
+    print(f"(the prediction stated before the sweep: {rule['approach']} with E pinned at {rule['E_fixed']}; "
+          "the lines below have a free E)")
     summary, best = errors(report)
     result = {"held_out_budget": C, "held_out_N": held["N"], "held_out_loss": held["loss"],
               "held_out_loss_stderr": held.get("loss_stderr"), "size_from": args.size_from, "N_opt_predicted": n_opt,
-              "held_out_trials": sorted(t.id for t in plan.trials), "errors": summary, "best": best, "times": times,
-              "validate": report, "command": " ".join(["python", "benchmarks/scaling_demo.py", *sys.argv[1:]])}
+              "held_out_trials": sorted(t.id for t in plan.trials), "prediction_rule": rule, "prediction": stated,
+              "errors": summary, "best": best, "times": times, "validate": report,
+              "validate_prediction": prediction, "command": " ".join(["python", "benchmarks/scaling_demo.py", *sys.argv[1:]])}
     storage.write_atomic(os.path.join(wd, "scaling_demo.json"), json.dumps(result, indent=1) + "\n")
-    plot(os.path.join(wd, "scaling_demo.png"), data, fits, held, report)
+    pinned, _ = load_fits(pred_json)
+    plot(os.path.join(wd, "scaling_demo.png"), data, {**fits, **pinned}, held, report, prediction, rule["approach"])
     print(f"wrote {wd}/scaling_demo.json and {wd}/scaling_demo.png", file=sys.stderr)
     return 0
 

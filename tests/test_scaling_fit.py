@@ -127,6 +127,34 @@ def test_isoflop_window_fits_sizes_around_the_minimum(sweep):
         fit_isoflop(sweep, window=0)
 
 
+def test_isoflop_loss_law_through_the_parabola_minima(sweep):
+    # The Chinchilla law's compute-optimal loss is exactly E + K·C^-(alpha·beta/(alpha+beta)); the loss law
+    # through the 9 vertices (1% noise) recovers it, and with E held at the truth, the exponent.
+    def truth(C):
+        return LAW.loss(LAW.n_opt(C), LAW.d_opt(C))
+
+    free = fit_isoflop(sweep, bootstrap=40)
+    held = fit_isoflop(sweep, E_fixed=LAW.E, bootstrap=40)
+    assert abs(held.params["alpha"] / LAW.frontier_alpha - 1) < 0.1, held.params
+    assert held.params["E"] == LAW.E and held.details["loss_law"]["E_fixed"] == LAW.E
+    for fit in (free, held):
+        pred = fit.predict(1e23)["loss"]  # 10x past the largest budget (1e22)
+        assert abs(pred / truth(1e23) - 1) < 0.02, (fit.params, pred, truth(1e23))
+        lo, hi = fit.predict_interval(1e23)["loss"]
+        assert lo < pred < hi and hi - lo > 0
+    vertices = np.array([o["loss_opt"] for o in held.details["optima"]])
+    fitted = held.predict(np.array([o["flops"] for o in held.details["optima"]]))["loss"]
+    assert np.max(np.abs(fitted / vertices - 1)) < 0.02
+    # 3 budgets: enough for N_opt, too few for a free E; the reason is stated and N_opt still fits
+    three = sweep.subset(np.flatnonzero(sweep.budget <= np.unique(sweep.budget)[2]))
+    few = fit_isoflop(three)
+    assert np.isnan(few.params["alpha"]) and "needs 4 budgets' optima" in few.details["loss_law"]
+    assert np.isfinite(few.params["a"]) and "loss" in few.predict(1e21) and np.isnan(few.predict(1e21)["loss"])
+    assert np.isfinite(fit_isoflop(three, E_fixed=1.0).params["alpha"])
+    with pytest.raises(ValueError, match="fixed E = 9.0 is not below the lowest parabola minimum"):
+        fit_isoflop(sweep, E_fixed=9.0)
+
+
 def test_frontier_is_pareto_set():
     flops = np.array([1, 2, 2, 3, 4, 5, 6.0])
     loss = np.array([5, 4, 3.5, 3.6, 3.0, 3.0, 2.0])
@@ -304,7 +332,7 @@ def test_cli_fit_predict_plot(tmp_path):
     assert d["approach"] == "all" and d["meta"]["n_points"] == 49 and d["meta"]["loss_column"] == "final_eval_loss"
     assert d["meta"]["n_skipped_status"] == 1
     for name, keys in (("powerlaw", ("E", "C0", "alpha")), ("envelope", ("a", "b", "N_coef", "D_coef")),
-                       ("isoflop", ("a", "b", "N_coef", "D_coef")),
+                       ("isoflop", ("a", "b", "N_coef", "D_coef", "E", "C0", "alpha")),
                        ("parametric", ("E", "A", "B", "alpha", "beta", "a", "b", "G", "N_coef", "D_coef"))):
         for k in keys:
             assert isinstance(d[name][k], float) and len(d[name][f"{k}_ci"]) == 2, (name, k)
@@ -348,7 +376,14 @@ def test_cli_single_approach_and_errors(tmp_path):
     fits, _ = load_fits(tmp_path / "iso.json")
     assert set(fits) == {"isoflop"}
     out = json.loads(run_cli("predict", tmp_path / "iso.json", "--flops", "1e21", "--json").stdout)
-    assert out[0]["approach"] == "isoflop" and "loss" not in out[0] and "N_opt_ci" not in out[0]
+    assert out[0]["approach"] == "isoflop" and "N_opt_ci" not in out[0]
+    truth = LAW.loss(LAW.n_opt(1e21), LAW.d_opt(1e21))  # the loss law through 5 minima, 10x past them
+    assert abs(out[0]["loss"] / truth - 1) < 0.03, (out[0], truth)
+    three = write_csv(tmp_path / "three.csv", ["params", "tokens", "loss", "budget"],
+                      [r for r in zip(data.params, data.tokens, data.loss, data.budget) if r[3] <= 1e19 * 1.01])
+    run_cli("fit", three, "--approach", "isoflop", "--out", tmp_path / "iso3.json")
+    out = json.loads(run_cli("predict", tmp_path / "iso3.json", "--flops", "1e21", "--json").stdout)
+    assert "loss" not in out[0] and out[0]["N_opt"] > 0  # 3 minima: N_opt, but no free-E loss law
 
 
 # ------------------------------------------------------------------------------------------------

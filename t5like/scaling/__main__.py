@@ -25,13 +25,15 @@ fit.json is one JSON object. For one approach its fitted parameters are top-leve
 object, or {"error": ...} if it could not run on this data. Per approach:
   powerlaw    E, C0, alpha (L = E + (C0/C)^alpha), frontier (the runs fitted)
   envelope    a, b, N_coef, D_coef (N_opt = N_coef·C^a, D_opt = D_coef·C^b), points
-  isoflop     a, b, N_coef, D_coef, optima [{budget, N_opt, D_opt, loss_opt, ...}], skipped_budgets
+  isoflop     a, b, N_coef, D_coef, optima [{budget, N_opt, D_opt, loss_opt, ...}], skipped_budgets;
+              E, C0, alpha: the loss law loss_opt = E + (C0/C)^alpha through the optima (NaN, with the reason
+              in loss_law, under 4 optima, or 3 with --fix-E)
   parametric  E, A, B, alpha, beta (L = E + A/N^alpha + B/D^beta); a = beta/(alpha+beta), b = alpha/(alpha+beta),
               G = (alpha·A/(beta·B))^(1/(alpha+beta)): N_opt = G·(C/k)^a = N_coef·C^a, D_opt = (C/k)^b/G = D_coef·C^b
               with C = k·N·D, k = flops_per_param_token (6 without a flops column)
 --metric loss|bpb picks the loss column (loss/final_eval_loss/eval_loss, or bpb/final_eval_bpb/eval_bpb);
 a column "<loss column>_stderr" (or --stderr-column) weights the fits by each row's standard error.
---fix-E E holds the irreducible loss of powerlaw and parametric; --E-prior MEAN,SD gives it a Gaussian
+--fix-E E holds the irreducible loss of powerlaw, isoflop's loss law and parametric; --E-prior MEAN,SD gives it a Gaussian
 prior. --method vpnls fits parametric by variable projection (least squares on L) instead of Huber on ln L.
 A powerlaw or parametric fit that predicts, beyond the data, a loss above one already measured warns.
 
@@ -87,9 +89,9 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--isoflop-window", type=int, default=None, metavar="K",
                    help="fit each IsoFLOP parabola to the lowest-loss size and K sizes each side (default: all)")
     p.add_argument("--fix-E", dest="fix_E", type=float, default=None, metavar="E",
-                   help="hold the irreducible loss E of powerlaw and parametric at this value")
+                   help="hold the irreducible loss E of powerlaw, isoflop's loss law and parametric at this value")
     p.add_argument("--E-prior", dest="E_prior", type=_pair, default=None, metavar="MEAN,SD",
-                   help="a Gaussian prior on E (powerlaw, parametric), in the loss's units")
+                   help="a Gaussian prior on E (powerlaw, isoflop, parametric), in the loss's units")
     p.add_argument("--near-optimum", type=float, default=None, metavar="FRAC",
                    help="fit only runs within FRAC of their budget's best loss, e.g. 0.03 (default: all runs)")
     p.add_argument("--method", choices=("huber", "vpnls"), default=None,
@@ -198,8 +200,9 @@ def cmd_predict(args) -> int:
         if not C > 0:
             raise ValueError(f"--flops {C}: compute must be positive.")
         for name, f in fits.items():
-            point = {k: float(v) for k, v in f.predict(C).items()}
-            ci = {k: v.tolist() for k, v in f.predict_interval(C).items()}
+            # NaN: a quantity this fit could not give (Approach 2's loss law with too few budgets)
+            point = {k: float(v) for k, v in f.predict(C).items() if np.isfinite(v)}
+            ci = {k: v.tolist() for k, v in f.predict_interval(C).items() if k in point}
             rows.append({"flops": C, "approach": name, **point, **{f"{k}_ci": v for k, v in ci.items()},
                          "flops_convention": convention})
     if args.json:

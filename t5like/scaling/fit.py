@@ -3,8 +3,9 @@
   powerlaw    L(C) = E + (C0/C)^alpha on the compute frontier (Pareto-optimal runs).
   envelope    Approach 1: the lowest-loss run per compute budget gives (C, N_opt, D_opt);
               N_opt = N_coef·C^a and D_opt = D_coef·C^b by log-log least squares.
-  isoflop     Approach 2: per budget, a parabola of loss in ln N; its vertex is N_opt. Power laws
-              through the optima give a, b.
+  isoflop     Approach 2: per budget, a parabola of loss in ln N; its vertex is (N_opt, L_opt). Power laws
+              through the optima give a, b; L_opt(C) = E + (C0/C)^alpha through their losses (the loss
+              law: each vertex averages its budget's runs, where the frontier power law takes one run).
   parametric  Approach 3: L(N, D) = E + A/N^alpha + B/D^beta, Huber loss on ln L (Hoffmann et al. 2022,
               as corrected by Besiroglu et al. 2024: the objective is summed, not averaged).
 
@@ -31,7 +32,7 @@ APPROACHES = ("powerlaw", "envelope", "isoflop", "parametric")
 PARAM_NAMES = {
     "powerlaw": ("E", "C0", "alpha"),
     "envelope": ("a", "b", "N_coef", "D_coef"),
-    "isoflop": ("a", "b", "N_coef", "D_coef"),
+    "isoflop": ("a", "b", "N_coef", "D_coef", "E", "C0", "alpha"),
     "parametric": ("E", "A", "B", "alpha", "beta", "a", "b", "G", "N_coef", "D_coef"),
 }
 HUBER_DELTA = 1e-3
@@ -73,6 +74,19 @@ def _powerlaw_objective(theta, w, X, y, delta):
 def _powerlaw_objective_fixed_e(theta, w, X, y, delta):
     """As above with e = delta[0] held fixed; theta = (k, alpha)."""
     return _powerlaw_objective(jnp.concatenate([delta[:1], theta]), w, X, y, delta.at[1].set(0.0))
+
+
+def _packed(objective):
+    """`objective` with per-start targets: w = (weights, targets) packed (2n,), X doubled (2n, k). So that
+    one minimize_batch refits many bootstrap resamples whose targets differ (Approach 2's vertex losses)."""
+    def packed(theta, w, X, y, delta):
+        n = w.shape[0] // 2
+        return objective(theta, w[:n], X[:n], w[n:], delta)
+    packed.__name__ = f"packed_{objective.__name__}"
+    return packed
+
+
+_PACKED = {f: _packed(f) for f in (_powerlaw_objective, _powerlaw_objective_fixed_e)}  # one jit cache each
 
 
 # ================================================================================================
@@ -177,7 +191,10 @@ def _predict(approach: str, p: dict, C) -> dict:
             return {"loss": p["E"] + (p["C0"] / C) ** p["alpha"]}
         if approach in ("envelope", "isoflop"):
             N, D = p["N_coef"] * C ** p["a"], p["D_coef"] * C ** p["b"]
-            return {"N_opt": N, "D_opt": D, "tokens_per_param": D / N}
+            out = {"N_opt": N, "D_opt": D, "tokens_per_param": D / N}
+            if "C0" in p:  # Approach 2's loss law
+                out["loss"] = p["E"] + (p["C0"] / C) ** p["alpha"]
+            return out
         if approach == "parametric":  # compute-optimal allocation under the table's C = k·N·D
             N, D = p["N_coef"] * C ** p["a"], p["D_coef"] * C ** p["b"]
             loss = p["E"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
@@ -322,6 +339,51 @@ def _powerlaw_params(theta: np.ndarray, x_ref: float) -> dict[str, np.ndarray]:
         return {"E": np.exp(e), "C0": np.exp(x_ref + k / alpha), "alpha": alpha}
 
 
+class _LossLaw:
+    """Least squares of ln L = ln(E + (C0/C)^alpha) on centred ln C, from the 36 starts of _powerlaw_starts:
+    the frontier power law's fit and Approach 2's loss law. `E_fixed` holds E; `E_prior` = (mean, sd) adds
+    a Gaussian prior on it, weighed against the residual variance of the unpenalised fit."""
+
+    def __init__(self, lnL: np.ndarray, E_fixed: float | None, E_prior):
+        self.E_fixed, self.E_prior, self.n_points = E_fixed, E_prior, len(lnL)
+        self.starts, self.objective, self.delta = _powerlaw_starts(lnL), _powerlaw_objective, np.zeros(2)
+        if E_fixed is not None:
+            self.objective, self.delta = _powerlaw_objective_fixed_e, np.array([math.log(E_fixed), 0.0])
+            self.starts = self.starts[:, 1:]
+
+    def fit(self, X, y, w) -> tuple[np.ndarray, float]:
+        """The best (free) parameters and the objective there."""
+        theta, f = minimize_batch(self.objective, self.starts, X, y, w, delta=self.delta)
+        if self.E_prior is not None:
+            scale = 2 * float(f.min()) / max(self.n_points - 3, 1)
+            self.delta = np.array([math.log(self.E_prior[0]), _prior_precision(self.E_prior, scale)])
+            theta, f = minimize_batch(self.objective, np.concatenate([theta[np.argmin(f)][None], self.starts]),
+                                      X, y, w, delta=self.delta)
+        return theta[np.argmin(f)], float(f.min())
+
+    def refit(self, best, X, y, W) -> np.ndarray:
+        """One refit per row of weights W (a bootstrap resample each), from `best` plus 9 of the starts."""
+        st = np.concatenate([best[None], self.starts[::4]])
+        thetas, fs = minimize_batch(self.objective, np.tile(st, (len(W), 1)), X, y, np.repeat(W, len(st), axis=0),
+                                    delta=self.delta)
+        return thetas.reshape(len(W), len(st), -1)[np.arange(len(W)), fs.reshape(len(W), -1).argmin(1)]
+
+    def refit_targets(self, best, X, Y, W) -> np.ndarray:
+        """As refit, with each row its own targets Y (R, n) as well as weights W (R, n)."""
+        st = np.concatenate([best[None], self.starts[::4]])
+        n = X.shape[0]
+        packed = np.repeat(np.concatenate([W, Y], 1), len(st), axis=0)
+        thetas, fs = minimize_batch(_PACKED[self.objective], np.tile(st, (len(W), 1)), np.concatenate([X, X]),
+                                    np.zeros(2 * n), packed, delta=self.delta)
+        return thetas.reshape(len(W), len(st), -1)[np.arange(len(W)), fs.reshape(len(W), -1).argmin(1)]
+
+    def full(self, theta) -> np.ndarray:
+        """(ln E, k, alpha) from the free parameters."""
+        if self.E_fixed is None:
+            return theta
+        return np.concatenate([np.full(np.shape(theta)[:-1] + (1,), math.log(self.E_fixed)), theta], -1)
+
+
 def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0,
                  E_fixed: float | None = None, E_prior: tuple[float, float] | None = None) -> Fit:
     """L(C) = E + (C0/C)^alpha, least squares on ln L over the frontier runs, from 36 starts. `E_fixed`
@@ -341,26 +403,15 @@ def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, 
                          "the irreducible loss must lie below every loss on the frontier.")
     lnC, lnL = np.log(data.flops), np.log(data.loss)
     x_ref = float(lnC[idx].mean())
-    starts = _powerlaw_starts(lnL[idx])
     X = (lnC - x_ref)[:, None]
     w = np.zeros(len(data))
     w[idx] = _log_weights(data)[idx]
-    objective, delta = _powerlaw_objective, np.zeros(2)
-    if E_fixed is not None:
-        objective, delta, starts = _powerlaw_objective_fixed_e, np.array([math.log(E_fixed), 0.0]), starts[:, 1:]
-    theta, f = minimize_batch(objective, starts, X, lnL, w, delta=delta)
-    if E_prior is not None:  # weigh the prior against the residual variance of the unpenalised fit
-        scale = 2 * float(f.min()) / max(len(idx) - 3, 1)
-        delta = np.array([math.log(E_prior[0]), _prior_precision(E_prior, scale)])
-        theta, f = minimize_batch(objective, np.concatenate([theta[np.argmin(f)][None], starts]), X, lnL, w,
-                                  delta=delta)
-    best = theta[np.argmin(f)]
-    full = lambda th: th if E_fixed is None else np.concatenate(
-        [np.full(np.shape(th)[:-1] + (1,), math.log(E_fixed)), th], -1)
-    params = {k: float(v) for k, v in _powerlaw_params(full(best), x_ref).items()}
+    law = _LossLaw(lnL[idx], E_fixed, E_prior)
+    best, fmin = law.fit(X, lnL, w)
+    params = {k: float(v) for k, v in _powerlaw_params(law.full(best), x_ref).items()}
     details = {"frontier": [{"flops": data.flops[i], "loss": data.loss[i], "params": data.params[i],
                              "tokens": data.tokens[i]} for i in idx],
-               "n_frontier": len(idx), "objective": float(f.min()), **_e_note(E_fixed, E_prior),
+               "n_frontier": len(idx), "objective": fmin, **_e_note(E_fixed, E_prior),
                **_convention(data)}
     warnings = _rising(params, ("alpha",), {"alpha": "compute C"})
     if len(np.unique(data.params)) < 2:
@@ -383,11 +434,8 @@ def fit_powerlaw(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, 
             W[r, fr], ok[r] = counts[fr] * lw[fr], len(fr) >= n_par + 1
         W = W[ok]
         cols = np.flatnonzero(W.any(0))  # only runs that are on some resample's frontier
-        st = np.concatenate([best[None], starts[::4]])  # the optimum plus 9 of the grid
-        thetas, fs = minimize_batch(objective, np.tile(st, (len(W), 1)), X[cols], lnL[cols],
-                                    np.repeat(W[:, cols], len(st), axis=0), delta=delta)
-        pick = thetas.reshape(len(W), len(st), -1)[np.arange(len(W)), fs.reshape(len(W), -1).argmin(1)]
-        fit.samples = _powerlaw_params(full(pick), x_ref)
+        pick = law.refit(best, X[cols], lnL[cols], W[:, cols])
+        fit.samples = _powerlaw_params(law.full(pick), x_ref)
         fit.level, fit.n_bootstrap, fit.seed = level, bootstrap, seed
     return fit
 
@@ -500,11 +548,15 @@ def _isoflop_optimum(lnN: np.ndarray, lnD: np.ndarray, L: np.ndarray, W: np.ndar
 
 
 def fit_isoflop(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0,
-                bins_per_decade: float | None = None, window: int | None = None) -> Fit:
+                bins_per_decade: float | None = None, window: int | None = None,
+                E_fixed: float | None = None, E_prior: tuple[float, float] | None = None) -> Fit:
     """Chinchilla Approach 2: per budget with >= 3 distinct sizes, the vertex of a parabola of loss in
-    ln N is (N_opt, D_opt, loss_opt); N_opt = N_coef·C^a, D_opt = D_coef·C^b by log-log least squares.
+    ln N is (N_opt, D_opt, loss_opt); N_opt = N_coef·C^a, D_opt = D_coef·C^b by log-log least squares,
+    and loss_opt = E + (C0/C)^alpha by the frontier power law's least squares (`E_fixed`, `E_prior` as
+    there; E, C0, alpha are NaN, with the reason in details["loss_law"], when there are too few budgets).
     `window` = k fits each parabola to the lowest-loss size and k sizes either side (default: all sizes).
     Bootstrap resamples runs within each budget, so every budget keeps its own parabola."""
+    _check_e(E_fixed, E_prior)
     _check_bootstrap(bootstrap, level)
     if window is not None and window < 1:
         raise ValueError(f"window = {window}: use at least 1 size each side of the minimum (3 sizes in all), or None.")
@@ -534,9 +586,28 @@ def fit_isoflop(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, s
     C = np.array([o["flops"] for o in optima])
     a, N_coef = _loglog(C, [o["N_opt"] for o in optima])
     b, D_coef = _loglog(C, [o["D_opt"] for o in optima])
-    fit = Fit("isoflop", {"a": a, "b": b, "N_coef": N_coef, "D_coef": D_coef},
+    lnC_opt, lnL_opt = np.log(C), np.log([o["loss_opt"] for o in optima])
+    x_ref = float(lnC_opt.mean())
+    X_opt = (lnC_opt - x_ref)[:, None]
+    law, need = _LossLaw(lnL_opt, E_fixed, E_prior), (2 if E_fixed is not None else 3) + 1
+    loss_params, loss_note = {"E": np.nan, "C0": np.nan, "alpha": np.nan}, {}
+    if len(optima) < need:
+        loss_note = {"loss_law": f"needs {need} budgets' optima ({need - 1} parameters plus one to spare), has "
+                                 f"{len(optima)}; add budgets or fix E (--fix-E)"}
+    elif E_fixed is not None and not E_fixed < np.exp(lnL_opt).min():
+        raise ValueError(f"fixed E = {E_fixed} is not below the lowest parabola minimum {np.exp(lnL_opt).min():.4g}; "
+                         "the irreducible loss must lie below every budget's optimum.")
+    else:
+        best, fmin = law.fit(X_opt, lnL_opt, np.ones(len(optima)))
+        loss_params = {k: float(v) for k, v in _powerlaw_params(law.full(best), x_ref).items()}
+        loss_note = {"loss_law": {"objective": fmin, **_e_note(E_fixed, E_prior)}}
+    fit = Fit("isoflop", {"a": a, "b": b, "N_coef": N_coef, "D_coef": D_coef, **loss_params},
               {"optima": optima, "skipped_budgets": skipped, "bins_per_decade": bins_per_decade, "window": window,
-               **_convention(data)})
+               **loss_note, **_convention(data)})
+    if np.isfinite(loss_params["alpha"]):
+        warnings = _rising(loss_params, ("alpha",), {"alpha": "compute C"}) + _leaves_data(fit, data)
+        if warnings:
+            fit.details["warnings"] = warnings
     if bootstrap:
         rng = np.random.default_rng(seed)
         # (bootstrap, budget) arrays of per-budget optima; NaN where a resample had no valid vertex
@@ -546,19 +617,32 @@ def fit_isoflop(data: ScalingData, *, bootstrap: int = 0, level: float = 0.95, s
             status, ln_n, ln_d, lv, _, _ = _isoflop_optimum(lnN[rows], lnD[rows], L[rows], W, window)
             ok = status == ISO_OK
             n_opt[ok, j], d_opt[ok, j], l_opt[ok, j] = np.exp(ln_n[ok]), np.exp(ln_d[ok]), lv[ok]
-        rows = []
+        rows, kept = [], []
         for r in range(bootstrap):
             v = np.isfinite(n_opt[r])
             if v.sum() >= 3:
                 a_r, nc = _loglog(C[v], n_opt[r, v])
                 b_r, dc = _loglog(C[v], d_opt[r, v])
                 rows.append((a_r, b_r, nc, dc))
+                kept.append(r)
         fit.samples = {k: np.array([r[i] for r in rows]) for i, k in enumerate(("a", "b", "N_coef", "D_coef"))}
+        if np.isfinite(loss_params["alpha"]) and kept:
+            fit.samples.update(_loss_law_samples(law, best, X_opt, np.log(l_opt[kept]), need, x_ref))
         for j, o in enumerate(optima):
             for k, arr in (("N_opt", n_opt), ("D_opt", d_opt), ("loss_opt", l_opt)):
                 o[f"{k}_ci"] = list(_percentile_interval(arr[:, j], level))
         fit.level, fit.n_bootstrap, fit.seed = level, bootstrap, seed
     return fit
+
+
+def _loss_law_samples(law: _LossLaw, best, X, lnL_RB: np.ndarray, need: int, x_ref: float) -> dict:
+    """Approach 2's loss law refitted on each resample's vertex losses lnL_RB (R, budgets; NaN where a
+    resample's parabola had no vertex), in one batched fit. Resamples with fewer than `need` vertices give NaN."""
+    ok = np.isfinite(lnL_RB)
+    pick = law.refit_targets(best, X, np.where(ok, lnL_RB, 0.0), ok.astype(np.float64))
+    out = _powerlaw_params(law.full(pick), x_ref)
+    few = ok.sum(1) < need
+    return {k: np.where(few, np.nan, v) for k, v in out.items()}
 
 
 # ================================================================================================
@@ -731,8 +815,8 @@ def _fit_vpnls(data, X, E_fixed, E_prior):
 def e_profile(data: ScalingData, approach: str, flops, E_values, **options) -> list[dict]:
     """How much the predictions at compute `flops` depend on the irreducible loss: refit with E held at
     each of `E_values` (those not below the best measured loss are skipped); one row per E."""
-    if approach not in ("powerlaw", "parametric"):
-        raise ValueError(f"approach {approach!r} has no irreducible loss E; use powerlaw or parametric.")
+    if approach not in ("powerlaw", "isoflop", "parametric"):
+        raise ValueError(f"approach {approach!r} has no irreducible loss E; use powerlaw, isoflop or parametric.")
     rows = []
     for E in E_values:
         if not 0 < E < data.loss.min():
@@ -753,14 +837,14 @@ FITTERS = {"powerlaw": fit_powerlaw, "envelope": fit_envelope, "isoflop": fit_is
 
 def run_fit(data: ScalingData, approach: str, **options) -> Fit:
     """Run one approach. Options: bootstrap, level, seed; bins_per_decade (envelope, isoflop); window (isoflop);
-    E_fixed, E_prior (powerlaw, parametric); method (parametric)."""
+    E_fixed, E_prior (powerlaw, isoflop's loss law, parametric); method (parametric)."""
     if approach not in FITTERS:
         raise ValueError(f"unknown approach {approach!r}; choose one of {', '.join(APPROACHES)} or all.")
     if approach not in ("envelope", "isoflop"):
         options.pop("bins_per_decade", None)
     if approach != "isoflop":
         options.pop("window", None)
-    if approach not in ("powerlaw", "parametric"):
+    if approach not in ("powerlaw", "isoflop", "parametric"):
         options.pop("E_fixed", None), options.pop("E_prior", None)
     if approach != "parametric":
         options.pop("method", None)

@@ -71,6 +71,14 @@ def plot_loss_vs_compute(ax, data: ScalingData, fits: dict[str, Fit]) -> None:
         if band is not None:
             ax.fill_between(C, band[:, 0], band[:, 1], color="C3", alpha=0.2, lw=0,
                             label=f"{pl.level:.0%} bootstrap interval", zorder=1)
+    iso = fits.get("isoflop")
+    if iso is not None and np.isfinite(iso.params.get("alpha", np.nan)):
+        opt = iso.details["optima"]
+        ax.plot([o["flops"] for o in opt], [o["loss_opt"] for o in opt], "*", ms=9, color="C1", mec="k", mew=0.5,
+                zorder=4, label="IsoFLOP minima")
+        p = iso.params
+        ax.plot(C, iso.predict(C)["loss"], color="C1", lw=1.5, zorder=4,
+                label=f"IsoFLOP minima: L = {p['E']:.3g} + ({p['C0']:.2g}/C)$^{{{p['alpha']:.3f}}}$")
     par = fits.get("parametric")
     if par is not None and np.isfinite(par.params["G"]):
         ax.plot(C, par.predict(C)["loss"], color="C0", ls="--", lw=1.5, zorder=4,

@@ -87,8 +87,9 @@ def _measured(data: ScalingData, rows: np.ndarray) -> dict:
 
 def _compare(fit: Fit, m: dict, level: float, fitted_best: float) -> dict:
     C = m["flops"]
-    pred = {k: float(v) for k, v in fit.predict(C).items() if k in ("loss", "N_opt")}
-    ci = {k: [float(x) for x in v] for k, v in fit.predict_interval(C).items() if k in ("loss", "N_opt")}
+    # (Approach 2's loss law is NaN when it had too few budgets: no loss prediction then)
+    pred = {k: float(v) for k, v in fit.predict(C).items() if k in ("loss", "N_opt") and np.isfinite(v)}
+    ci = {k: [float(x) for x in v] for k, v in fit.predict_interval(C).items() if k in pred and np.all(np.isfinite(v))}
     out = {"predicted": pred, "interval": ci}
     if "loss" in pred:
         out["loss_error"] = pred["loss"] / m["loss"] - 1
