@@ -29,3 +29,18 @@ def test_sweep_and_holdout_share_the_rules():
         assert cfg.model.num_layers >= 2, t.id   # no 1-layer models
         assert math.isclose(cfg.optim.learning_rate, base_lr * (base_d / cfg.model.d_model) ** 0.5, rel_tol=1e-3)
         assert cfg.optim.schedule == ("constant" if t.budget is None else "wsd"), t.id
+        assert cfg.seed == 1 and cfg.train.eval_steps == 64, t.id  # the third design's fresh seed and eval set
+
+
+def test_the_stated_prediction_fits_on_a_sweep_shaped_table():
+    """PREDICTION (fixed before the sweep) names an approach and E that the fit accepts, and it predicts a loss
+    at the held-out budget: a typo there would otherwise surface only after the 20-minute sweep."""
+    import numpy as np
+    from t5like.scaling import ChinchillaLaw, run_fit, synthetic_isoflop
+    rule = scaling_demo.PREDICTION
+    law = ChinchillaLaw(E=0.5)  # E below the losses, as on the demo's table
+    data = synthetic_isoflop(law, budgets=np.array(scaling_demo.BUDGETS), sizes_per_budget=6, seed=0)
+    fit = run_fit(data, rule["approach"], E_fixed=rule["E_fixed"], bootstrap=20)
+    pred = float(fit.predict(scaling_demo.HOLDOUT)["loss"])
+    assert abs(fit.params["E"] - rule["E_fixed"]) < 1e-12 and 0 < pred < data.loss.min()
+    assert fit.predict_interval(scaling_demo.HOLDOUT)["loss"].shape == (2,)

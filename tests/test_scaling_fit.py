@@ -136,7 +136,7 @@ def test_isoflop_loss_law_through_the_parabola_minima(sweep):
     free = fit_isoflop(sweep, bootstrap=40)
     held = fit_isoflop(sweep, E_fixed=LAW.E, bootstrap=40)
     assert abs(held.params["alpha"] / LAW.frontier_alpha - 1) < 0.1, held.params
-    assert held.params["E"] == LAW.E and held.details["loss_law"]["E_fixed"] == LAW.E
+    assert held.params["E"] == pytest.approx(LAW.E) and held.details["loss_law"]["E_fixed"] == LAW.E
     for fit in (free, held):
         pred = fit.predict(1e23)["loss"]  # 10x past the largest budget (1e22)
         assert abs(pred / truth(1e23) - 1) < 0.02, (fit.params, pred, truth(1e23))
