@@ -7,12 +7,12 @@ By default the largest budget is held out and every other one is fitted. For eac
 
   measured   the lowest loss among its runs (and that run's N); with >= 3 sizes bracketing a minimum,
              also the vertex of the IsoFLOP parabola (a smoother N_opt).
-  predicted  loss (powerlaw, parametric) and N_opt (envelope, isoflop, parametric) at the budget's
+  predicted  loss (powerlaw, isoflop's loss law, parametric) and N_opt (envelope, isoflop, parametric) at the budget's
              compute, with the bootstrap interval; a stderr column widens the interval by the measured
              loss's own standard error (in quadrature with the bootstrap's spread), and the fits weight by it.
   error      loss: predicted / measured − 1. N_opt: predicted / measured (vertex if any, else best run).
 
-Each fit with an irreducible loss E (powerlaw, parametric) also gets an E profile: the prediction refitted
+Each fit with an irreducible loss E (powerlaw, isoflop, parametric) also gets an E profile: the prediction refitted
 with E held at 0.8, 0.9, 0.95, 1.05, 1.1 × its fitted value (those below every fitted loss), and dloss/dE, how much the prediction moves per
 unit of E. `near` (--near-optimum FRAC) fits only the runs within FRAC of their budget's best loss. A law
 whose predictions beyond its data rise above a loss already measured is flagged
