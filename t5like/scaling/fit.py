@@ -361,20 +361,15 @@ class _LossLaw:
                                       X, y, w, delta=self.delta)
         return theta[np.argmin(f)], float(f.min())
 
-    def refit(self, best, X, y, W) -> np.ndarray:
-        """One refit per row of weights W (a bootstrap resample each), from `best` plus 9 of the starts."""
+    def refit(self, best, X, y, W, Y=None) -> np.ndarray:
+        """One refit per row of weights W (R, n), a bootstrap resample each, from `best` plus 9 of the starts.
+        With Y (R, n) each row also has its own targets (Approach 2's resampled vertex losses) instead of y."""
         st = np.concatenate([best[None], self.starts[::4]])
-        thetas, fs = minimize_batch(self.objective, np.tile(st, (len(W), 1)), X, y, np.repeat(W, len(st), axis=0),
-                                    delta=self.delta)
-        return thetas.reshape(len(W), len(st), -1)[np.arange(len(W)), fs.reshape(len(W), -1).argmin(1)]
-
-    def refit_targets(self, best, X, Y, W) -> np.ndarray:
-        """As refit, with each row its own targets Y (R, n) as well as weights W (R, n)."""
-        st = np.concatenate([best[None], self.starts[::4]])
-        n = X.shape[0]
-        packed = np.repeat(np.concatenate([W, Y], 1), len(st), axis=0)
-        thetas, fs = minimize_batch(_PACKED[self.objective], np.tile(st, (len(W), 1)), np.concatenate([X, X]),
-                                    np.zeros(2 * n), packed, delta=self.delta)
+        objective, w = self.objective, np.repeat(W, len(st), axis=0)
+        if Y is not None:
+            objective, X, y = _PACKED[self.objective], np.concatenate([X, X]), np.zeros(2 * len(X))
+            w = np.repeat(np.concatenate([W, Y], 1), len(st), axis=0)
+        thetas, fs = minimize_batch(objective, np.tile(st, (len(W), 1)), X, y, w, delta=self.delta)
         return thetas.reshape(len(W), len(st), -1)[np.arange(len(W)), fs.reshape(len(W), -1).argmin(1)]
 
     def full(self, theta) -> np.ndarray:
@@ -639,7 +634,7 @@ def _loss_law_samples(law: _LossLaw, best, X, lnL_RB: np.ndarray, need: int, x_r
     """Approach 2's loss law refitted on each resample's vertex losses lnL_RB (R, budgets; NaN where a
     resample's parabola had no vertex), in one batched fit. Resamples with fewer than `need` vertices give NaN."""
     ok = np.isfinite(lnL_RB)
-    pick = law.refit_targets(best, X, np.where(ok, lnL_RB, 0.0), ok.astype(np.float64))
+    pick = law.refit(best, X, None, ok.astype(np.float64), Y=np.where(ok, lnL_RB, 0.0))
     out = _powerlaw_params(law.full(pick), x_ref)
     few = ok.sum(1) < need
     return {k: np.where(few, np.nan, v) for k, v in out.items()}
