@@ -17,8 +17,9 @@ above the top one at the predicted optimal size, and print each approach's error
    approach the predicted loss, its interval, the error against the measured loss and whether the measured
    loss is inside. The demo's answer is the one stated in experiments/scaling_demo.py before its sweep ran
    (PREDICTION: Approach 2's loss law with E pinned), printed first as PREDICTION; every approach with a
-   free E follows as an ERROR line. Printed, and written to W/scaling_demo.json with the stages' wall and CPU times; the plot
-   (loss against compute, the fitted curves, the sweep points, the held-out point) is W/scaling_demo.png.
+   free E follows as an ERROR line. Written to W/scaling_demo.json with the stages' wall and CPU times;
+   the plot (loss against compute, the fitted curves, the sweep points, the held-out point) is
+   W/scaling_demo.png.
 
 Nothing is chosen by looking at the held-out result: the design is fixed before the sweep, the held-out
 size comes from the fit alone. Reruns resume: finished trials are skipped (launch.sweep's table), so a
@@ -187,22 +188,17 @@ def main(argv=None) -> int:
     ids = {t.id for t in sweep.trials if t.budget is not None}
     points = isoflop_points(os.path.join(wd, "results.csv"), ids, os.path.join(wd, "sweep_points.csv"))
     opts = dict(stderr_column="eval_loss_stderr")  # the runner's column (the fits weight by it)
-    fit_json = os.path.join(wd, "fit.json")
+    fit_json, pred_json = os.path.join(wd, "fit.json"), os.path.join(wd, "fit_prediction.json")
+    rule = scaling_demo.PREDICTION  # stated before the sweep ran
     for cli in (["fit", points, "--approach", "all", "--bootstrap", str(args.bootstrap), "--stderr-column",
                  opts["stderr_column"], "--out", fit_json],
-                ["plot", points, "--fit", fit_json, "--out", os.path.join(wd, "plots")]):
+                ["plot", points, "--fit", fit_json, "--out", os.path.join(wd, "plots")],
+                ["fit", points, "--approach", rule["approach"], "--fix-E", str(rule["E_fixed"]), "--bootstrap",
+                 str(args.bootstrap), "--stderr-column", opts["stderr_column"], "--out", pred_json]):
         print("$ python -m t5like.scaling " + " ".join(cli), file=sys.stderr, flush=True)
         if subprocess.run([sys.executable, "-m", "t5like.scaling", *cli], cwd=REPO).returncode != 0:
             print(f"error: `python -m t5like.scaling {cli[0]}` failed on {points}.", file=sys.stderr)
             return 1
-    rule = scaling_demo.PREDICTION  # stated before the sweep ran
-    pred_json = os.path.join(wd, "fit_prediction.json")
-    cli = ["fit", points, "--approach", rule["approach"], "--fix-E", str(rule["E_fixed"]), "--bootstrap",
-           str(args.bootstrap), "--stderr-column", opts["stderr_column"], "--out", pred_json]
-    print("$ python -m t5like.scaling " + " ".join(cli), file=sys.stderr, flush=True)
-    if subprocess.run([sys.executable, "-m", "t5like.scaling", *cli], cwd=REPO).returncode != 0:
-        print(f"error: `python -m t5like.scaling fit` failed on {points}.", file=sys.stderr)
-        return 1
     fits, _ = load_fits(fit_json)
     data = load_csv(points, **opts)
     top = max(t.budget for t in sweep.trials if t.budget is not None)
