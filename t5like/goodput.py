@@ -44,12 +44,15 @@ def goodput_dir(workdir: str) -> str:
     return storage.join(workdir, "goodput")
 
 
-def read_attempts(workdir: str) -> list[dict]:
-    """Every attempt's record, in order."""
+def _attempt_paths(workdir: str) -> list[epath.Path]:
     folder = epath.Path(goodput_dir(workdir))
-    if not folder.exists():
-        return []
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("attempt-*.json"))]
+    return sorted(folder.glob("attempt-*.json")) if folder.exists() else []
+
+
+def read_attempts(workdir: str, first: int | None = None) -> list[dict]:
+    """Every attempt's record, in order; with `first`, only the first that many. A running attempt reads just
+    the ended ones': host 0 may be rewriting its own record while another host reads the folder."""
+    return [json.loads(p.read_text()) for p in _attempt_paths(workdir)[:first]]
 
 
 def _step_time_at(attempt: dict, step: int) -> float:
@@ -100,7 +103,7 @@ class Goodput(Plugin):
         self.every_phase = not storage.is_remote(cfg.workdir)  # a local record costs ~0.1 ms; a gs:// one a request
 
     def check_start(self, resuming: bool) -> None:
-        self.index = len(read_attempts(self.workdir))  # the attempts before this one
+        self.index = len(_attempt_paths(self.workdir))  # the attempts before this one (counted, not parsed)
         if jax.process_index() == 0:
             self.path = storage.join(goodput_dir(self.workdir), f"attempt-{self.index:04d}.json")
 
@@ -137,7 +140,7 @@ class Goodput(Plugin):
 
     def account(self) -> dict:
         """The job so far: the earlier attempts' records and this one's."""
-        return account([*read_attempts(self.workdir)[:self.index], self.record()])
+        return account([*read_attempts(self.workdir, self.index), self.record()])
 
     def on_eval(self, step: int, params) -> dict:
         acc = self.account()

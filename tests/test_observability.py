@@ -9,6 +9,7 @@ import os
 import shlex
 import struct
 import sys
+import types
 
 import pytest
 
@@ -186,6 +187,22 @@ def test_goodput_accounts_for_the_injected_wait_and_the_steps_redone(killed, cap
     goodput.main([str(killed["workdir"])])  # python -m t5like.goodput WORKDIR
     out = capsys.readouterr().out
     assert "over 2 attempt(s)" in out and f"({summary['lost_steps']} steps redone)" in out
+
+
+def test_a_host_reads_only_the_ended_attempts_records(tmp_path):
+    """Every host accounts for the job at each eval and at the end, while host 0 may be rewriting the running
+    attempt's record (a gs:// write is not atomic on every server). Before: another host parsed that file too,
+    found it cut short and failed the run ("Expecting ',' delimiter"), seen on a two-worker local pod."""
+    folder = tmp_path / "goodput"
+    folder.mkdir()
+    ended = {"start": 0.0, "end": 10.0, "start_step": 0, "last_step": 4, "saves": [[4, 6.0]],
+             "seconds": {**dict.fromkeys(goodput.CATEGORIES, 0.0), "step": 6.0, "other": 4.0}}
+    (folder / "attempt-0000.json").write_text(json.dumps(ended))
+    (folder / "attempt-0001.json").write_text(json.dumps(ended)[:40])  # the running attempt's, half written
+    plugin = goodput.Goodput(types.SimpleNamespace(workdir=str(tmp_path)))  # it reads only cfg.workdir
+    plugin.index = 1  # as check_start found it: one attempt before this one
+    acc = plugin.account()
+    assert acc["attempts"] == 2 and acc["seconds"]["step"] == 6.0
 
 
 @pytest.mark.parametrize("steps, message", [
