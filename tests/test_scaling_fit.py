@@ -4,7 +4,9 @@ Synthetic sweeps come from Hoffmann et al.'s law L = 1.69 + 406.4/N^0.34 + 410.7
 (D = C/(6N)) with 1% multiplicative noise. For that law N_opt ∝ C^a with a = beta/(alpha+beta) = 0.4516,
 D_opt ∝ C^b with b = 0.5484, and the compute frontier is L*(C) = E + K·C^-(alpha·beta/(alpha+beta)).
 """
+import contextlib
 import csv
+import io
 import json
 import os
 import subprocess
@@ -312,9 +314,18 @@ def test_too_few_points_say_how_many(sweep):
 # CLI end to end
 
 
-def run_cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "t5like.scaling", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+def run_cli(*args, check=True, in_process=True):
+    """`python -m t5like.scaling ARGS` -> its exit code, stdout and stderr. In this process unless asked (no
+    interpreter start-up per call); test_cli_fit_predict_plot's first call is a real `python -m`."""
+    if in_process:
+        from t5like.scaling.__main__ import main
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+        proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    else:
+        proc = subprocess.run([sys.executable, "-m", "t5like.scaling", *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -327,7 +338,8 @@ def test_cli_fit_predict_plot(tmp_path):
     csv_path = write_csv(tmp_path / "results.csv", ["params", "tokens", "flops", "final_eval_loss", "status"], rows)
     fit_path = tmp_path / "fit.json"
 
-    run_cli("fit", csv_path, "--approach", "all", "--bootstrap", 20, "--grid", "coarse", "--out", fit_path)
+    run_cli("fit", csv_path, "--approach", "all", "--bootstrap", 20, "--grid", "coarse", "--out", fit_path,
+            in_process=False)
     d = json.loads(fit_path.read_text())
     assert d["approach"] == "all" and d["meta"]["n_points"] == 49 and d["meta"]["loss_column"] == "final_eval_loss"
     assert d["meta"]["n_skipped_status"] == 1
@@ -466,15 +478,13 @@ def test_cli_warns_on_bad_flops_and_duplicates_and_plots_without_powerlaw(tmp_pa
 # Tables as our own runner writes them; row filters; plot reading fit.json; a rising loss
 
 
-def cli(capsys, *args):
-    """`python -m t5like.scaling ARGS` in this process (no JAX start-up per call): (exit code, stderr)."""
-    from t5like.scaling.__main__ import main
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
+def cli(*args):
+    """(exit code, stderr) of `python -m t5like.scaling ARGS`, run in this process."""
+    proc = run_cli(*args, check=False)
+    return proc.returncode, proc.stderr
 
 
-def test_fit_reads_a_grid_sweeps_own_table(tmp_path, capsys):
+def test_fit_reads_a_grid_sweeps_own_table(tmp_path):
     """launch.sweep writes an empty budget for grid (and random-search) trials; `fit --approach all` on that
     table runs the approaches the runs allow and refuses the others with the reason, as without the column.
     A grid over model size at fixed steps: the envelope runs, the others say what they lack."""
@@ -492,7 +502,7 @@ def test_fit_reads_a_grid_sweeps_own_table(tmp_path, capsys):
     lines = (tmp_path / "results.csv").read_text().splitlines()
     assert [line.split(",")[1] for line in lines[1:]] == [""] * 4  # the runner's own grid rows: no budget
 
-    code, err = cli(capsys, "fit", tmp_path / "results.csv", "--approach", "all", "--out", tmp_path / "fit.json")
+    code, err = cli("fit", tmp_path / "results.csv", "--approach", "all", "--out", tmp_path / "fit.json")
     assert code == 0, err
     d = json.loads((tmp_path / "fit.json").read_text())
     assert d["meta"]["n_points"] == 3 and not d["meta"]["has_budget"]
@@ -504,12 +514,12 @@ def test_fit_reads_a_grid_sweeps_own_table(tmp_path, capsys):
     assert "isoflop: skipped: isoflop fit needs" in err
 
 
-def test_fit_where_filters_rows_and_records_them(tmp_path, capsys):
+def test_fit_where_filters_rows_and_records_them(tmp_path):
     data = synthetic_isoflop(LAW, budgets=[1e18, 1e19, 1e20], sizes_per_budget=5, seed=3)
     rows = [[n, d, c, repr(float(c)), l * f, s, "ok"] for s, f in (("a", 1.0), ("b", 1.1))
             for n, d, c, l in zip(data.params, data.tokens, data.flops, data.loss)]
     path = write_csv(tmp_path / "r.csv", ["params", "tokens", "flops", "budget", "loss", "setting", "status"], rows)
-    code, err = cli(capsys, "fit", path, "--approach", "isoflop", "--where", "setting=b", "--out", tmp_path / "b.json")
+    code, err = cli("fit", path, "--approach", "isoflop", "--where", "setting=b", "--out", tmp_path / "b.json")
     assert code == 0, err
     d = json.loads((tmp_path / "b.json").read_text())
     assert d["meta"]["where"] == ["setting=b"] and d["meta"]["n_points"] == 15 and d["meta"]["n_skipped_where"] == 15
@@ -527,36 +537,36 @@ def test_fit_where_filters_rows_and_records_them(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"'budget' is empty in 1 row\(s\) \(lines 32: .* --where budget= "):
         load_csv(mixed)
     assert len(load_csv(mixed, where=["budget="])) == 1 and len(load_csv(mixed, where=["setting=b"])) == 15
-    code, err = cli(capsys, "fit", path, "--where", "setting", "--out", tmp_path / "x.json")
+    code, err = cli("fit", path, "--where", "setting", "--out", tmp_path / "x.json")
     assert code == 2 and "--where 'setting': give COLUMN=VALUE" in err and not (tmp_path / "x.json").exists()
 
 
-def test_plot_reads_columns_and_filters_from_fit_json(tmp_path, capsys):
+def test_plot_reads_columns_and_filters_from_fit_json(tmp_path):
     """`plot --fit fit.json` reads the table as the fit did (columns, --where, grouping) without the flags
     again; a flag given to plot still wins. (Sizes at one token count: only the envelope fits, no L-BFGS.)"""
     rows = [[n, 1e9, float(LAW.loss(n, 1e9)) * f, s] for s, f in (("a", 1.0), ("b", 1.2)) for n in (1e7, 3e7, 1e8)]
     path = write_csv(tmp_path / "r.csv", ["n", "d", "xent", "setting"], rows)
     fit_path = tmp_path / "fit.json"
-    code, err = cli(capsys, "fit", path, "--params-column", "n", "--tokens-column", "d", "--loss-column", "xent",
+    code, err = cli("fit", path, "--params-column", "n", "--tokens-column", "d", "--loss-column", "xent",
                     "--where", "setting=a", "--approach", "envelope", "--out", fit_path)
     assert code == 0, err
     meta = json.loads(fit_path.read_text())["meta"]
     assert (meta["params_column"], meta["tokens_column"], meta["loss_column"], meta["where"]) == \
         ("n", "d", "xent", ["setting=a"])
-    code, err = cli(capsys, "plot", path, "--fit", fit_path, "--out", tmp_path / "plots")
+    code, err = cli("plot", path, "--fit", fit_path, "--out", tmp_path / "plots")
     assert code == 0, err
     assert "params_column=n" in err and "where=['setting=a']" in err and len(os.listdir(tmp_path / "plots")) == 6
-    code, err = cli(capsys, "plot", path, "--fit", fit_path, "--loss-column", "nll", "--out", tmp_path / "p2")
+    code, err = cli("plot", path, "--fit", fit_path, "--loss-column", "nll", "--out", tmp_path / "p2")
     assert code == 2 and "missing column 'nll'" in err
 
 
-def test_rising_loss_warns_that_the_law_is_not_decreasing(tmp_path, capsys):
+def test_rising_loss_warns_that_the_law_is_not_decreasing(tmp_path):
     """Loss that rises with N and D: the parametric fit takes a negative exponent; say so, naming it, in
     the output and in fit.json, instead of reporting it as a scaling law."""
     N, D = (a.ravel() for a in np.meshgrid(np.logspace(7, 9, 4), np.logspace(9, 11, 4)))
     path = write_csv(tmp_path / "r.csv", ["params", "tokens", "loss"],
                      zip(N, D, 2.0 + 0.05 * np.log(N) + 0.05 * np.log(D)))
-    code, err = cli(capsys, "fit", path, "--approach", "parametric", "--grid", "coarse", "--out", tmp_path / "f.json")
+    code, err = cli("fit", path, "--approach", "parametric", "--grid", "coarse", "--out", tmp_path / "f.json")
     assert code == 0, err
     d = json.loads((tmp_path / "f.json").read_text())
     bad = [k for k in ("alpha", "beta") if d[k] <= 0]
