@@ -30,9 +30,10 @@ def tok(tmp_path_factory, tok_path):
 
 
 def run_args(workdir, *extra):
+    # A given peak: no matmul timed at each start.
     return ["size=tiny", "data.max_files=40", "data.seq_len=32", "train.batch_size=8", "train.eval_steps=2",
             "train.eval_every=0", "train.progress=false", f"train.steps={STEPS}", "checkpoint.every=3",
-            "optim.schedule=constant", "train.peak_flops=1e11", f"workdir={workdir}", *extra]  # a given peak: no matmul timed at each start
+            "optim.schedule=constant", "train.peak_flops=1e11", f"workdir={workdir}", *extra]
 
 
 def start(tok, family, workdir, *, processes=1, devices=4, env=None, extra=(), tokenizer=True):
