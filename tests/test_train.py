@@ -1,5 +1,6 @@
-"""Training end to end: exact resume after SIGKILL, kill during save, SIGTERM, mesh parity, learning,
-NaN stop, fine-tuning from another run, and bad input that must not touch an existing run."""
+"""Training end to end: exact resume after SIGKILL, kill during save, SIGTERM, mesh parity, NaN stop,
+fine-tuning from another run, and bad input that must not touch an existing run. (Learning:
+benchmarks/learning.py.)"""
 import json
 import os
 import random
@@ -13,7 +14,7 @@ import pytest
 
 from t5like import train
 from t5like.config import Config
-from t5like.data import DataConfig, get_tokenizer, make_iterator
+from t5like.data import DataConfig, get_tokenizer
 from t5like.metrics import read_metrics
 from xla import xla_flags
 
@@ -42,8 +43,8 @@ def fast(shared, *extra):
             f"train.steps={STEPS}", "checkpoint.every=3", PEAK, *extra]
 
 
-def command(shared, family, workdir, *extra, fast_compile=True) -> tuple[list[str], dict]:
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1, fast_compile), PYTHONUNBUFFERED="1")
+def command(shared, family, workdir, *extra) -> tuple[list[str], dict]:
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", f"experiments.{EXPERIMENTS[family]}", *fast(shared, f"workdir={workdir}", *extra)]
     return cmd, env
 
@@ -316,62 +317,11 @@ def test_vocab_larger_than_corpus_supports(shared, existing_run, tmp_path, capsy
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-# Learning ----------------------------------------------------------------------------------------
-
-def unigram_baseline(cfg: Config, batches: int = 40) -> tuple[float, float]:
-    """A unigram model fitted to the training targets (add-one smoothed), scored on the validation targets:
-    (cross-entropy in nats, top-1 accuracy) of the best context-free model."""
-    tok = get_tokenizer(cfg.data, cfg.workdir, cfg.model.vocab_size)
-    it = make_iterator(cfg.data, tok, "train", batch_size=cfg.train.batch_size, seed=0)
-    counts = np.ones(cfg.model.vocab_size)
-    for _ in range(batches):
-        b = next(it)
-        np.add.at(counts, b["targets"][b["weights"] > 0], 1)
-    log_p = np.log(counts / counts.sum())
-    val = make_iterator(cfg.data, tok, "validation", batch_size=cfg.train.batch_size, seed=0,
-                        num_batches=cfg.train.eval_steps)
-    targets = np.concatenate([b["targets"][b["weights"] > 0] for b in val])
-    return float(-log_p[targets].mean()), float((targets == counts.argmax()).mean())
-
-
-# MLM supervises only 15% of tokens and sits on a unigram plateau first, so it gets more steps.
-LEARN_STEPS = {"decoder": 100, "encoder_decoder": 80, "encoder": 600}
-
-
-def learn_args(family):
-    args = [f"train.steps={LEARN_STEPS[family]}", "train.batch_size=16", "checkpoint.every=10000",
-            "train.eval_steps=4", "data.validation_fraction=0.1", "model.dropout=0"]
-    return args + (["optim.schedule=constant"] if family == "encoder" else [])
-
-
 def background_runs(background, selected):
-    """Started before the first test (tests/background.py), for the selected tests that use them: the
-    uninterrupted reference runs, and the three learning runs. The learning runs' time goes to training steps,
-    not compiling, so they keep XLA's default -O2."""
+    """The uninterrupted reference runs, started before the first test (tests/background.py) when a selected
+    test uses them. (Whether each family learns is benchmarks/learning.py's: minutes of training steps.)"""
     shared = background.once("train", make_shared)
     if any("reference" in fixtures for fixtures in selected.values()):
         for family in EXPERIMENTS:
             cmd, env = command(shared, family, shared["root"] / f"ref_{family}")
             background.start(f"ref_{family}", cmd, cwd=ROOT, env=env)
-    if any("learned" in fixtures for fixtures in selected.values()):
-        for family in EXPERIMENTS:
-            cmd, env = command(shared, family, shared["root"] / f"learn_{family}", *learn_args(family),
-                               fast_compile=False)
-            background.start(f"learn_{family}", cmd, cwd=ROOT, env=env)
-
-
-@pytest.fixture(scope="module")
-def learned(background):
-    return {family: background.wait(f"learn_{family}") for family in EXPERIMENTS}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(EXPERIMENTS))
-def test_each_family_learns_below_unigram_baseline(shared, learned, family):
-    workdir = shared["root"] / f"learn_{family}"
-    args = learn_args(family)
-    final = [r for r in read_metrics(workdir) if "eval_loss" in r][-1]
-    baseline_loss, baseline_accuracy = unigram_baseline(in_process_config(shared, family, workdir, *args))
-    # Clearly learned: lower loss than any context-free model, and context lifts top-1 accuracy by half.
-    assert final["eval_loss"] < baseline_loss - 0.15, (final, baseline_loss)
-    assert final["eval_accuracy"] > 1.5 * baseline_accuracy, (final, baseline_accuracy)

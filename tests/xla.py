@@ -2,7 +2,7 @@
 
 # The programs under test are tiny, so compiling is most of their time. LLVM at -O0 compiles them in about
 # three quarters of the CPU time; the HLO passes are the same, and results agree with -O2 to fp32 rounding. Runs
-# whose time goes to training steps rather than compiling (the learning tests) keep the default: -O0 is slower.
+# whose time goes to training steps rather than compiling keep the default: -O0 is slower.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
