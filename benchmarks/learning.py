@@ -19,7 +19,8 @@ suite (which runs every experiment's code path in seconds: tests/test_finetune.p
     python benchmarks/learning.py --workdir /tmp/learning --only finetune_t5_lora pretrain_encoder
 
 Prints one row per run (the measured figure, its bar, pass or miss) and writes WORKDIR/learning.json; exits 1
-if any run misses its bar. A rerun reuses each finished run's workdir (delete it to train again).
+if any run misses its bar. A rerun reuses each finished run's workdir and the time it took (delete the workdir to
+train again).
 """
 from __future__ import annotations
 
@@ -133,15 +134,18 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=RUNS, default=RUNS, metavar="RUN",
                     help=f"run only these (of {', '.join(RUNS)})")
     args = ap.parse_args(argv)
+    from t5like import storage
     wd = os.path.abspath(args.workdir)
     os.makedirs(wd, exist_ok=True)
     inputs = prepare(wd)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    out_path = os.path.join(wd, "learning.json")
+    earlier = json.load(open(out_path)) if os.path.exists(out_path) else {}
     results = {}
     for name in args.only:
         log = os.path.join(wd, f"{name}.log")
-        seconds = None
-        if not os.path.exists(os.path.join(wd, name, "summary.json")):
+        seconds, reused = None, os.path.exists(os.path.join(wd, name, "summary.json"))
+        if not reused:
             start = time.time()
             with open(log, "w") as out:
                 proc = subprocess.run([sys.executable, "-m", *command(name, wd, inputs)], cwd=REPO, env=env,
@@ -151,12 +155,13 @@ def main(argv=None) -> int:
                 results[name] = {"figure": f"exited {proc.returncode}", "bar": f"see {log}", "ok": False}
                 print(f"{name:26s} exited {proc.returncode}; see {log}", flush=True)
                 continue
+        if reused:  # keeps the time it was measured in
+            seconds = earlier.get(name, {}).get("wall_s")
         results[name] = {**judge(name, wd, inputs), "wall_s": seconds}
         r = results[name]
         print(f"{name:26s} {'pass' if r['ok'] else 'MISS'}  {r['figure']}  bar: {r['bar']}"
-              + (f"  ({seconds:.0f} s)" if seconds else "  (reused)"), flush=True)
-    with open(os.path.join(wd, "learning.json"), "w") as f:
-        json.dump(results, f, indent=2)
+              + (f"  ({seconds:.0f} s)" if seconds else "") + ("  (reused)" if reused else ""), flush=True)
+    storage.write_atomic(out_path, json.dumps({**earlier, **results}, indent=2))
     missed = [n for n, r in results.items() if not r["ok"]]
     print(f"{len(results) - len(missed)} of {len(results)} cleared their bars"
           + (f"; missed: {', '.join(missed)}" if missed else ""))
