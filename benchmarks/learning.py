@@ -95,7 +95,7 @@ def prepare(wd: str) -> dict:
 def command(name: str, wd: str, inputs: dict) -> list[str]:
     workdir = os.path.join(wd, name)
     if name.startswith("pretrain_"):
-        family = name[len("pretrain_"):]
+        family = name.removeprefix("pretrain_")
         return [f"experiments.{PRETRAIN[family]}", *pretrain_args(family, workdir, inputs["tok_stdlib"])]
     module, task, _, overrides = FINETUNE[name]
     return [f"experiments.{module}", f"workdir={workdir}", f"data.paths={inputs[task]}",
@@ -108,11 +108,11 @@ def judge(name: str, wd: str, inputs: dict) -> dict:
     workdir = os.path.join(wd, name)
     if name.startswith("pretrain_"):
         from t5like import train
-        family = name[len("pretrain_"):]
+        from t5like.metrics import read_metrics
+        family = name.removeprefix("pretrain_")
         module = __import__(f"experiments.{PRETRAIN[family]}", fromlist=["config"])
         cfg = train.parse_args(module.config, pretrain_args(family, workdir, inputs["tok_stdlib"]))
         base_loss, base_acc = unigram_baseline(cfg)
-        from t5like.metrics import read_metrics
         final = [r for r in read_metrics(workdir) if "eval_loss" in r][-1]
         loss, acc = final["eval_loss"], final["eval_accuracy"]
         ok = loss < base_loss - 0.15 and acc > 1.5 * base_acc
