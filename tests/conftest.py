@@ -6,9 +6,10 @@ import tempfile
 
 import pytest
 
-from xla import xla_flags  # tests/ is on sys.path under pytest
+from xla import FAST_COMPILE_ENV, xla_flags  # tests/ is on sys.path under pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
+os.environ.setdefault(FAST_COMPILE_ENV, "1")  # tests/xla.py; JAX reads it when imported, after this
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the session, shared with every subprocess a test starts: the many runs of the
@@ -59,6 +60,21 @@ def background(tmp_path_factory):
         yield runs
     finally:
         runs.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def xla_optimization(request):
+    """A module with `XLA_DEFAULT_OPTIMIZATION = True` compiles at XLA's default optimization (tests/xla.py)."""
+    if not getattr(request.module, "XLA_DEFAULT_OPTIMIZATION", False):
+        yield
+        return
+    import jax
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -24,6 +24,9 @@ LAW = ChinchillaLaw()
 # A dense sweep (13 budgets over 6 decades × 15 sizes over 1.5 decades) for the approaches that use
 # only part of the data (frontier, envelope, per-budget minima).
 DENSE = dict(budgets=np.logspace(17, 23, 13), sizes_per_budget=15)
+# The fits' time is their L-BFGS iterations, not compiling them (tests/xla.py).
+XLA_DEFAULT_OPTIMIZATION = True
+
 # Starts for the coverage test: the point is the bootstrap's calibration, not the global search (the
 # full Hoffmann grid is tested in test_parametric_recovers_law).
 FEW_STARTS = np.array([[6.0, 6.0, 0.5, 0.35, 0.3], [5.0, 5.0, 0.0, 0.5, 0.5], [10.0, 10.0, 0.5, 0.5, 0.5],

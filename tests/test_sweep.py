@@ -20,7 +20,7 @@ from launch.backends import LocalBackend
 from launch.plan import load_sweep
 from launch.runner import run_sweep
 from launch.table import COLUMNS, ResultsTable
-from xla import xla_flags
+from xla import default_optimization, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -305,7 +305,7 @@ def test_isoflop_sweep_runs_the_fit_and_plots(fake, tmp_path):
                                                   "tokens": 1e9, "flops": 1e18})
     # The fit's time is its optimiser's iterations, not compiling: XLA's default -O2.
     proc = fake(wd, "--parallel", "4", "--fit", FAKE_TRIALS="12", FAKE_STEPS="1", FAKE_STEP_S="0",
-                XLA_FLAGS=xla_flags(8, fast_compile=False))
+                XLA_FLAGS=xla_flags(8), **default_optimization())
     code, out = finish(proc, timeout=300)
     assert code == 0, out
     assert "not in this sweep" in out

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from test_sweep import FAKE, ROOT, check_each_trial_once, events, finish, mid_way, rows, wait_until
-from xla import xla_flags
+from xla import default_optimization, xla_flags
 
 ray = pytest.importorskip("ray")
 
@@ -337,6 +337,11 @@ def test_fit_and_plots_of_a_gcs_sweep_land_next_to_its_table(gcs_server, tmp_pat
     (tmp_path / "fake_exp.py").write_text(FAKE)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("FAKE_TRIALS", "12")
+    # fit_and_plot's `python -m t5like.scaling` runs inherit these: their time is the fit's iterations, not
+    # compiling, so XLA's default optimization (tests/xla.py).
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(1))
+    for name, value in default_optimization().items():
+        monkeypatch.setenv(name, value)
     sys.modules.pop("fake_exp", None)
     plan = load_sweep("fake_exp")
     wd = f"gs://{gcs_server.bucket}/fit-sweep"

@@ -40,7 +40,8 @@ def start_pod(shared, gcs, name, max_restarts):
     argv = [sys.executable, "-m", "launch.tpu", "run", "experiments.gpt2_small", *overrides(shared), "--name", name,
             "--workdir", f"gs://{gcs.bucket}/{name}", "--local-pod", "2", "--local-devices", "2",
             "--max-restarts", str(max_restarts), "--logs", str(logs)]
-    # The local pod sets each worker's device count and keeps the rest: its workers compile at -O0 too.
+    # The local pod sets each worker's device count and keeps the rest of the environment: its workers compile
+    # with the session's fast-compile setting too (tests/xla.py).
     env = {**os.environ, "XLA_FLAGS": xla_flags(1), **gcs.env, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, logs, env
