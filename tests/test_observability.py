@@ -21,7 +21,7 @@ from test_mixture import WORDS, write_sources
 from xla import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, EVERY, SLEEP, PAUSE = 10, 4, 0.25, 1.0  # SLEEP: the injected data wait; PAUSE: between kill and resume
+STEPS, EVERY, SLEEP, PAUSE = 10, 4, 0.4, 1.0  # SLEEP: the injected data wait; PAUSE: between kill and resume
 KILL_AT = 8  # the 8th batch read (one before the loop, then steps 1-7): killed before step 7, after step 6
 
 
@@ -171,8 +171,9 @@ def test_goodput_accounts_for_the_injected_wait_and_the_steps_redone(killed, cap
     # attempt's last read never returned.
     assert len(waits) == (KILL_AT - 1) + (STEPS - EVERY + 1)
     loop = waits[1:KILL_AT - 1] + waits[KILL_AT:]
-    assert seconds["data"] >= SLEEP * len(loop)
-    assert seconds["data"] == pytest.approx(sum(loop), rel=0.03)
+    # The data phase holds each measured wait, and less than one more: no read outside the loop is counted, and
+    # the rest is the trainer's own time around next() (11 ms a batch seen on a loaded 2-core CI machine).
+    assert sum(loop) <= seconds["data"] < sum(loop) + SLEEP
     # Steps 5 and 6 ran before the kill, after the checkpoint of step 4: they were run twice.
     assert killed["logged_at_kill"] in (KILL_AT - 3, KILL_AT - 2)  # the killed run logged them (one step late)
     assert summary["lost_steps"] == KILL_AT - 2 - EVERY
