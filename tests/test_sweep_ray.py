@@ -215,7 +215,7 @@ if __name__ == "__main__":
 
 def test_local_parallel_2_splits_8_devices_and_the_cores(sweep, tmp_path):
     wd = tmp_path / "sweep"
-    eight = "--xla_force_host_platform_device_count=8"
+    eight = xla_flags(8)
     code, out = finish(sweep(wd, "--parallel", "2", module="devices_exp", XLA_FLAGS=eight), timeout=300)
     assert code == 0, out
     assert "8 CPU device(s)" in out and "each of 2 trial slots gets 4 simulated CPU device(s)" in out
