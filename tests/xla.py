@@ -7,9 +7,9 @@
 # is read at each compile, so a test module whose time goes to its programs' iterations, not to compiling
 # (test_scaling_fit's L-BFGS fits), can compile at XLA's default: `XLA_DEFAULT_OPTIMIZATION = True` in it.
 FAST_COMPILE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
-# XLA's CPU fusion emitters (MLIR) cost about three times the compile time of its older elemental emitters on
-# these programs, and the programs run no slower without them (docs/testing.md). An XLA_FLAGS entry: it holds for
-# the whole process, every test and every process a test starts.
+# XLA's CPU fusion emitters (MLIR) cost two to three times the compile time of its older elemental emitters on
+# these programs, which run no slower without them (docs/benchmarks.md#test-suite). An XLA_FLAGS entry: it holds
+# for the whole process, every test and every process a test starts.
 CPU_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
